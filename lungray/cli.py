@@ -1,0 +1,89 @@
+"""`lungray` command line: argument parsing only; the library does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from lungray.ingest import IngestConfig, SourceSpec, run_ingest
+from lungray.io.decode import DecodeOptions
+from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
+from lungray.raysession import init_ray
+from lungray.sources import DATASETS
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    parts = [float(part) for part in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("--split takes three fractions: train,val,test (e.g. 0.7,0.15,0.15)")
+    return parts[0], parts[1], parts[2]
+
+
+def parse_extra_source(text: str) -> SourceSpec:
+    dataset, sep, uri = text.partition("=")
+    if not sep or dataset not in DATASETS or not uri:
+        raise argparse.ArgumentTypeError(f"--also takes DATASET=URI with DATASET one of {DATASETS}, got {text!r}")
+    return SourceSpec(uri=uri, dataset=dataset)
+
+
+def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="local folder or s3://bucket/prefix, listed recursively")
+    parser.add_argument("output", help="output folder or s3:// prefix for the Parquet dataset")
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="how to label INPUT (default: unlabelled)")
+    parser.add_argument("--labels", default=None, help="labels CSV for --dataset csv / chestxray14")
+    parser.add_argument(
+        "--also", type=parse_extra_source, action="append", default=[], metavar="DATASET=URI",
+        help="merge another labelled source (repeatable); its labels CSV is looked up inside URI",
+    )
+    parser.add_argument("--size", type=int, default=PreprocessConfig.size, help="output side in pixels")
+    parser.add_argument("--aspect", choices=ASPECT_POLICIES, default=PreprocessConfig.aspect)
+    parser.add_argument("--intensity", choices=INTENSITY_POLICIES, default=PreprocessConfig.intensity)
+    parser.add_argument("--dtype", choices=("uint8", "uint16"), default=PreprocessConfig.dtype)
+    parser.add_argument("--no-voi", action="store_true", help="ignore DICOM VOI LUT / window (use the full modality range)")
+    parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
+    parser.add_argument("--split", type=parse_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    parser.add_argument("--seed", type=int, default=0, help="split seed")
+    parser.add_argument("--shard-rows", type=int, default=IngestConfig.shard_rows, help="rows per Parquet shard")
+
+
+def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
+    return IngestConfig(
+        sources=(SourceSpec(uri=args.input, dataset=args.dataset, labels=args.labels), *args.also),
+        output=args.output,
+        preprocess=PreprocessConfig(size=args.size, aspect=args.aspect, intensity=args.intensity, dtype=args.dtype),
+        decode=DecodeOptions(apply_voi=not args.no_voi, max_pixels=args.max_pixels),
+        fractions=args.split,
+        seed=args.seed,
+        shard_rows=args.shard_rows,
+    )
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    config = ingest_config_from_args(args)
+    init_ray()
+    summary = run_ingest(config)
+    print(json.dumps({key: summary[key] for key in ("files", "by_status", "by_label", "splits", "images_per_second")}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ingest = commands.add_parser("ingest", help="decode archives into sharded tensor Parquet with a patient split")
+    add_ingest_arguments(ingest)
+    ingest.set_defaults(run=cmd_ingest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

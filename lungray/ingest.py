@@ -1,0 +1,258 @@
+"""Ray Data ingest: labelled archives -> sharded tensor Parquet with a patient-level split.
+
+Two passes, because a patient-level stratified split needs every patient before any row
+can be labelled with its split:
+1. decode: list -> one row per file (read, decode, preprocess; errors as values) ->
+   `OUTPUT/_staging/` Parquet;
+2. split: read the staging metadata (a few small columns), assign splits by patient
+   (images that are byte-identical after preprocessing are kept with each other, so a
+   duplicate cannot leak across splits), then stream the ok rows with their split into
+   `OUTPUT/data/`, write `OUTPUT/errors.parquet` and last `OUTPUT/summary.json`.
+
+`summary.json` is written last and marks a complete ingest: a crashed run leaves none,
+and a rerun replaces what it left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from lungray import sources, split
+from lungray.io.decode import DecodeOptions, patient_key
+from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
+from lungray.io.rows import rows_table
+from lungray.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABEL_FILES = {"chestxray14": "Data_Entry_2017.csv", "csv": "labels.csv"}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One archive to ingest and how to label it."""
+
+    uri: str
+    dataset: str | None = None
+    labels: str | None = None  # labels CSV (local or s3://); defaults to a well-known name inside `uri`
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    sources: tuple[SourceSpec, ...]
+    output: str
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    shard_rows: int = 1024
+    files_per_task: int = 32
+    max_file_bytes: int = 1 << 30
+
+
+@dataclass
+class ListedFile:
+    entry: FileEntry
+    source: str
+    label: int | None
+    patient_key: str | None
+
+
+def labels_text(spec: SourceSpec) -> str | None:
+    """The labels CSV of a source, read from wherever it lives."""
+    uri = spec.labels
+    if uri is None and spec.dataset in DEFAULT_LABEL_FILES:
+        candidate = join_uri(spec.uri, DEFAULT_LABEL_FILES[spec.dataset])
+        uri = candidate if exists(candidate) else None
+    if uri is None:
+        if spec.dataset in ("chestxray14", "csv"):
+            raise ValueError(f"--dataset {spec.dataset} needs a labels CSV (--labels) for {spec.uri}")
+        return None
+    return read_bytes(uri).decode("utf-8-sig")
+
+
+def list_sources(specs: tuple[SourceSpec, ...]) -> list[ListedFile]:
+    """List every source, label each file by its adapter, and hash patient IDs at once."""
+    listed: list[ListedFile] = []
+    for spec in specs:
+        entries = list_files(spec.uri)
+        infos = sources.describe(spec.dataset, [entry.relpath for entry in entries], labels_text(spec))
+        for entry in entries:
+            info = infos.get(entry.relpath)
+            listed.append(
+                ListedFile(
+                    entry=entry,
+                    source=info.source if info else (spec.dataset or "archive"),
+                    label=info.label if info else None,
+                    # Namespaced by source: patient "1" of two datasets are different people.
+                    patient_key=patient_key(f"{info.source}/{info.patient_id}") if info and info.patient_id else None,
+                )
+            )
+    return listed
+
+
+def decode_block(batch: pa.Table, config: IngestConfig) -> pa.Table:
+    """Ray Data map_batches function: listed files -> decoded rows with their labels."""
+    table = rows_table(
+        batch["uri"].to_pylist(), batch["relpath"].to_pylist(), batch["size"].to_pylist(),
+        config.preprocess, config.decode, config.max_file_bytes,
+    )
+    # A patient known from the dataset's adapter wins over the DICOM header's PatientID.
+    merged_keys = pc.coalesce(batch["patient_key"].combine_chunks(), table["patient_key"].combine_chunks())
+    table = table.set_column(table.schema.get_field_index("patient_key"), "patient_key", merged_keys)
+    for name in ("label", "source", "relpath"):
+        table = table.append_column(name, batch[name])
+    return table
+
+
+def split_groups(patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str]) -> list[str]:
+    """Grouping key per image: a patient, joined with every patient that shares an identical image."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    nodes = []
+    for key, digest, path in zip(patient_keys, content_hashes, paths):
+        node = f"p:{key}" if key is not None else f"f:{path}"
+        nodes.append(node)
+        if digest is not None:
+            parent[find(node)] = find(f"h:{digest}")
+    return [find(node) for node in nodes]
+
+
+def add_split_column(table: pa.Table, split_by_path: dict[str, str]) -> pa.Table:
+    splits = [split_by_path[path] for path in table["path"].to_pylist()]
+    return table.drop_columns(["status", "error"]).append_column("split", pa.array(splits, pa.string()))
+
+
+def data_fingerprint(meta: pa.Table) -> str:
+    """SHA-256 over (path, content, label, split) of every usable image: what a model was trained on."""
+    digest = hashlib.sha256()
+    for path, content, label, split_name in sorted(
+        zip(*(meta[c].to_pylist() for c in ("path", "content_hash", "label", "split")))
+    ):
+        digest.update(f"{path}\t{content}\t{label}\t{split_name}\n".encode())
+    return digest.hexdigest()
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_staging_metadata(staging: str) -> pa.Table:
+    fs, path = filesystem_for(staging)
+    columns = ["path", "relpath", "status", "error", "label", "patient_key", "source", "content_hash", "format"]
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def count_by(values: list[Any]) -> dict[str, int]:
+    return {str(key): count for key, count in sorted(Counter(values).items(), key=lambda item: str(item[0]))}
+
+
+def run_ingest(config: IngestConfig) -> dict[str, Any]:
+    """Run the whole ingest on the current Ray cluster; returns the summary it wrote."""
+    started = time.time()
+    output = config.output
+    summary_uri = join_uri(output, "summary.json")
+    staging = join_uri(output, "_staging")
+    data_uri = join_uri(output, "data")
+    if exists(summary_uri):
+        raise FileExistsError(f"{output} already holds a finished ingest (summary.json); choose another output")
+    delete_dir(staging)
+    delete_dir(data_uri)
+
+    listed = list_sources(config.sources)
+    if not listed:
+        raise ValueError("no files found in the input")
+    log.info("listed %d files", len(listed))
+    listing = pa.table(
+        {
+            "uri": pa.array([item.entry.uri for item in listed], pa.string()),
+            "relpath": pa.array([item.entry.relpath for item in listed], pa.string()),
+            "size": pa.array([item.entry.size for item in listed], pa.int64()),
+            "source": pa.array([item.source for item in listed], pa.string()),
+            "label": pa.array([item.label for item in listed], pa.int8()),
+            "patient_key": pa.array([item.patient_key for item in listed], pa.string()),
+        }
+    )
+    num_blocks = max(1, -(-len(listed) // config.files_per_task))
+    decoded = ray.data.from_arrow(listing).repartition(num_blocks).map_batches(
+        decode_block, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None
+    )
+    fs, staging_path = filesystem_for(staging)
+    decoded.write_parquet(staging_path, filesystem=fs, compression="zstd")
+    decode_seconds = time.time() - started
+
+    meta = read_staging_metadata(staging)
+    if meta.num_rows != len(listed):
+        raise RuntimeError(f"decode produced {meta.num_rows} rows for {len(listed)} files")
+    ok_mask = pc.equal(meta["status"], "ok")
+    ok_meta = meta.filter(ok_mask).sort_by("path")  # the split depends on order: make it the listing's
+    groups = split_groups(ok_meta["patient_key"].to_pylist(), ok_meta["content_hash"].to_pylist(), ok_meta["path"].to_pylist())
+    labels = ok_meta["label"].to_pylist()
+    assigned = split.assign_splits(groups, labels, config.fractions, config.seed)
+    split_by_path = dict(zip(ok_meta["path"].to_pylist(), assigned))
+    ok_meta = ok_meta.append_column("split", pa.array(assigned, pa.string()))
+
+    ray.data.read_parquet(staging_path, filesystem=fs).filter(
+        expr="status == 'ok'"
+    ).map_batches(add_split_column, fn_kwargs={"split_by_path": split_by_path}, batch_format="pyarrow").write_parquet(
+        filesystem_for(data_uri)[1],
+        filesystem=fs,
+        min_rows_per_file=config.shard_rows,
+        max_rows_per_file=config.shard_rows,
+        compression="zstd",
+    )
+    errors = meta.filter(pc.invert(ok_mask)).select(["path", "error", "format", "source"])
+    write_table(join_uri(output, "errors.parquet"), errors)
+
+    wall = time.time() - started
+    summary = {
+        "files": len(listed),
+        "by_status": count_by(meta["status"].to_pylist()),
+        "by_source": count_by(meta["source"].to_pylist()),
+        "by_label": count_by(ok_meta["label"].to_pylist()),
+        "by_format": count_by(meta["format"].to_pylist()),
+        "errors_by_reason": count_by([str(e).split(":")[0] for e in errors["error"].to_pylist()]),
+        "splits": split.split_summary(assigned, labels, ok_meta["patient_key"].to_pylist()),
+        "preprocess": config.preprocess.to_dict(),
+        "decode": asdict(config.decode),
+        "fractions": list(config.fractions),
+        "seed": config.seed,
+        "fingerprint": data_fingerprint(ok_meta),
+        "sources": [asdict(spec) for spec in config.sources],
+        "decode_seconds": round(decode_seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(len(listed) / decode_seconds, 2) if decode_seconds > 0 else None,
+        "layout": {"data": "data/*.parquet", "errors": "errors.parquet"},
+    }
+    delete_dir(staging)
+    write_bytes(summary_uri, json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def load_summary(data_dir: str) -> dict[str, Any]:
+    """The summary.json of a finished ingest (its preprocessing, split and fingerprint)."""
+    uri = join_uri(data_dir, "summary.json")
+    if not exists(uri):
+        raise FileNotFoundError(f"{data_dir} is not a finished lungray ingest (no summary.json)")
+    return json.loads(read_bytes(uri))

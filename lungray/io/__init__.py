@@ -1,0 +1,1 @@
+"""Reading archives: listing local and s3:// trees, and decoding their files."""

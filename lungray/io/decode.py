@@ -1,0 +1,146 @@
+"""The one decode path: file bytes to a float32 [0,1] image (bright = dense) plus metadata.
+
+Every stage (ingest, screening, evaluation) decodes through `decode_bytes`, which never
+raises: a file that cannot be used comes back as a `Decoded` with `error` set, so a data
+pipeline can keep one row per input file and say why a file was not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DEFAULT_SALT_ENV = "LUNGRAY_PATIENT_SALT"
+DEFAULT_SALT = "lungray-default-salt"
+
+# PIL's own bomb check would raise or warn inconsistently; lungray applies its own limit.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class DecodeError(Exception):
+    """A file that cannot be used; its message becomes the row's `error`."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Knobs of the decoder; defaults suit chest radiographs."""
+
+    apply_voi: bool = True
+    max_pixels: int = 100_000_000  # rows x cols x frames x samples, refused from the header
+    frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
+
+
+@dataclass
+class Decoded:
+    """A decoded image (float32, 2-D, [0,1], bone white) and its metadata, or an error."""
+
+    image: np.ndarray | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def patient_key(patient_id: str | None, salt: str | None = None) -> str | None:
+    """Salted SHA-256 of a patient identifier: stable within a site, useless outside it."""
+    if patient_id is None or str(patient_id).strip() == "":
+        return None
+    salt = salt if salt is not None else os.environ.get(DEFAULT_SALT_ENV, DEFAULT_SALT)
+    return hashlib.sha256(f"{salt}\x00{str(patient_id).strip()}".encode()).hexdigest()[:32]
+
+
+def study_from_relpath(relpath: str) -> str:
+    """For files without a study UID, the study is the folder the file sits in."""
+    return posixpath.dirname(relpath) or "."
+
+
+def sniff_format(data: bytes) -> str:
+    """'png', 'jpeg', 'dicom' (Part 10 preamble) or 'unknown' (tried as DICOM without preamble)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data[128:132] == b"DICM":
+        return "dicom"
+    return "unknown"
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the weights PIL and pydicom use."""
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _raster_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
+    """A PIL image in any mode -> (gray array, the full-scale value of its samples)."""
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+    if image.mode.startswith("I"):  # 16-bit grayscale PNG ("I;16", or "I" in older Pillow)
+        return np.asarray(image, dtype=np.float64), 65535.0
+    if image.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr"):
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+        return rgb_to_gray(rgb), 255.0
+    if image.mode in ("L", "1"):
+        return np.asarray(image.convert("L"), dtype=np.float64), 255.0
+    raise DecodeError(f"unsupported image mode {image.mode}")
+
+
+def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = Image.open(io.BytesIO(data))
+        cols, rows = image.size
+        if rows * cols > options.max_pixels:
+            raise DecodeError(
+                f"image too large: {rows}x{cols} pixels exceeds the limit of {options.max_pixels} "
+                "(decompression bomb guard)"
+            )
+        image = ImageOps.exif_transpose(image)
+        gray, full_scale = _raster_to_gray(image)
+    meta = {"format": fmt, "rows": rows, "cols": cols, "frames": 1, "frame_index": 0, "photometric": image.mode}
+    return (gray / full_scale).astype(np.float32), meta
+
+
+def decode_bytes(
+    data: bytes,
+    relpath: str,
+    options: DecodeOptions | None = None,
+    salt: str | None = None,
+) -> Decoded:
+    """Decode one file; never raises. `relpath` is the path relative to the archive root."""
+    from lungray.io import dicom  # local import keeps PNG-only users free of pydicom start-up
+
+    options = options or DecodeOptions()
+    base_meta: dict[str, Any] = {"study_id": study_from_relpath(relpath)}
+    if len(data) == 0:
+        return Decoded(None, base_meta, "empty file")
+    fmt = sniff_format(data)
+    try:
+        if fmt in ("dicom", "unknown"):
+            image, meta = dicom.decode_dicom(data, options, salt)
+        else:
+            image, meta = decode_raster(data, fmt, options)
+    except DecodeError as exc:
+        return Decoded(None, {**base_meta, "format": fmt}, str(exc))
+    except MemoryError:
+        return Decoded(None, {**base_meta, "format": fmt}, "out of memory while decoding")
+    except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything; the file becomes an error row
+        return Decoded(None, {**base_meta, "format": fmt}, f"{fmt} decode failed: {type(exc).__name__}: {exc}"[:500])
+    if image.ndim != 2 or image.size == 0:
+        return Decoded(None, {**base_meta, **meta}, f"decoded to an unusable shape {image.shape}")
+    if not np.isfinite(image).all():
+        return Decoded(None, {**base_meta, **meta}, "decoded image contains NaN or infinity")
+    meta = {**base_meta, **{k: v for k, v in meta.items() if v is not None or k not in base_meta}}
+    return Decoded(np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), meta)

@@ -1,0 +1,102 @@
+"""Listing and reading local and s3:// archives through one pyarrow filesystem API.
+
+For S3, credentials and the endpoint come from the usual AWS variables (including
+`AWS_ENDPOINT_URL` for S3-compatible servers), so the same URI works on a laptop, on a
+cluster with an instance profile, and against a test server on loopback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: `uri` to open it, `relpath` below the archive root, and its version."""
+
+    uri: str
+    relpath: str
+    size: int
+    mtime_ns: int | None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, object] = {"region": region or "us-east-1"}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_s3(uri):
+        fs = _s3_filesystem(
+            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        )
+        return fs, uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if is_s3(root):
+        return posixpath.join(root.rstrip("/"), *parts)
+    return os.path.join(root, *parts)
+
+
+def list_files(root: str) -> list[FileEntry]:
+    """Every regular file below `root`, recursively, sorted by relative path."""
+    fs, base = filesystem_for(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {root}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+        base = posixpath.dirname(base)
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    entries = []
+    for item in infos:
+        if item.type != pafs.FileType.File:
+            continue
+        relpath = posixpath.relpath(item.path.replace(os.sep, "/"), base.replace(os.sep, "/"))
+        uri = f"s3://{item.path}" if is_s3(root) else item.path
+        mtime = item.mtime_ns if item.mtime is not None else None
+        entries.append(FileEntry(uri=uri, relpath=relpath, size=int(item.size), mtime_ns=mtime))
+    return sorted(entries, key=lambda entry: entry.relpath)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem_for(uri)
+    fs.create_dir(posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)

@@ -1,0 +1,102 @@
+"""One listed file -> one row: read, decode, preprocess, with errors as values.
+
+Ingest and screening both build their Ray Data blocks with `rows_table`, so a file is
+read, decoded and preprocessed the same way wherever it is scored, and every file
+yields exactly one row whatever goes wrong with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data.extensions import ArrowTensorArray
+
+from lungray.io.decode import DecodeOptions, decode_bytes
+from lungray.io.listing import read_bytes
+from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
+
+META_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("study_id", pa.string()),
+        ("series_uid", pa.string()),
+        ("sop_uid", pa.string()),
+        ("patient_key", pa.string()),
+        ("format", pa.string()),
+        ("modality", pa.string()),
+        ("view_position", pa.string()),
+        ("body_part", pa.string()),
+        ("study_date", pa.string()),
+        ("photometric", pa.string()),
+        ("voi", pa.string()),
+        ("rows", pa.int32()),
+        ("cols", pa.int32()),
+        ("frames", pa.int32()),
+        ("frame_index", pa.int32()),
+        ("content_hash", pa.string()),
+    ]
+)
+
+
+def process_file(
+    uri: str,
+    relpath: str,
+    size: int,
+    preprocess_config: PreprocessConfig,
+    decode_options: DecodeOptions,
+    max_file_bytes: int,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(metadata row, stored tensor or None). Never raises."""
+    row: dict[str, Any] = {"path": uri, "status": "error"}
+    if size > max_file_bytes:
+        row["error"] = f"file too large: {size} bytes exceeds the limit of {max_file_bytes}"
+        return row, None
+    try:
+        data = read_bytes(uri)
+    except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
+        row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
+        return row, None
+    decoded = decode_bytes(data, relpath, decode_options)
+    row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
+    if not decoded.ok:
+        row["error"] = decoded.error
+        return row, None
+    try:
+        tensor = preprocess(decoded.image, preprocess_config)
+    except Exception as exc:  # noqa: BLE001 - e.g. an image too thin to resize; still one row
+        row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"[:500]
+        return row, None
+    row["status"] = "ok"
+    row["content_hash"] = hashlib.sha256(tensor.tobytes()).hexdigest()[:32]
+    return row, tensor
+
+
+def rows_table(
+    uris: Sequence[str],
+    relpaths: Sequence[str],
+    sizes: Sequence[int],
+    preprocess_config: PreprocessConfig,
+    decode_options: DecodeOptions,
+    max_file_bytes: int,
+) -> pa.Table:
+    """A block of files -> an Arrow table: META_SCHEMA columns plus an `image` tensor column.
+
+    Error rows carry an all-zero image so that the tensor column keeps one fixed shape;
+    `status` says which rows are real.
+    """
+    shape = (preprocess_config.size, preprocess_config.size)
+    blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
+    rows, images = [], []
+    for uri, relpath, size in zip(uris, relpaths, sizes):
+        row, tensor = process_file(uri, relpath, int(size), preprocess_config, decode_options, max_file_bytes)
+        rows.append(row)
+        images.append(blank if tensor is None else tensor)
+    table = pa.Table.from_pylist(rows, schema=META_SCHEMA)
+    image_column = ArrowTensorArray.from_numpy(np.stack(images) if images else np.zeros((0, *shape), blank.dtype))
+    return table.append_column("image", image_column)

@@ -1,0 +1,78 @@
+"""Each preprocessing step on its own, then the composed path and its config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungray.preprocess import (
+    PreprocessConfig,
+    fit_aspect,
+    normalize_intensity,
+    preprocess,
+    quantize,
+    resize,
+    to_float,
+)
+
+
+def test_fit_aspect_squash_keeps_the_image_and_pad_centres_it() -> None:
+    image = np.ones((4, 8), np.float32)
+    assert fit_aspect(image, "squash") is image
+    padded = fit_aspect(image, "pad")
+    assert padded.shape == (8, 8)
+    assert padded[:2].sum() == 0 and padded[6:].sum() == 0 and padded[2:6].min() == 1
+
+
+def test_resize_area_averages_blocks() -> None:
+    image = np.kron(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), np.ones((4, 4), np.float32))
+    np.testing.assert_allclose(resize(image, 2, "area"), [[0, 1], [1, 0]], atol=1e-6)
+    stripes = np.tile(np.array([0.0, 1.0], np.float32), (64, 32))  # 1-px stripes alias without a filter
+    np.testing.assert_allclose(resize(stripes, 16, "area"), 0.5, atol=1e-6)
+
+
+def test_resize_is_identity_at_target_size() -> None:
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(resize(image, 32), image)
+
+
+def test_percentile_normalisation_removes_exposure_and_gain() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    dim = 0.2 + 0.3 * image  # the same anatomy, another exposure and window
+    np.testing.assert_allclose(normalize_intensity(dim, "percentile"), normalize_intensity(image, "percentile"), atol=1e-5)
+    assert normalize_intensity(dim, "none").max() <= 0.5 + 1e-6
+
+
+def test_flat_image_is_not_stretched() -> None:
+    flat = np.full((8, 8), 0.3, np.float32)
+    np.testing.assert_allclose(normalize_intensity(flat, "percentile"), flat)
+
+
+@pytest.mark.parametrize("dtype,scale", [("uint8", 255), ("uint16", 65535)])
+def test_quantize_and_to_float_round_trip(dtype: str, scale: int) -> None:
+    image = np.linspace(0, 1, 101, dtype=np.float32).reshape(1, -1)
+    stored = quantize(image, dtype)
+    assert stored.dtype == np.dtype(dtype) and stored.max() == scale
+    np.testing.assert_allclose(to_float(stored), image, atol=0.5 / scale + 1e-7)
+    np.testing.assert_allclose(to_float(torch.from_numpy(stored)).numpy(), to_float(stored))
+
+
+def test_preprocess_output_shape_dtype_and_range() -> None:
+    image = np.random.default_rng(1).random((300, 200)).astype(np.float32)
+    for aspect in ("squash", "pad"):
+        stored = preprocess(image, PreprocessConfig(size=64, aspect=aspect))
+        assert stored.shape == (64, 64) and stored.dtype == np.uint8
+        assert stored.min() == 0 and stored.max() == 255
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = PreprocessConfig(size=96, aspect="pad", dtype="uint16")
+    assert PreprocessConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        PreprocessConfig.from_dict({**config.to_dict(), "gamma": 2})
+    with pytest.raises(ValueError, match="aspect"):
+        PreprocessConfig(aspect="crop")
+    with pytest.raises(ValueError, match="size"):
+        PreprocessConfig(size=4)
