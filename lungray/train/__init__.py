@@ -1,0 +1,1 @@
+"""Training: the Ray Train loop and what runs inside it on each worker."""
