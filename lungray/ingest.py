@@ -33,7 +33,7 @@ import ray
 from lungray import sources, split
 from lungray.io.decode import DecodeOptions, patient_key
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
-from lungray.io.rows import rows_table
+from lungray.io.rows import dataset_of_blocks, rows_table
 from lungray.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
             "patient_key": pa.array([item.patient_key for item in listed], pa.string()),
         }
     )
-    num_blocks = max(1, -(-len(listed) // config.files_per_task))
-    decoded = ray.data.from_arrow(listing).repartition(num_blocks).map_batches(
+    decoded = dataset_of_blocks(listing, config.files_per_task).map_batches(
         decode_block, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None
     )
     fs, staging_path = filesystem_for(staging)

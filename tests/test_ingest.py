@@ -148,7 +148,9 @@ def test_ingest_reads_and_writes_s3(tmp_path: Path, s3_bucket: str) -> None:
 def test_whole_pydicom_corpus_passes_with_one_row_per_file(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    files = [Path(path) for path in get_testdata_files()]
+    files = sorted(
+        {file for path in map(Path, get_testdata_files()) for file in ([path] if path.is_file() else path.rglob("*")) if file.is_file()}
+    )
     assert len(files) > 200, "pydicom-data should add its files to pydicom's own"
     for index, path in enumerate(files):
         shutil.copy(path, corpus / f"{index:03d}_{path.name}")
