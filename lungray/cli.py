@@ -12,6 +12,8 @@ from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
+from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.tables import AGGREGATES
 from lungray.sources import DATASETS
 
 
@@ -69,6 +71,36 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory (local or s3://)")
+    parser.add_argument("--input", required=True, help="archive: local folder or s3://bucket/prefix, recursive")
+    parser.add_argument("--output", required=True, help="output root: images/, studies/, runs/")
+    parser.add_argument("--date", default=None, help="scored_date partition, YYYY-MM-DD (default: today, UTC)")
+    parser.add_argument("--incremental", action="store_true", help="skip files this model already scored (same path, size, mtime)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
+    parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")
+    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or per CPU)")
+    parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
+
+
+def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
+    optional = {"date": args.date} if args.date else {}
+    return ScreenConfig(
+        model=args.model, input=args.input, output=args.output, incremental=args.incremental,
+        aggregate=args.aggregate, batch_size=args.batch_size, actors=args.actors,
+        decode=DecodeOptions(max_pixels=args.max_pixels), **optional,
+    )
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    config = screen_config_from_args(args)
+    init_ray(progress_bars=True)
+    summary = run_screen(config)
+    print(json.dumps({key: summary[key] for key in ("run_id", "files_listed", "files_scored", "by_status", "studies_flagged", "images_per_second")}, indent=2))
+    print(f"predictions: {args.output}/images/scored_date={summary['scored_date']}/ and studies/; run summary: runs/{summary['run_id']}.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -76,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="decode archives into sharded tensor Parquet with a patient split")
     add_ingest_arguments(ingest)
     ingest.set_defaults(run=cmd_ingest)
+    screen = commands.add_parser("screen", help="score an archive: per-image and per-study predictions, incremental")
+    add_screen_arguments(screen)
+    screen.set_defaults(run=cmd_screen)
     return parser
 
 

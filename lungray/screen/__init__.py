@@ -1,0 +1,1 @@
+"""Nightly screening of archives: streaming inference, per-image and per-study tables, atomic runs."""

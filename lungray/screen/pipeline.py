@@ -1,0 +1,188 @@
+"""Nightly screening: an archive in, per-image and per-study predictions out, nothing lost.
+
+list -> (incremental: drop files this model already scored at the same size and mtime)
+-> CPU decode tasks (the ingest's read/decode/preprocess, driven by the model's recorded
+preprocessing) -> model actors (GPU when there are GPUs) -> small result rows streamed
+to the driver -> one images and one studies Parquet file per date, published atomically
+with the run summary (see `lungray.screen.commit`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from lungray import __version__
+from lungray.io.decode import DecodeOptions
+from lungray.io.listing import FileEntry, list_files
+from lungray.io.rows import dataset_of_blocks, rows_table
+from lungray.modeldir import read_meta
+from lungray.preprocess import PreprocessConfig
+from lungray.screen import commit
+from lungray.screen.predictor import Predictor, local_model_dir
+from lungray.screen.tables import (
+    IMAGE_SCHEMA,
+    STUDY_SCHEMA,
+    aggregate_studies,
+    already_scored,
+    latest_per_path,
+    partition_file,
+    read_all_images,
+    read_partition,
+    replace_rows,
+    to_parquet_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+SCREEN_COLUMNS = ["path", "study_id", "sop_uid", "status", "error"]
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    model: str
+    input: str
+    output: str
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).date().isoformat())
+    incremental: bool = False
+    aggregate: str = "max"
+    batch_size: int | None = None  # default: 32 on CPU, 512 on GPU
+    actors: int | None = None  # default: one per GPU, else one per CPU (at half a CPU each)
+    files_per_task: int = 16
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    max_file_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
+
+
+def decode_for_screening(
+    batch: pa.Table, preprocess: PreprocessConfig, decode: DecodeOptions, max_file_bytes: int
+) -> pa.Table:
+    """Ray Data task: listed files -> the columns screening needs, plus the image tensors."""
+    table = rows_table(batch["uri"].to_pylist(), batch["relpath"].to_pylist(), batch["size"].to_pylist(), preprocess, decode, max_file_bytes)
+    return table.select([*SCREEN_COLUMNS, "image"]).append_column("size", batch["size"]).append_column("mtime_ns", batch["mtime_ns"])
+
+
+def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: PreprocessConfig) -> pa.Table:
+    """Stream the files through decode tasks and model actors; returns one small row per file."""
+    listing = pa.table(
+        {
+            "uri": pa.array([entry.uri for entry in entries], pa.string()),
+            "relpath": pa.array([entry.relpath for entry in entries], pa.string()),
+            "size": pa.array([entry.size for entry in entries], pa.int64()),
+            "mtime_ns": pa.array([entry.mtime_ns for entry in entries], pa.int64()),
+        }
+    )
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    actors = config.actors or (gpus if gpus else max(1, cpus))
+    actor_resources = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+    decoded = dataset_of_blocks(listing, config.files_per_task).map_batches(
+        decode_for_screening,
+        fn_kwargs={"preprocess": preprocess, "decode": config.decode, "max_file_bytes": config.max_file_bytes},
+        batch_format="pyarrow",
+        batch_size=None,
+    )
+    scored = decoded.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": config.model, "threads": 1},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        batch_size=config.batch_size or (512 if gpus else 32),
+        batch_format="pyarrow",
+        **actor_resources,
+    )
+    columns = [*SCREEN_COLUMNS, "prob", "size", "mtime_ns"]
+    parts = [batch.select(columns) for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
+    return pa.concat_tables(parts) if parts else IMAGE_SCHEMA.empty_table().select(columns)
+
+
+def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
+    """Nothing lost, nothing duplicated: exactly one row per listed file, or no publish at all."""
+    paths = scored["path"].to_pylist()
+    if len(paths) != len(set(paths)) or set(paths) != {entry.uri for entry in entries}:
+        raise RuntimeError(f"screening produced {len(paths)} rows ({len(set(paths))} distinct) for {len(entries)} files")
+
+
+def run_screen(config: ScreenConfig) -> dict[str, Any]:
+    """Score the archive and publish the run; returns the run summary (also in runs/<run>.json)."""
+    started = time.time()
+    store = commit.Store.open(config.output)
+    commit.recover(store)
+    meta = read_meta(local_model_dir(config.model))
+    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    model_id, threshold = meta["model_id"], float(meta["threshold"])
+    run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
+
+    entries = list_files(config.input)
+    history = read_all_images(store, model_id)
+    if config.incremental:
+        seen = already_scored(history)
+        to_score = [entry for entry in entries if (entry.uri, entry.size, entry.mtime_ns) not in seen]
+    else:
+        to_score = entries
+    log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
+
+    scoring_started = time.time()
+    scored = score_files(to_score, config, preprocess) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
+    scoring_seconds = time.time() - scoring_started
+    check_complete(scored, to_score)
+    new_images = (
+        scored.append_column("model_id", pa.array([model_id] * scored.num_rows, pa.string()))
+        .append_column("run_id", pa.array([run_id] * scored.num_rows, pa.string()))
+        .select(IMAGE_SCHEMA.names)
+        .cast(IMAGE_SCHEMA)
+    )
+    affected = set(new_images["study_id"].to_pylist())
+    new_studies = aggregate_studies(latest_per_path(history, new_images), affected, threshold, config.aggregate, model_id, run_id)
+
+    statuses = new_images["status"].to_pylist()
+    summary = {
+        "run_id": run_id,
+        "model_id": model_id,
+        "input": config.input,
+        "output": config.output,
+        "scored_date": config.date,
+        "incremental": config.incremental,
+        "files_listed": len(entries),
+        "files_skipped": len(entries) - len(to_score),
+        "files_scored": len(to_score),
+        "by_status": {"ok": statuses.count("ok"), "error": statuses.count("error")},
+        "studies_written": new_studies.num_rows,
+        "studies_flagged": int(pc.sum(new_studies["flagged"]).as_py() or 0),
+        "threshold": threshold,
+        "aggregate": config.aggregate,
+        "images_per_second": round(len(to_score) / scoring_seconds, 2) if to_score and scoring_seconds > 0 else None,
+        "wall_seconds": None,
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "lungray_version": __version__,
+        "config": {key: value for key, value in asdict(config).items() if key not in ("model", "input", "output")},
+    }
+
+    staging = commit.staging_dir(store, run_id)
+    moves: dict[str, str] = {}
+    if new_images.num_rows:
+        for table_name, new_rows, schema, keys in (
+            ("images", new_images, IMAGE_SCHEMA, ["path", "model_id"]),
+            ("studies", new_studies, STUDY_SCHEMA, ["study_id", "model_id"]),
+        ):
+            merged = replace_rows(read_partition(store, table_name, config.date, schema), new_rows, keys)
+            staged = f"{staging}/{table_name}.parquet"
+            store.write(staged, to_parquet_bytes(merged))
+            moves[staged] = partition_file(store, table_name, config.date)
+    summary["wall_seconds"] = round(time.time() - started, 2)
+    staged_run = f"{staging}/run.json"
+    store.write(staged_run, json.dumps(summary, indent=2).encode())
+    moves[staged_run] = store.path("runs", f"{run_id}.json")
+    commit.publish(store, run_id, moves)
+    return summary
+

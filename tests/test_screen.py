@@ -1,0 +1,269 @@
+"""Nightly screening: the output contract, incremental runs, atomic publish, faults, S3, privacy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, SAMPLES
+from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
+from model_factory import untrained_model_dir
+from pydicom.data import get_testdata_file
+
+from lungray.screen import commit
+from lungray.screen.pipeline import ScreenConfig, run_screen
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
+
+DATE = "2026-11-27"
+PLANTED_NAME, PLANTED_ID = "Prefect^Ford", "MRN-777111"
+IMAGE_COLUMNS = {"path", "study_id", "sop_uid", "status", "error", "prob", "model_id", "scored_date"}
+STUDY_COLUMNS = {"study_id", "n_images", "n_errors", "prob", "flagged", "threshold", "model_id", "scored_date"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return untrained_model_dir(tmp_path_factory.mktemp("model") / "cnn", threshold=0.5)
+
+
+def junk_archive(root: Path) -> Path:
+    """Real images in two studies, a DICOM study with a planted patient, and every kind of junk."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        target = root / f"study-{label.lower()}"
+        target.mkdir(parents=True)
+        for path in sorted((SAMPLES / "kermany-mini" / label).glob("*.jpeg"))[:6]:
+            shutil.copy(path, target / path.name)
+    image = (np.arange(96 * 96, dtype=np.uint32).reshape(96, 96) % 253).astype(np.uint8)
+    dicom_study = root / "dicom"
+    dicom_study.mkdir()
+    for index in range(2):
+        ds = dicom_dataset(image, patient_id=PLANTED_ID, patient_name=PLANTED_NAME, StudyInstanceUID="1.2.826.0.1.3680043.99.1")
+        (dicom_study / f"im{index}.dcm").write_bytes(dicom_bytes(ds))
+    junk = root / "junk"
+    junk.mkdir()
+    (junk / "empty.dcm").write_bytes(b"")
+    (junk / "truncated.dcm").write_bytes(dicom_bytes(dicom_dataset(image))[:-2000])
+    shutil.copy(get_testdata_file("test-SR.dcm"), junk / "report-sr.dcm")
+    (junk / "random.bin").write_bytes(np.random.default_rng(0).bytes(3000))
+    (junk / "notes.txt").write_text("not an image\n")
+    bomb = dicom_dataset(image[:8, :8])
+    bomb.Rows, bomb.Columns = 60000, 60000
+    (junk / "bomb.dcm").write_bytes(dicom_bytes(bomb))
+    (junk / "bomb.png").write_bytes(png_header_only(60000, 60000))
+    return root
+
+
+def listed(root: Path) -> list[str]:
+    return sorted(str(path) for path in root.rglob("*") if path.is_file())
+
+
+def images_table(output: Path):
+    return pq.read_table(output / "images")
+
+
+def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) -> None:
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE))
+
+    images = images_table(output)
+    assert IMAGE_COLUMNS <= set(images.column_names)
+    assert sorted(images["path"].to_pylist()) == listed(archive)
+    rows = {Path(row["path"]).name: row for row in images.to_pylist()}
+    for junk in ("empty.dcm", "truncated.dcm", "report-sr.dcm", "random.bin", "notes.txt", "bomb.dcm", "bomb.png"):
+        assert rows[junk]["status"] == "error" and rows[junk]["error"] and rows[junk]["prob"] is None, junk
+    assert "no pixel data" in rows["report-sr.dcm"]["error"] and "60000x60000" in rows["bomb.dcm"]["error"]
+    ok_rows = [row for row in rows.values() if row["status"] == "ok"]
+    assert len(ok_rows) == 14 and all(0.0 <= row["prob"] <= 1.0 and row["error"] is None for row in ok_rows)
+    assert rows["im0.dcm"]["sop_uid"] and rows["im0.dcm"]["study_id"] == "1.2.826.0.1.3680043.99.1"
+    assert rows["notes.txt"]["sop_uid"] is None
+    assert {str(row["scored_date"]) for row in rows.values()} == {DATE}
+
+    studies = pq.read_table(output / "studies").to_pylist()
+    assert STUDY_COLUMNS <= set(studies[0])
+    by_study = {row["study_id"]: row for row in studies}
+    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk"}
+    normal = by_study["study-normal"]
+    normal_probs = [row["prob"] for row in ok_rows if row["study_id"] == "study-normal"]
+    assert normal["n_images"] == 6 and normal["n_errors"] == 0 and normal["prob"] == pytest.approx(max(normal_probs))
+    assert normal["flagged"] == (normal["prob"] >= 0.5) and normal["threshold"] == 0.5
+    assert by_study["junk"]["n_errors"] == 7 and by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
+
+    run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
+    assert run["by_status"] == {"ok": 14, "error": 7} and run["files_listed"] == 21
+    assert run["studies_flagged"] == sum(row["flagged"] for row in studies)
+    assert not list((output / "_staging").glob("*"))
+
+
+def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_dir: Path) -> None:
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    config = ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE, incremental=True)
+    run_screen(config)
+    first = images_table(output)
+
+    again = run_screen(config)
+    assert again["files_scored"] == 0 and again["files_skipped"] == 21
+    assert images_table(output).num_rows == first.num_rows
+
+    extra = sorted((SAMPLES / "kermany-mini" / "PNEUMONIA").glob("*.jpeg"))[10:13]
+    for path in extra:
+        shutil.copy(path, archive / "study-normal" / path.name)
+    grown = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date="2026-11-28", incremental=True))
+    assert grown["files_scored"] == 3 and grown["studies_written"] == 1
+    images = images_table(output)
+    assert images.num_rows == first.num_rows + 3
+    assert sorted(set(images["path"].to_pylist())) == listed(archive)  # every file once, none twice
+    newest = pq.read_table(output / "studies" / "scored_date=2026-11-28").to_pylist()
+    assert [(row["study_id"], row["n_images"]) for row in newest] == [("study-normal", 9)]
+    all_probs = [row["prob"] for row in images.to_pylist() if row["study_id"] == "study-normal"]
+    assert newest[0]["prob"] == pytest.approx(max(all_probs))
+
+
+def test_rerun_on_the_same_date_replaces_instead_of_duplicating(tmp_path: Path, model_dir: Path) -> None:
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    config = ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE)
+    run_screen(config)
+    run_screen(config)
+    images = images_table(output)
+    assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
+    assert len(pq.read_table(output / "studies")) == 4
+    assert len(list((output / "runs").glob("*.json"))) == 2
+
+
+def test_publish_interrupted_after_commit_point_is_finished_by_the_next_run(tmp_path: Path) -> None:
+    store = commit.Store.open(str(tmp_path / "out"))
+    staging = commit.staging_dir(store, "run-a")
+    store.write(f"{staging}/images.parquet", b"images")
+    store.write(f"{staging}/run.json", b"{}")
+    moves = {f"{staging}/images.parquet": store.path("images", "x.parquet"), f"{staging}/run.json": store.path("runs", "run-a.json")}
+    store.write(f"{staging}/{commit.MANIFEST}", json.dumps(moves).encode())
+    store.fs.create_dir(store.path("images"))
+    store.fs.move(f"{staging}/images.parquet", store.path("images", "x.parquet"))  # killed after the first move
+    store.write(f"{commit.staging_dir(store, 'run-b')}/images.parquet", b"uncommitted")
+
+    assert commit.recover(store) == ["run-a"]
+    assert store.read(store.path("runs", "run-a.json")) == b"{}"
+    assert store.read(store.path("images", "x.parquet")) == b"images"
+    assert not store.files(store.path(commit.STAGING))
+
+
+def screen_command(model_dir: Path, archive: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lungray.cli", "screen", "--model", str(model_dir), "--input", str(archive), "--output", str(output), "--date", DATE, *extra]
+
+
+def big_archive(root: Path, copies: int) -> Path:
+    for index in range(copies):
+        shutil.copytree(SAMPLES / "kermany-mini", root / f"batch{index}")
+    return root
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_nothing_visible_and_its_rerun_one_copy(tmp_path: Path, model_dir: Path) -> None:
+    archive = big_archive(tmp_path / "archive", copies=4)
+    output = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    process = subprocess.Popen(screen_command(model_dir, archive, output), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (output / "_staging").exists() and process.poll() is None:
+        time.sleep(0.5)
+    time.sleep(8)  # well into decoding and scoring, long before the end
+    assert process.poll() is None, "the run finished before it could be killed: make the archive larger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    visible = [path for path in output.rglob("*") if path.is_file() and commit.STAGING not in path.parts]
+    assert visible == []
+
+    rerun = subprocess.run(screen_command(model_dir, archive, output, "--incremental"), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    images = images_table(output)
+    assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
+    assert not list((output / "_staging").glob("*"))
+
+
+def ray_worker_pids(title: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if title in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["MapWorker(MapBatches(Predictor))", "MapBatches(decode_for_screening)"])
+def test_killing_a_worker_mid_run_still_gives_complete_outputs(tmp_path: Path, model_dir: Path, victim: str) -> None:
+    archive = big_archive(tmp_path / "archive", copies=3)
+    output = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = ray_worker_pids(f"ray::{victim}")
+            if pids:
+                time.sleep(1.0)
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE, files_per_task=8, batch_size=8))
+    killer.join(timeout=5)
+    assert killed, f"no {victim} process was found to kill"
+    images = images_table(output)
+    assert images.num_rows == summary["files_listed"] == len(listed(archive)) == len(set(images["path"].to_pylist()))
+    assert summary["by_status"]["ok"] == len(listed(archive))
+
+
+def test_s3_archive_in_and_outputs_out(tmp_path: Path, model_dir: Path, s3_bucket: str) -> None:
+    import boto3
+
+    archive = junk_archive(tmp_path / "archive")
+    client = boto3.client("s3")
+    for path in listed(archive):
+        client.upload_file(path, s3_bucket, f"archive/{Path(path).relative_to(archive)}")
+    config = ScreenConfig(model=str(model_dir), input=f"s3://{s3_bucket}/archive", output=f"s3://{s3_bucket}/screen", date=DATE, incremental=True)
+    summary = run_screen(config)
+    assert summary["files_scored"] == 21
+
+    fs = pafs.S3FileSystem(endpoint_override=client.meta.endpoint_url.split("://")[1], scheme="http", region="us-east-1", access_key="testing", secret_key="testing")
+    images = pq.read_table(f"{s3_bucket}/screen/images", filesystem=fs)
+    assert images.num_rows == 21 and all(path.startswith(f"s3://{s3_bucket}/archive/") for path in images["path"].to_pylist())
+    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 4
+    assert run_screen(config)["files_scored"] == 0
+    keys = [obj["Key"] for obj in client.list_objects_v2(Bucket=s3_bucket, Prefix="screen/")["Contents"]]
+    assert sum(key.startswith("screen/runs/") and key.endswith(".json") for key in keys) == 2
+    assert not any(key.startswith("screen/_staging/") and key.endswith((".json", ".parquet")) for key in keys)
+
+
+def test_no_patient_name_or_id_in_outputs_or_logs(tmp_path: Path, model_dir: Path) -> None:
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "lungray.cli", "--verbose", *screen_command(model_dir, archive, output)[3:]],
+        cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in (result.stdout, result.stderr):
+        assert PLANTED_ID not in text and "Prefect" not in text
+    for path in output.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert PLANTED_ID.encode() not in content and b"Prefect" not in content, path
