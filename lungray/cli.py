@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        # Bad arguments or inputs: a message, not a traceback. Anything else fails loudly (exit 1).
+        print(f"lungray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""Screening throughput and memory, against a plain PyTorch baseline in the same run; prints JSON.
+
+    python bench/screen.py [--files N] [--size 224] [--scale 4]
+
+1. end to end: N generated files (half 16-bit DICOM, half 8-bit PNG, 512x512) scored by
+   `run_screen` vs a plain script (torch DataLoader, 2 workers, the same decode,
+   preprocessing and model);
+2. inference stage alone on pre-decoded uint8 tensors: the Ray Data actor stage
+   (`Predictor`) vs the bare model over the same array;
+3. peak memory (all Ray processes + driver, sampled) for N and scale x N files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lungray.io.decode import decode_bytes  # noqa: E402
+from lungray.modeldir import load_model_dir, save_model_dir  # noqa: E402
+from lungray.models import build_model, default_config  # noqa: E402
+from lungray.preprocess import PreprocessConfig, preprocess  # noqa: E402
+
+
+def make_archive(root: Path, count: int, side: int = 512) -> Path:
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        base = (np.sin(xx * 6 + index) * np.cos(yy * 4) + 1) / 2 + rng.normal(0, 0.05, (side, side))
+        study = root / f"study{index // 4:05d}"
+        study.mkdir(exist_ok=True)
+        if index % 2:
+            Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8)).save(study / f"{index}.png")
+            continue
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid(), generate_uid()
+        ds.Rows = ds.Columns = side
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = (np.clip(base, 0, 1) * 4095).astype(np.uint16).tobytes()
+        pydicom.dcmwrite(study / f"{index}.dcm", ds, enforce_file_format=True)
+    return root
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """The baseline's dataset: the same decode and preprocessing as lungray, per file."""
+
+    def __init__(self, paths: list[Path], config: PreprocessConfig) -> None:
+        self.paths, self.config = paths, config
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        decoded = decode_bytes(self.paths[index].read_bytes(), self.paths[index].name)
+        return torch.from_numpy(preprocess(decoded.image, self.config))
+
+
+def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int) -> float:
+    model = load_model_dir(model_dir)
+    paths = sorted(path for path in archive.rglob("*") if path.is_file())
+    loader = torch.utils.data.DataLoader(FileDataset(paths, model.preprocess), batch_size=batch_size, num_workers=2)
+    started = time.perf_counter()
+    scored = sum(len(model.predict_proba(batch.numpy(), batch_size=batch_size)) for batch in loader)
+    return scored / (time.perf_counter() - started)
+
+
+class MemorySampler:
+    """Peak total RSS of this process and every Ray worker, sampled from /proc."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss_mb(self) -> float:
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                if int(entry.name) == os.getpid() or b"ray::" in cmdline or b"raylet" in cmdline or b"gcs_server" in cmdline:
+                    total += int((entry / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                continue
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            time.sleep(0.25)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size: int) -> tuple[float, float]:
+    from lungray.screen.pipeline import ScreenConfig, run_screen
+
+    with MemorySampler() as memory:
+        started = time.perf_counter()
+        summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), batch_size=batch_size))
+        seconds = time.perf_counter() - started
+    assert summary["by_status"]["ok"] == summary["files_listed"], summary
+    return summary["files_listed"] / seconds, memory.peak_mb
+
+
+def inference_stage(model_dir: Path, count: int, size: int, batch_size: int) -> dict[str, float]:
+    import ray
+
+    from lungray.screen.predictor import Predictor
+
+    images = np.random.default_rng(0).integers(0, 256, (count, size, size), dtype=np.uint8)
+    model = load_model_dir(model_dir)
+    model.predict_proba(images[:batch_size], batch_size=batch_size)  # warm-up
+    started = time.perf_counter()
+    model.predict_proba(images, batch_size=batch_size)
+    bare = count / (time.perf_counter() - started)
+
+    dataset = ray.data.from_numpy(images).rename_columns({"data": "image"})
+    dataset = dataset.map_batches(lambda batch: batch.append_column("status", [["ok"] * batch.num_rows]), batch_format="pyarrow").materialize()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+    started = time.perf_counter()
+    scored = dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": str(model_dir), "threads": torch.get_num_threads()},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        **resources,
+    ).count()
+    ray_rate = scored / (time.perf_counter() - started)
+    return {"bare_images_per_s": round(bare, 1), "ray_actor_images_per_s": round(ray_rate, 1), "ratio": round(ray_rate / bare, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from lungray.raysession import init_ray
+
+    init_ray(progress_bars=False)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        config = default_config("cnn")
+        model_dir = save_model_dir(
+            root / "model", build_model(config).state_dict(),
+            {"architecture": config.to_dict(), "preprocess": PreprocessConfig(size=args.size).to_dict(), "threshold": 0.5},
+        )
+        small = make_archive(root / "small", args.files)
+        large = make_archive(root / "large", args.files * args.scale)
+        baseline = baseline_end_to_end(small, model_dir, args.batch_size)
+        lungray_rate, small_peak = lungray_end_to_end(small, model_dir, root / "out-small", args.batch_size)
+        _, large_peak = lungray_end_to_end(large, model_dir, root / "out-large", args.batch_size)
+        stage = inference_stage(model_dir, max(512, args.files), args.size, args.batch_size)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "files": args.files,
+                "image_side": 512,
+                "model_input": args.size,
+                "end_to_end": {
+                    "baseline_dataloader_images_per_s": round(baseline, 1),
+                    "lungray_screen_images_per_s": round(lungray_rate, 1),
+                    "ratio": round(lungray_rate / baseline, 3),
+                },
+                "inference_stage": stage,
+                "peak_memory_mb": {str(args.files): round(small_peak), str(args.files * args.scale): round(large_peak)},
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
