@@ -26,7 +26,7 @@ def init_ray(num_cpus: int | None = None, progress_bars: bool | None = None) -> 
             ray.init(
                 num_cpus=total_cpus,
                 object_store_memory=min(2_000_000_000, max(300_000_000, 150_000_000 * total_cpus)),
-                include_dashboard=False,
+                # The dashboard stays on: Tune leaked resources without it (notes on Ray 2.60).
                 log_to_driver=True,
             )
         log.info("ray resources: %s", ray.cluster_resources())

@@ -172,14 +172,14 @@ def big_archive(root: Path, copies: int) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_leaves_nothing_visible_and_its_rerun_one_copy(tmp_path: Path, model_dir: Path) -> None:
-    archive = big_archive(tmp_path / "archive", copies=4)
+    archive = big_archive(tmp_path / "archive", copies=8)
     output = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ""}
     process = subprocess.Popen(screen_command(model_dir, archive, output), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (output / "_staging").exists() and process.poll() is None:
+    while time.time() < deadline and not ray_worker_pids("ray::MapWorker(MapBatches(Predictor))") and process.poll() is None:
         time.sleep(0.5)
-    time.sleep(8)  # well into decoding and scoring, long before the end
+    time.sleep(3)  # scoring has begun; the run is far from its end
     assert process.poll() is None, "the run finished before it could be killed: make the archive larger"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
