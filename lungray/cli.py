@@ -48,6 +48,10 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
     parser.add_argument("--split", type=parse_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
     parser.add_argument("--seed", type=int, default=0, help="split seed")
+    parser.add_argument(
+        "--holdout", action="append", default=[], metavar="GLOB",
+        help="hold out whole cohorts as the test split: files whose relative path matches (repeatable)",
+    )
     parser.add_argument("--shard-rows", type=int, default=IngestConfig.shard_rows, help="rows per Parquet shard")
 
 
@@ -59,6 +63,7 @@ def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
         decode=DecodeOptions(apply_voi=not args.no_voi, max_pixels=args.max_pixels),
         fractions=args.split,
         seed=args.seed,
+        holdout=tuple(args.holdout),
         shard_rows=args.shard_rows,
     )
 

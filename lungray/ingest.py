@@ -15,6 +15,7 @@ and a rerun replaces what it left.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -58,6 +59,7 @@ class IngestConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
+    holdout: tuple[str, ...] = ()  # relpath globs whose patients all go to test (cohort holdout)
     shard_rows: int = 1024
     files_per_task: int = 32
     max_file_bytes: int = 1 << 30
@@ -208,7 +210,11 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
     ok_meta = meta.filter(ok_mask).sort_by("path")  # the split depends on order: make it the listing's
     groups = split_groups(ok_meta["patient_key"].to_pylist(), ok_meta["content_hash"].to_pylist(), ok_meta["path"].to_pylist())
     labels = ok_meta["label"].to_pylist()
-    assigned = split.assign_splits(groups, labels, config.fractions, config.seed)
+    if config.holdout:
+        held_out = [any(fnmatch.fnmatchcase(relpath, pattern) for pattern in config.holdout) for relpath in ok_meta["relpath"].to_pylist()]
+        assigned = split.assign_with_holdout(groups, labels, held_out, config.fractions, config.seed)
+    else:
+        assigned = split.assign_splits(groups, labels, config.fractions, config.seed)
     split_by_path = dict(zip(ok_meta["path"].to_pylist(), assigned))
     ok_meta = ok_meta.append_column("split", pa.array(assigned, pa.string()))
 
@@ -236,6 +242,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         "preprocess": config.preprocess.to_dict(),
         "decode": asdict(config.decode),
         "fractions": list(config.fractions),
+        "holdout": list(config.holdout),
         "seed": config.seed,
         "fingerprint": data_fingerprint(ok_meta),
         "sources": [asdict(spec) for spec in config.sources],

@@ -111,3 +111,36 @@ def _check_labels(labels: Sequence[int | None]) -> None:
     unexpected = {repr(label) for label in labels if label not in _LABEL_NAMES}
     if unexpected:
         raise ValueError(f"labels must be 0, 1 or None; got {sorted(unexpected)}")
+
+
+def assign_with_holdout(
+    patient_keys: Sequence[str | None],
+    labels: Sequence[int | None],
+    held_out: Sequence[bool],
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+) -> list[str]:
+    """Hold whole cohorts out as the test split, then split the rest train/val.
+
+    A random patient split of one archive flatters a model: train and test share scanners,
+    sites and periods. Holding out whole acquisition cohorts (a site, a period, a batch of
+    files) imitates the shift a deployed model meets. Every patient with a held-out image
+    goes to test with all of its images; the others split train/val in the ratio of
+    `fractions[0]:fractions[1]`.
+    """
+    _check_fractions(fractions)
+    if not len(patient_keys) == len(labels) == len(held_out):
+        raise ValueError("patient_keys, labels and held_out must have one entry per image")
+    groups = list(_patient_groups(patient_keys))
+    test_groups = {group for group, out in zip(groups, held_out) if out}
+    rest = [index for index, group in enumerate(groups) if group not in test_groups]
+    train, val = fractions[0], fractions[1]
+    if train + val <= 0:
+        raise ValueError("a holdout split needs a non-zero train or val fraction")
+    rest_splits = assign_splits(
+        [patient_keys[index] for index in rest], [labels[index] for index in rest], (train / (train + val), val / (train + val), 0.0), seed
+    )
+    result = ["test"] * len(groups)
+    for index, name in zip(rest, rest_splits):
+        result[index] = name
+    return result

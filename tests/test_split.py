@@ -156,3 +156,21 @@ def test_real_kermany_split_keeps_patients_whole_and_balanced() -> None:
 
     assert assign_splits(keys, labels, seed=0) == splits
     assert assign_splits(keys, labels, seed=1) != splits
+
+
+def test_holdout_sends_whole_cohorts_and_their_patients_to_test() -> None:
+    from lungray.split import assign_with_holdout
+
+    patients = [f"p{i // 2}" for i in range(200)]  # two images per patient
+    labels = [int(i % 3 == 0) for i in range(200)]
+    held_out = [i in (10, 51) or i >= 180 for i in range(200)]  # one image of p5 and p25, and a cohort
+    splits = assign_with_holdout(patients, labels, held_out, (0.7, 0.15, 0.15), seed=0)
+    assert splits[10] == splits[11] == "test" and splits[50] == splits[51] == "test"
+    assert all(split == "test" for split in splits[180:])
+    rest = [split for index, split in enumerate(splits) if index not in (10, 11, 50, 51) and index < 180]
+    assert set(rest) == {"train", "val"}
+    assert abs(rest.count("train") / len(rest) - 0.7 / 0.85) < 0.05
+    by_patient: dict[str, set[str]] = {}
+    for patient, split in zip(patients, splits):
+        by_patient.setdefault(patient, set()).add(split)
+    assert all(len(names) == 1 for names in by_patient.values())
