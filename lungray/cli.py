@@ -8,13 +8,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from lungray.evaluate import add_evaluate_arguments, evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
+from lungray.report.compare import add_compare_arguments, compare_config_from_args, run_compare
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
 from lungray.sources import DATASETS
+from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -106,6 +109,27 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    init_ray(progress_bars=False)
+    print(f"model directory: {run_training(config)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    init_ray(progress_bars=False)
+    print(json.dumps(evaluate(args.model_dir, args.data, args.split), indent=2))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = compare_config_from_args(args)
+    init_ray(progress_bars=False)
+    run_compare(config)
+    print(f"report: {config.output}/report.html (also report.md, metrics.json, predictions.parquet, figures/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -113,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="decode archives into sharded tensor Parquet with a patient split")
     add_ingest_arguments(ingest)
     ingest.set_defaults(run=cmd_ingest)
+    train = commands.add_parser("train", help="train a CNN or CNN-LSTM with Ray Train (DDP); rerun to resume")
+    add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
+    evaluate = commands.add_parser("evaluate", help="metrics of a model directory on a split, as JSON")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=cmd_evaluate)
+    compare = commands.add_parser("compare", help="compare model directories on a labelled split: report.md/.html, metrics.json")
+    add_compare_arguments(compare)
+    compare.set_defaults(run=cmd_compare)
     screen = commands.add_parser("screen", help="score an archive: per-image and per-study predictions, incremental")
     add_screen_arguments(screen)
     screen.set_defaults(run=cmd_screen)

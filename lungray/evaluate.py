@@ -1,0 +1,71 @@
+"""Score a model directory on a labelled split of an ingested dataset.
+
+The model's stored threshold is applied as is (it was chosen on validation), and the
+metrics come from `lungray.metrics`, so the numbers match what training and the comparison
+report compute. Scoring goes through `ModelDir.predict_proba`, the one scoring function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray.data
+from ray.data.expressions import col
+
+from lungray.ingest import load_summary
+from lungray.io.listing import filesystem_for, join_uri
+from lungray.metrics import binary_metrics
+from lungray.modeldir import load_model_dir
+from lungray.split import SPLITS
+
+SCORING_BATCH_SIZE = 256
+
+
+def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "label")) -> ray.data.Dataset:
+    """`columns` of one split's labelled rows (unlabelled rows cannot be scored)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    filesystem, path = filesystem_for(join_uri(data, "data"))
+    return (
+        ray.data.read_parquet(path, filesystem=filesystem, columns=list(dict.fromkeys([*columns, "label", "split"])))
+        .filter(expr=(col("split") == split) & col("label").is_not_null())
+        .select_columns(list(columns))
+    )
+
+
+def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") -> dict[str, Any]:
+    """Metrics of the model at its stored threshold on `split` of the ingest at `data`.
+
+    Refuses data preprocessed differently from the model's training data: the scores
+    would describe inputs the model never saw.
+    """
+    model = load_model_dir(model_dir)
+    summary = load_summary(data)
+    if summary["preprocess"] != model.meta["preprocess"]:
+        raise ValueError(
+            f"{data} was preprocessed with {summary['preprocess']}, the model with {model.meta['preprocess']}"
+        )
+    probs, labels = [], []
+    for batch in labelled_split(data, split).iter_batches(batch_size=SCORING_BATCH_SIZE, batch_format="numpy"):
+        probs.append(model.predict_proba(batch["image"]))
+        labels.append(batch["label"].astype(np.int64))
+    if not labels:
+        raise ValueError(f"the {split} split of {data} has no labelled images")
+    metrics = binary_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold)
+    return {
+        "model_id": model.model_id,
+        "split": split,
+        "data_fingerprint": summary["fingerprint"],
+        **metrics,
+    }
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray evaluate` / jobs/evaluate.py arguments."""
+    parser.add_argument("model_dir", help="model directory written by `lungray train`")
+    parser.add_argument("data", help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")

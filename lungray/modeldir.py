@@ -1,0 +1,157 @@
+"""The model directory: the one contract between training and everything that scores images.
+
+Layout:
+- `model.safetensors`: the weights. safetensors holds raw tensors only, so opening a model
+  directory from anywhere never runs code (a pickled state_dict could).
+- `model.json`: everything needed to rebuild and use the weights: `architecture`
+  (ModelConfig), `preprocess` (PreprocessConfig, so scoring reproduces the training input
+  exactly), `classes`, `threshold`, plus the training record that export adds (metrics,
+  history, data fingerprint, versions). `format_version` guards readers against layouts
+  they do not know; `weights_sha256` ties the JSON to its weights.
+
+Both files are written through a temporary folder and renamed into place, weights first and
+`model.json` last: a reader never sees a half-written file, and a crash between the two
+renames leaves weights whose hash no longer matches the JSON, which `load_model_dir` refuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from lungray.models import ModelConfig, build_model
+from lungray.preprocess import DTYPES, PreprocessConfig, to_float
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+CLASSES = ("normal", "abnormal")
+# What a reader needs to score images; the rest of model.json is the training record.
+REQUIRED_KEYS = ("architecture", "preprocess", "threshold")
+# Keys that the format itself owns and sets.
+FORMAT_KEYS = ("format_version", "model_id", "weights_sha256", "classes")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A loaded model directory: the model in eval mode and its model.json."""
+
+    path: Path
+    model: nn.Module
+    meta: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return self.meta["model_id"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+    @torch.inference_mode()
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probability of "abnormal" for each image of (N, size, size), as float64 of shape (N,).
+
+        `images` are stored tensors, of the integer dtype the model's preprocessing wrote
+        (scaled to [0,1] with `lungray.preprocess.to_float`, as in training), or floats
+        already in [0,1]. The model runs in float32 on the device it was loaded to.
+        """
+        self._check_input(images)
+        device = next(self.model.parameters()).device
+        probabilities = []
+        for start in range(0, len(images), batch_size):
+            # A copy: arrays read through Arrow are read-only, which torch.from_numpy warns about.
+            batch = torch.tensor(images[start : start + batch_size], device=device)
+            inputs = to_float(batch) if not batch.is_floating_point() else batch.float()
+            logits = self.model(inputs.unsqueeze(1))
+            probabilities.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+        if not probabilities:
+            return np.zeros(0, dtype=np.float64)
+        return np.concatenate(probabilities).astype(np.float64)
+
+    def _check_input(self, images: np.ndarray) -> None:
+        """Refuse input the model was not trained on, rather than score it silently."""
+        preprocess = self.preprocess
+        expected_shape = (preprocess.size, preprocess.size)
+        if images.ndim != 3 or images.shape[1:] != expected_shape:
+            raise ValueError(f"expected images of shape (N, {preprocess.size}, {preprocess.size}), got {images.shape}")
+        if np.issubdtype(images.dtype, np.floating):
+            if images.size and (images.min() < 0.0 or images.max() > 1.0):
+                raise ValueError("float images must lie in [0, 1]")
+        elif images.dtype != DTYPES[preprocess.dtype]:
+            raise ValueError(f"this model was trained on {preprocess.dtype} tensors, got {images.dtype}")
+
+
+def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write weights and model.json to `path` (created if needed; other files there are kept).
+
+    `meta` must hold `REQUIRED_KEYS`; the format adds `FORMAT_KEYS`. The weights are loaded
+    into the architecture first, so a directory that cannot be loaded is never written.
+    """
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"model meta lacks {missing}")
+    reserved = [key for key in FORMAT_KEYS if key in meta]
+    if reserved:
+        raise ValueError(f"model meta must not set {reserved}: the model directory format sets them")
+    architecture = ModelConfig.from_dict(meta["architecture"])
+    PreprocessConfig.from_dict(meta["preprocess"])
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    build_model(architecture).load_state_dict(tensors, strict=True)
+
+    weights = save_safetensors(tensors)
+    digest = hashlib.sha256(weights).hexdigest()
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        "model_id": f"{architecture.arch}-{digest[:12]}",
+        "weights_sha256": digest,
+        "classes": list(CLASSES),
+        **meta,
+    }
+    target = Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".writing-") as staging:
+        (Path(staging) / WEIGHTS_FILE).write_bytes(weights)
+        (Path(staging) / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n")
+        os.replace(Path(staging) / WEIGHTS_FILE, target / WEIGHTS_FILE)
+        os.replace(Path(staging) / META_FILE, target / META_FILE)
+    return target
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """model.json of a model directory, after checking that this version can read it."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a lungray model directory (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: model directory format_version {version!r} is not supported (this lungray reads {FORMAT_VERSION})")
+    return meta
+
+
+def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelDir:
+    """Load a model directory for inference (eval mode, on `device`); never unpickles."""
+    meta = read_meta(path)
+    weights = (Path(path) / WEIGHTS_FILE).read_bytes()
+    if hashlib.sha256(weights).hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"{path}: {WEIGHTS_FILE} does not match the weights_sha256 in {META_FILE}")
+    model = build_model(ModelConfig.from_dict(meta["architecture"]))
+    model.load_state_dict(load_safetensors(weights), strict=True)
+    return ModelDir(path=Path(path), model=model.to(device).eval(), meta=meta)

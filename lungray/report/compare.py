@@ -1,0 +1,470 @@
+"""`lungray compare`: CNN vs CNN-LSTM (or any models) on one labelled split, side by side.
+
+Every model scores the same images, so the comparisons are paired: McNemar on the calls at
+each model's stored threshold, DeLong and a patient-level paired bootstrap on AUROC. Every
+number comes from `lungray.metrics`; this module only decides what is measured on which
+cases, times inference, and writes the report folder:
+
+    report.md, report.html   the report (the HTML is self-contained: images inline)
+    metrics.json             every number of the report, machine-readable
+    predictions.parquet      one row per (model, image): the scores the numbers come from
+    figures/                 ROC, PR, confusion matrices, reliability, training curves, Grad-CAM
+
+The folder is written under a temporary name beside `--output` and renamed into place,
+so a failed run never leaves half a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lungray.evaluate import SCORING_BATCH_SIZE, labelled_split
+from lungray.ingest import load_summary
+from lungray.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    calibration_curve_data,
+    delong_test,
+    mcnemar,
+    metrics_with_ci,
+    paired_bootstrap_auroc,
+    predict_labels,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+)
+from lungray.modeldir import ModelDir, load_model_dir
+from lungray.models import count_parameters
+from lungray.preprocess import to_float
+from lungray.report import plots
+from lungray.report.gradcam import gradcam, overlay_png
+from lungray.report.render import write_report
+from lungray.split import SPLITS
+
+ALPHA = 0.05  # 95% intervals
+SPECIFICITY_FLOORS = (0.80, 0.90)  # sensitivity reached at these specificities
+SENSITIVITY_FLOORS = (0.90, 0.95)  # specificity reached at these sensitivities
+ARCH_NAMES = {"cnn": "CNN", "cnn_lstm": "CNN-LSTM"}
+#: The design's published results. Accuracy is the only figure it reports for either
+#: model; its split, threshold and other metrics are not known.
+PUBLISHED_ACCURACY = {"cnn": 0.925, "cnn_lstm": 0.941}
+CASE_COLUMNS = ("image", "label", "patient_key", "source", "path")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare, on which data, and how hard to resample."""
+
+    model_dirs: tuple[str, ...]
+    data: str
+    output: str
+    split: str = "test"
+    n_boot: int = 1000
+    seed: int = 0
+    gradcam_examples: int = 3  # per kind (true positive, false positive, false negative) and model
+    batch_size: int = 64  # inference batch for the timed scoring pass
+    device: str = "cpu"  # where the models score and are timed, e.g. "cuda"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dirs", tuple(self.model_dirs))
+        if not self.model_dirs:
+            raise ValueError("compare needs at least one model directory")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.n_boot < 1:
+            raise ValueError(f"n_boot must be at least 1, got {self.n_boot}")
+        if self.gradcam_examples < 0:
+            raise ValueError(f"gradcam_examples must be 0 or more, got {self.gradcam_examples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Cases:
+    """The labelled images of one split, in path order, with what the statistics group by."""
+
+    images: np.ndarray  # (N, size, size), the stored dtype
+    labels: np.ndarray  # int64 0/1
+    patients: np.ndarray  # patient_key; an image without one is its own patient
+    sources: np.ndarray
+    paths: np.ndarray
+
+
+def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Score every model on the split, compare them, and write the report folder; returns metrics.json."""
+    output = Path(config.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; choose another output")
+    summary = load_summary(config.data)
+    models = load_models(config.model_dirs, summary, config.device)
+    cases = read_cases(config.data, config.split)
+    names = display_names(models)
+    scored = [timed_scores(model, cases.images, config.batch_size) for model in models]
+    probs = {model.model_id: prob for model, (prob, _) in zip(models, scored)}
+
+    results: dict[str, Any] = {
+        "data": describe_cases(cases, config, summary),
+        "ci": {
+            "method": "percentile bootstrap, resampling patients (patient_key) with all their images",
+            "level": 1 - ALPHA,
+            "resamples": config.n_boot,
+            "seed": config.seed,
+        },
+        "models": [
+            model_results(model, name, cases, probs[model.model_id], images_per_s, summary, config)
+            for model, name, (_, images_per_s) in zip(models, names, scored)
+        ],
+        "pairs": [pair_results(a, b, cases, probs, config) for a, b in itertools.combinations(models, 2)],
+        "by_source": source_results(models, cases, probs, config),
+        "published": {
+            "accuracy": PUBLISHED_ACCURACY,
+            "note": "The design reports accuracy only; its split, threshold and other metrics are not known.",
+        },
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    try:
+        results["figures"] = write_figures(staging, results, cases, probs)
+        for model, entry in zip(models, results["models"]):
+            entry["gradcam"] = write_gradcam_examples(staging, model, cases, probs[model.model_id], config.gradcam_examples)
+        write_predictions(staging / "predictions.parquet", models, cases, probs)
+        results = json_ready(results)
+        write_report(results, staging)
+        (staging / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        if output.exists():
+            output.rmdir()  # empty, checked above; rename needs the name free
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results
+
+
+def load_models(model_dirs: Sequence[str], summary: dict[str, Any], device: str) -> list[ModelDir]:
+    """The model directories, refusing any whose preprocessing differs from the data's.
+
+    A model scored on differently preprocessed images would be measured on inputs it never
+    saw, and the same model given twice would compare it with itself.
+    """
+    models = [load_model_dir(path, device=device) for path in model_dirs]
+    for model in models:
+        if model.meta["preprocess"] != summary["preprocess"]:
+            raise ValueError(
+                f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "
+                f"the data was preprocessed with {summary['preprocess']}"
+            )
+    ids = [model.model_id for model in models]
+    repeated = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+    if repeated:
+        raise ValueError(f"the same model was given more than once: {repeated}")
+    return models
+
+
+def read_cases(data: str, split: str) -> Cases:
+    """Every labelled image of `split`, sorted by path so that reports are reproducible.
+
+    The whole split is held in memory (50 KB per 224 px uint8 image): every model scores
+    the same array, and the Grad-CAM examples are picked from it afterwards.
+    """
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in CASE_COLUMNS}
+    for batch in labelled_split(data, split, columns=CASE_COLUMNS).iter_batches(
+        batch_size=SCORING_BATCH_SIZE, batch_format="numpy"
+    ):
+        for name in CASE_COLUMNS:
+            columns[name].append(batch[name])
+    if not columns["label"]:
+        raise ValueError(f"the {split} split of {data} has no labelled images")
+    merged = {name: np.concatenate(parts) for name, parts in columns.items()}
+    order = np.argsort(merged["path"], kind="stable")
+    paths = merged["path"][order].astype(str)
+    patients = np.array(
+        [key if key is not None else f"image:{path}" for key, path in zip(merged["patient_key"][order], paths)], dtype=object
+    )
+    labels = merged["label"][order].astype(np.int64)
+    n_positive = int(labels.sum())
+    if min(n_positive, labels.size - n_positive) < 2:
+        raise ValueError(
+            f"the {split} split of {data} has {n_positive} abnormal and {labels.size - n_positive} normal images; "
+            "comparing models needs at least 2 of each"
+        )
+    return Cases(merged["image"][order], labels, patients, merged["source"][order].astype(str), paths)
+
+
+def display_names(models: Sequence[ModelDir]) -> list[str]:
+    """"CNN", "CNN-LSTM"; the model id is added where two models share an architecture."""
+    archs = [model.meta["architecture"]["arch"] for model in models]
+    return [
+        ARCH_NAMES[arch] if archs.count(arch) == 1 else f"{ARCH_NAMES[arch]} {model.model_id}"
+        for arch, model in zip(archs, models)
+    ]
+
+
+def timed_scores(model: ModelDir, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
+    """Probabilities of every image and the images/s of `predict_proba` on this machine.
+
+    One batch is scored first and not timed: the first call pays for allocation and kernel
+    selection, which a long-running screening job pays once.
+    """
+    model.predict_proba(images[:batch_size], batch_size=batch_size)
+    started = time.perf_counter()
+    prob = model.predict_proba(images, batch_size=batch_size)
+    return prob, len(images) / (time.perf_counter() - started)
+
+
+def describe_cases(cases: Cases, config: CompareConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    sources, counts = np.unique(cases.sources, return_counts=True)
+    return {
+        "path": config.data,
+        "fingerprint": summary["fingerprint"],
+        "split": config.split,
+        "n_images": int(cases.labels.size),
+        "n_patients": int(np.unique(cases.patients).size),
+        "n_abnormal": int(cases.labels.sum()),
+        "n_normal": int(cases.labels.size - cases.labels.sum()),
+        "images_by_source": {str(source): int(count) for source, count in zip(sources, counts)},
+    }
+
+
+def model_results(
+    model: ModelDir,
+    name: str,
+    cases: Cases,
+    prob: np.ndarray,
+    images_per_s: float,
+    summary: dict[str, Any],
+    config: CompareConfig,
+) -> dict[str, Any]:
+    """One model's metrics with CIs, operating points, calibration, efficiency and training record."""
+    meta = model.meta
+    resampling = {"groups": cases.patients, "n_boot": config.n_boot, "alpha": ALPHA, "seed": config.seed}
+    return {
+        "model_id": model.model_id,
+        "name": name,
+        "arch": meta["architecture"]["arch"],
+        "model_dir": str(model.path),
+        "threshold": model.threshold,
+        "threshold_policy": meta.get("threshold_policy"),
+        "confusion_matrix": binary_metrics(cases.labels, prob, model.threshold)["confusion_matrix"],
+        "metrics": metrics_with_ci(cases.labels, prob, model.threshold, **resampling),
+        "operating_points": operating_points(cases.labels, prob, resampling),
+        "calibration": calibration_curve_data(cases.labels, prob),
+        "efficiency": {
+            "n_parameters": count_parameters(model.model),
+            "training_wall_time_s": meta.get("wall_time_s"),
+            "epochs_trained": meta.get("epochs_trained"),
+            "best_epoch": meta.get("best_epoch"),
+            "peak_training_memory_mb": meta.get("peak_memory_mb"),
+            "inference_images_per_s": images_per_s,
+            "inference_device": str(next(model.model.parameters()).device),
+            "inference_torch_threads": torch.get_num_threads(),
+            "inference_batch_size": config.batch_size,
+        },
+        "training_sources": training_sources(meta, summary),
+        "history": meta.get("history", []),
+    }
+
+
+def operating_points(labels: np.ndarray, prob: np.ndarray, resampling: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Sensitivity at fixed specificities and specificity at fixed sensitivities, with CIs.
+
+    These do not depend on the stored threshold: they say what each model could do at the
+    operating point a screening programme might choose.
+    """
+    targets: list[tuple[str, Callable[[np.ndarray, np.ndarray], float]]] = [
+        (f"sensitivity_at_specificity_{floor:.2f}", partial(sensitivity_at_specificity, specificity=floor))
+        for floor in SPECIFICITY_FLOORS
+    ] + [
+        (f"specificity_at_sensitivity_{floor:.2f}", partial(specificity_at_sensitivity, sensitivity=floor))
+        for floor in SENSITIVITY_FLOORS
+    ]
+    points = {}
+    for key, metric in targets:
+        value, low, high = bootstrap_ci(labels, prob, metric, **resampling)
+        points[key] = {"value": value, "ci_low": low, "ci_high": high}
+    return points
+
+
+def training_sources(meta: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Which sources a model was trained on, and how we know; `sources` is None when we do not.
+
+    model.json's `training_sources`, when export records them, are taken as written. A model
+    whose data fingerprint is this ingest's was trained on its train split, which holds
+    every labelled source of the ingest. Otherwise the fingerprint names data that this
+    report cannot see, so no source is guessed.
+    """
+    if meta.get("training_sources"):
+        return {"sources": sorted(meta["training_sources"]), "basis": "training_sources in model.json"}
+    fingerprint = meta.get("data_fingerprint")
+    if fingerprint == summary["fingerprint"]:
+        sources = sorted({spec["dataset"] for spec in summary["sources"] if spec.get("dataset")})
+        return {"sources": sources, "basis": "trained on this ingest's train split (same data fingerprint)"}
+    if fingerprint is None:
+        return {"sources": None, "basis": "model.json records neither training sources nor a data fingerprint"}
+    return {
+        "sources": None,
+        "basis": f"model.json names no training sources, and its data fingerprint {fingerprint[:12]} is not this ingest's",
+    }
+
+
+def pair_results(a: ModelDir, b: ModelDir, cases: Cases, probs: dict[str, np.ndarray], config: CompareConfig) -> dict[str, Any]:
+    """McNemar on the threshold calls, DeLong and the patient-level paired bootstrap on AUROC (a - b)."""
+    prob_a, prob_b = probs[a.model_id], probs[b.model_id]
+    return {
+        "model_a": a.model_id,
+        "model_b": b.model_id,
+        "mcnemar": mcnemar(cases.labels, predict_labels(prob_a, a.threshold), predict_labels(prob_b, b.threshold)),
+        "delong": delong_test(cases.labels, prob_a, prob_b, alpha=ALPHA),
+        "paired_bootstrap_auroc": paired_bootstrap_auroc(
+            cases.labels, prob_a, prob_b, groups=cases.patients, n_boot=config.n_boot, alpha=ALPHA, seed=config.seed
+        ),
+    }
+
+
+def source_results(
+    models: Sequence[ModelDir], cases: Cases, probs: dict[str, np.ndarray], config: CompareConfig
+) -> dict[str, Any]:
+    """Per-source metrics of every model, when the split merges two or more sources (else empty)."""
+    sources = sorted(set(cases.sources.tolist()))
+    if len(sources) < 2:
+        return {}
+    breakdown = {}
+    for source in sources:
+        mask = cases.sources == source
+        labels = cases.labels[mask]
+        breakdown[source] = {
+            "n_images": int(mask.sum()),
+            "n_patients": int(np.unique(cases.patients[mask]).size),
+            "n_abnormal": int(labels.sum()),
+            "metrics": {
+                model.model_id: metrics_with_ci(
+                    labels, probs[model.model_id][mask], model.threshold,
+                    groups=cases.patients[mask], n_boot=config.n_boot, alpha=ALPHA, seed=config.seed,
+                )
+                for model in models
+            },
+        }
+    return breakdown
+
+
+def write_figures(directory: Path, results: dict[str, Any], cases: Cases, probs: dict[str, np.ndarray]) -> dict[str, str]:
+    """The report's plots as PNG files; returns their paths relative to `directory`."""
+    models = results["models"]
+    by_name = {entry["name"]: probs[entry["model_id"]] for entry in models}
+    figures = {
+        "roc": plots.roc_figure(cases.labels, by_name),
+        "pr": plots.pr_figure(cases.labels, by_name),
+        "confusion": plots.confusion_figure({entry["name"]: entry["confusion_matrix"] for entry in models}),
+        "reliability": plots.reliability_figure({entry["name"]: entry["calibration"] for entry in models}),
+    }
+    histories = {entry["name"]: entry["history"] for entry in models if entry["history"]}
+    if histories:
+        figures["training"] = plots.training_figure(histories)
+    written = {}
+    for key, figure in figures.items():
+        relative = f"figures/{key}.png"
+        _created(directory / "figures")
+        (directory / relative).write_bytes(plots.png_bytes(figure))
+        written[key] = relative
+    return written
+
+
+def write_gradcam_examples(
+    directory: Path, model: ModelDir, cases: Cases, prob: np.ndarray, per_kind: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Grad-CAM overlays of the model's most confident true and false positives and its surest misses.
+
+    "Most confident" puts the clearest successes and the errors a reader most needs to
+    see first: false positives with the highest scores, false negatives with the lowest.
+    Returns the examples by kind (a kind with no case in the split has none).
+    """
+    positive, called = cases.labels == 1, predict_labels(prob, model.threshold) == 1
+    highest_first = np.argsort(-prob, kind="stable")
+    chosen = {
+        "true positive": [i for i in highest_first if positive[i] and called[i]][:per_kind],
+        "false positive": [i for i in highest_first if not positive[i] and called[i]][:per_kind],
+        "false negative": [i for i in highest_first[::-1] if positive[i] and not called[i]][:per_kind],
+    }
+    folder = Path("figures") / "gradcam" / model.model_id
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for kind, indices in chosen.items():
+        examples[kind] = []
+        for rank, index in enumerate(indices, start=1):
+            image = to_float(cases.images[index])
+            heat = gradcam(model.model, torch.from_numpy(image)[None, None])
+            relative = folder / f"{kind.replace(' ', '-')}-{rank}.png"
+            _created(directory / folder)
+            (directory / relative).write_bytes(overlay_png(np.rint(image * 255).astype(np.uint8), heat))
+            examples[kind].append({"prob": float(prob[index]), "path": str(cases.paths[index]), "file": relative.as_posix()})
+    return examples
+
+
+def write_predictions(path: Path, models: Sequence[ModelDir], cases: Cases, probs: dict[str, np.ndarray]) -> None:
+    """One row per (model, image): the scores every number of the report is computed from."""
+    n = cases.labels.size
+    table = pa.table(
+        {
+            "model_id": np.repeat([model.model_id for model in models], n),
+            "path": np.tile(cases.paths, len(models)),
+            "source": np.tile(cases.sources, len(models)),
+            "patient_key": np.tile(cases.patients.astype(str), len(models)),
+            "label": np.tile(cases.labels, len(models)),
+            "prob": np.concatenate([probs[model.model_id] for model in models]),
+            "call": np.concatenate([predict_labels(probs[model.model_id], model.threshold) for model in models]),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with NaN and infinities as null, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _created(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray compare` / jobs/compare.py arguments."""
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
+    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
+    parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
+    parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
+    parser.add_argument("--seed", type=int, default=CompareConfig.seed, help="bootstrap seed")
+    parser.add_argument(
+        "--gradcam-examples", type=int, default=CompareConfig.gradcam_examples,
+        help="Grad-CAM overlays per model of each of true positives, false positives, false negatives",
+    )
+    parser.add_argument("--batch-size", type=int, default=CompareConfig.batch_size, help="inference batch for the timed pass")
+    parser.add_argument("--device", default=CompareConfig.device, help="torch device to score and time on (default: cpu)")
+
+
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    return CompareConfig(
+        model_dirs=tuple(args.model_dirs), data=args.data, output=args.output, split=args.split,
+        n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
+        device=args.device,
+    )

@@ -1,0 +1,360 @@
+"""What every Ray Train worker runs: DDP training, whole-set validation, a checkpoint per epoch.
+
+Per epoch each worker trains on its shard of the train split (DDP averages the gradients),
+scores its shard of the val split, and the shards' probabilities are gathered to every
+rank, so the validation metrics cover the whole val set and every rank takes the same
+learning-rate and early-stopping decisions from the same numbers. Rank 0 then reports a
+checkpoint holding everything needed to continue: weights, optimizer, scheduler, the
+best weights so far with their validation scores, and the run's `Progress`.
+
+Random state is a function of (seed, epoch, rank): every epoch reseeds torch (dropout),
+the augmentation generator and the shuffle buffer. A resumed epoch therefore draws what
+an uninterrupted one would, whatever the failure, and no RNG state has to be stored.
+(Which rows reach which worker is Ray Data's streaming split and is not reproducible.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConsistencyMode
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lungray.metrics import binary_metrics
+from lungray.models import ModelConfig, build_model
+from lungray.preprocess import to_float
+from lungray.train.augment import AugmentConfig, augment_batch
+
+PROGRESS_FILE = "progress.json"
+STATE_FILE = "state.pt"
+# Halve the learning rate after one epoch without a lower validation loss: runs here are
+# 10-20 epochs, too short to wait longer before adapting.
+LR_DECAY_FACTOR = 0.5
+LR_DECAY_PATIENCE = 1
+# Images held by each worker's shuffle buffer: enough to mix rows from several Parquet
+# shards (an ingest writes them grouped by source and label), 50 MB at 224 px uint8.
+SHUFFLE_BUFFER_IMAGES = 1024
+# What each epoch reports to Ray Train; val_auroc also ranks the checkpoints it keeps.
+REPORTED_METRICS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs; the driver derives it from a TrainConfig and the data."""
+
+    model: ModelConfig
+    augment: AugmentConfig
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+    seed: int
+    patience: int  # epochs without a better val AUROC before stopping
+    use_gpu: bool
+    threads: int  # torch intra-op threads per worker
+    class_weights: tuple[float, float]
+    hyperparameters: dict[str, Any]  # the TrainConfig's, recorded in checkpoints for resume checks
+    data_fingerprint: str
+    fail_at_epoch: int | None = None  # test hook: the last rank exits at the start of this epoch...
+    fail_marker: str | None = None  # ...once, unless this file exists
+
+
+@dataclass
+class Progress:
+    """The run so far, stored as JSON in each checkpoint so the driver can read it without torch."""
+
+    hyperparameters: dict[str, Any]
+    data_fingerprint: str
+    architecture: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_auroc: float | None = None
+    epochs_since_best: int = 0
+    resumed_at_epochs: list[int] = field(default_factory=list)
+
+    @property
+    def next_epoch(self) -> int:
+        return len(self.history)
+
+    def record_epoch(self, record: dict[str, float]) -> bool:
+        """Append an epoch's record; True when its val AUROC is the best so far."""
+        improved = self.best_val_auroc is None or record["val_auroc"] > self.best_val_auroc
+        if improved:
+            self.best_epoch, self.best_val_auroc, self.epochs_since_best = int(record["epoch"]), record["val_auroc"], 0
+        else:
+            self.epochs_since_best += 1
+        self.history.append(record)
+        return improved
+
+    def finished(self, epochs: int, patience: int) -> bool:
+        """All epochs done, or stopped early: `patience` epochs without a better val AUROC."""
+        return self.next_epoch >= epochs or self.epochs_since_best >= patience
+
+
+@dataclass
+class ValidationShard:
+    """One worker's validation output; the loss is kept as sums so shards add up exactly."""
+
+    prob: np.ndarray
+    label: np.ndarray
+    loss_sum: float
+    weight_sum: float
+
+
+@dataclass
+class TrainShard:
+    loss_sum: float
+    weight_sum: float
+    images: int
+    seconds: float
+
+
+def read_progress(checkpoint_dir: str | os.PathLike[str]) -> Progress:
+    return Progress(**json.loads((Path(checkpoint_dir) / PROGRESS_FILE).read_text()))
+
+
+def read_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Tensors of a checkpoint; `weights_only` loading cannot run code from the file."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A well-mixed 32-bit seed per (run seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def model_input(stored: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Stored (N, H, W) integer tensor -> (N, 1, H, W) float in [0,1], scaled as everywhere else."""
+    images = to_float(stored).unsqueeze(1)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def weighted_loss_sums(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of weighted cross-entropy, sum of weights): their ratio is the weighted mean loss."""
+    loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
+    return loss_sum, class_weights[labels].sum()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    class_weights: torch.Tensor,
+    augment: AugmentConfig,
+    generator: torch.Generator,
+    use_gpu: bool,
+) -> TrainShard:
+    """One pass over this worker's shard; returns its loss sums, image count and seconds."""
+    model.train()
+    started = time.perf_counter()
+    loss_total, weight_total, images = 0.0, 0.0, 0
+    for batch in batches:
+        inputs = augment_batch(model_input(batch["image"], channels_last=use_gpu), augment, generator)
+        labels = batch["label"].long()
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=use_gpu):
+            logits = model(inputs)
+        loss_sum, weight_sum = weighted_loss_sums(logits, labels, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum / weight_sum).backward()
+        optimizer.step()
+        loss_total += loss_sum.item()
+        weight_total += weight_sum.item()
+        images += len(labels)
+    return TrainShard(loss_total, weight_total, images, time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def evaluate_epoch(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], class_weights: torch.Tensor, use_gpu: bool
+) -> ValidationShard:
+    """Score this worker's validation shard (pass the unwrapped module: no DDP collectives)."""
+    model.eval()
+    probs, labels_seen = [], []
+    loss_total, weight_total = 0.0, 0.0
+    for batch in batches:
+        inputs = model_input(batch["image"], channels_last=use_gpu)
+        labels = batch["label"].long()
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=use_gpu):
+            logits = model(inputs)
+        loss_sum, weight_sum = weighted_loss_sums(logits, labels, class_weights)
+        loss_total += loss_sum.item()
+        weight_total += weight_sum.item()
+        probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+        labels_seen.append(labels.cpu().numpy())
+    return ValidationShard(
+        prob=np.concatenate(probs) if probs else np.zeros(0),
+        label=np.concatenate(labels_seen) if labels_seen else np.zeros(0, dtype=np.int64),
+        loss_sum=loss_total,
+        weight_sum=weight_total,
+    )
+
+
+@dataclass
+class WorkerEpoch:
+    """What each rank contributes to an epoch's record."""
+
+    trained: TrainShard
+    validated: ValidationShard
+    peak_rss_mb: float
+
+
+def epoch_record(epoch: int, workers: list[WorkerEpoch], lr: float, seconds: float) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """(history record, val probabilities, val labels) of an epoch, over all ranks' shards."""
+    val_prob = np.concatenate([worker.validated.prob for worker in workers])
+    val_label = np.concatenate([worker.validated.label for worker in workers])
+    train_seconds = max(worker.trained.seconds for worker in workers)
+    record = {
+        "epoch": epoch,
+        "train_loss": sum(w.trained.loss_sum for w in workers) / sum(w.trained.weight_sum for w in workers),
+        "val_loss": sum(w.validated.loss_sum for w in workers) / sum(w.validated.weight_sum for w in workers),
+        "val_auroc": float(binary_metrics(val_label, val_prob, threshold=0.5)["auroc"]),  # any threshold
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_s": sum(worker.trained.images for worker in workers) / train_seconds,
+        "peak_rss_mb": max(worker.peak_rss_mb for worker in workers),
+    }
+    return record, val_prob, val_label
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def share_rank0_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics before validation.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step
+    each rank holds the statistics of its own last batch; the checkpoint saves rank 0's.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def maybe_fail(config: LoopConfig, epoch: int, rank: int, world_size: int) -> None:
+    """Test hook: kill this worker process once, to exercise restart from a checkpoint."""
+    if config.fail_at_epoch != epoch or rank != world_size - 1 or config.fail_marker is None:
+        return
+    marker = Path(config.fail_marker)
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        # Die only once Ray Train has committed the last epoch's checkpoint, so that the
+        # restart point (this epoch) is known rather than a race with the controller.
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        os._exit(1)
+
+
+def write_checkpoint(directory: Path, progress: Progress, tensors: dict[str, Any]) -> None:
+    (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2))
+    torch.save(tensors, directory / STATE_FILE)
+
+
+def report_epoch(record: dict[str, float], progress: Progress, state: dict[str, Any], rank: int) -> None:
+    """Every rank reports (it is Ray Train's barrier); rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="lungray-checkpoint-") as checkpoint_dir:
+        checkpoint = None
+        if rank == 0:
+            write_checkpoint(Path(checkpoint_dir), progress, state)
+            checkpoint = Checkpoint.from_directory(checkpoint_dir)
+        ray.train.report({name: record[name] for name in REPORTED_METRICS}, checkpoint=checkpoint)
+
+
+def cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
+
+
+def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
+    """The Ray Train entry point: `train_loop_config={"loop": LoopConfig(...)}`."""
+    config = train_loop_config["loop"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    device = ray.train.torch.get_device()
+
+    model = build_model(config.model)
+    progress = Progress(config.hyperparameters, config.data_fingerprint, config.model.to_dict())
+    state: dict[str, Any] = {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            stored = read_progress(checkpoint_dir)
+            state = read_state(checkpoint_dir)
+        # The driver has checked that the stored run is compatible; record today's settings.
+        progress = replace(stored, hyperparameters=config.hyperparameters)
+        progress.resumed_at_epochs.append(progress.next_epoch)
+        model.load_state_dict(state["model"])
+    if config.use_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=LR_DECAY_FACTOR, patience=LR_DECAY_PATIENCE
+    )
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    while not progress.finished(config.epochs, config.patience):
+        epoch = progress.next_epoch
+        maybe_fail(config, epoch, rank, world_size)
+        started = time.perf_counter()
+        seed = epoch_seed(config.seed, epoch, rank)
+        torch.manual_seed(seed)
+        train_batches = train_shard.iter_torch_batches(
+            batch_size=config.batch_size,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_IMAGES,
+            local_shuffle_seed=seed,
+            device=device,
+        )
+        trained = train_one_epoch(
+            model, train_batches, optimizer, class_weights, config.augment, torch.Generator().manual_seed(seed), config.use_gpu
+        )
+        share_rank0_buffers(unwrap(model))
+        validated = evaluate_epoch(
+            unwrap(model), val_shard.iter_torch_batches(batch_size=config.batch_size, device=device), class_weights, config.use_gpu
+        )
+        workers = gather(WorkerEpoch(trained, validated, peak_rss_mb()))
+        record, val_prob, val_label = epoch_record(epoch, workers, optimizer.param_groups[0]["lr"], time.perf_counter() - started)
+        scheduler.step(record["val_loss"])
+        improved = progress.record_epoch(record)
+        if rank == 0:
+            if improved:
+                best_val = {"best_val_prob": torch.from_numpy(val_prob), "best_val_label": torch.from_numpy(val_label)}
+                state.update(best_model=cpu_copy(unwrap(model).state_dict()), **best_val)
+            state.update(model=cpu_copy(unwrap(model).state_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            # Ray Train routes a worker's print to the run's logs and the driver's console.
+            print(f"epoch {epoch}: {json.dumps(record)}", flush=True)
+        report_epoch(record, progress, state, rank)

@@ -1,0 +1,279 @@
+"""Training a model on an ingested dataset with Ray Train, resumably, into a model directory.
+
+`run_training` builds a `TorchTrainer` whose workers run `lungray.train.loop` on shards of
+the ingest's train and val splits, then exports the best epoch as a model directory.
+
+Ray keeps its run under `OUTPUT/_ray/` with a fixed name, so running the same command
+again continues from the last checkpoint instead of starting over (Ray Train resumes a
+run it finds at the same storage path and name), and a run that was already trained and
+exported with the same settings is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.actor import ActorHandle
+from ray.data import DataIterator, Dataset
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from sklearn.utils.class_weight import compute_class_weight
+
+from lungray.evaluate import labelled_split
+from lungray.ingest import load_summary
+from lungray.io.listing import filesystem_for, join_uri
+from lungray.modeldir import META_FILE, read_meta
+from lungray.models import ARCHITECTURES, default_config
+from lungray.preprocess import PreprocessConfig
+from lungray.raysession import cluster_cpus
+from lungray.train.augment import AugmentConfig
+from lungray.train.export import export_model_dir
+from lungray.train.loop import LoopConfig, Progress, read_progress, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RAY_DIR = "_ray"
+RUN_NAME = "train"
+FAULT_MARKER = "fault-injected"
+# TrainConfig fields that say where data and output live and how the run is executed; the
+# others decide the model and are its hyperparameters.
+RUN_SETTINGS = ("data", "output", "size", "max_failures", "cpus_per_worker", "fail_at_epoch")
+# Hyperparameters that a rerun may change and still continue the stored run.
+RESUMABLE_CHANGES = ("epochs", "patience", "min_sensitivity")
+# Ray keeps this many checkpoints by val AUROC and never deletes the latest, so the best
+# and the latest stay; each checkpoint also carries the best weights, so the latest suffices.
+CHECKPOINTS_TO_KEEP = 1
+# CPUs left to Ray Data: with every CPU held by a training worker, the Parquet reads
+# that feed them cannot be scheduled and the run hangs.
+CPUS_FOR_DATA = 1.0
+MIN_CPUS_PER_WORKER = 0.25
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: model, data, output, and the hyperparameters recorded in model.json."""
+
+    model: str
+    data: str
+    output: str
+    workers: int = 2
+    use_gpu: bool = False
+    epochs: int = 15
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3
+    seed: int = 0
+    patience: int = 4
+    min_sensitivity: float = 0.95
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    size: int | None = None  # if set, the image size the data must have
+    max_failures: int = 2
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs less one for Ray Data, shared
+    fail_at_epoch: int | None = None  # test hook, see LoopConfig
+
+    def __post_init__(self) -> None:
+        if self.model not in ARCHITECTURES:
+            raise ValueError(f"model must be one of {ARCHITECTURES}, got {self.model!r}")
+        for name in ("workers", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 < self.min_sensitivity <= 1.0:
+            raise ValueError(f"min_sensitivity must lie in (0, 1], got {self.min_sensitivity}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What decides the trained model (JSON-ready); saved as model.json's `training`."""
+        values = asdict(self)
+        for name in RUN_SETTINGS:
+            del values[name]
+        return values
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray train` / jobs/train.py arguments."""
+    parser.add_argument("--model", choices=ARCHITECTURES, required=True)
+    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--output", required=True, help="model directory to write; rerun to resume")
+    parser.add_argument("--workers", type=int, default=TrainConfig.workers, help="data-parallel training workers")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per worker")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=TrainConfig.min_sensitivity,
+        help="the threshold is the most specific one reaching this sensitivity on validation",
+    )
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--size", type=int, default=None, help="fail unless the data was ingested at this size")
+    parser.add_argument("--max-failures", type=int, default=TrainConfig.max_failures, help="worker failures to recover from")
+    parser.add_argument("--cpus-per-worker", type=float, default=None)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        patience=args.patience,
+        min_sensitivity=args.min_sensitivity,
+        augment=AugmentConfig(enabled=not args.no_augment),
+        size=args.size,
+        max_failures=args.max_failures,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+
+
+class WholeValidationSplit(DataConfig):
+    """Train shards of equal size, val shards of any size.
+
+    Every DDP rank must take the same number of steps, so the train split is cut into equal
+    shards (dropping a few rows if needed); validation must see every image, so its shards
+    may differ in size.
+    """
+
+    def configure(
+        self,
+        datasets: dict[str, Dataset],
+        world_size: int,
+        worker_handles: list[ActorHandle] | None,
+        worker_node_ids: list[str] | None,
+        **kwargs: Any,
+    ) -> list[dict[str, DataIterator]]:
+        """Ray Train calls this once per dataset; "val" is split here, the others by DataConfig."""
+        others = {name: dataset for name, dataset in datasets.items() if name != "val"}
+        shards = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val_shards = datasets["val"].streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for shard, val_shard in zip(shards, val_shards):
+                shard["val"] = val_shard
+        return shards
+
+
+def labels_by_split(data: str) -> dict[str, np.ndarray]:
+    """The known labels of each split, read from the two small columns only."""
+    filesystem, path = filesystem_for(join_uri(data, "data"))
+    table = pq.read_table(path, columns=["split", "label"], filesystem=filesystem)
+    table = table.filter(pc.is_valid(table["label"]))
+    return {
+        name: table.filter(pc.equal(table["split"], name))["label"].to_numpy().astype(np.int64)
+        for name in ("train", "val")
+    }
+
+
+def balanced_class_weights(labels: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Cross-entropy weights n / (2 n_class) from the train labels, after checking both splits."""
+    for name, values in labels.items():
+        counts = np.bincount(values, minlength=2)
+        if counts.min() == 0:
+            raise ValueError(f"the {name} split needs labelled normal and abnormal images, has {counts.tolist()}")
+    weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels["train"])
+    return float(weights[0]), float(weights[1])
+
+
+def latest_progress(run_dir: Path) -> Progress | None:
+    """Progress of the newest checkpoint of a previous run in `run_dir`, if any."""
+    progresses = [read_progress(path.parent) for path in run_dir.glob("*/progress.json")]
+    return max(progresses, key=lambda progress: progress.next_epoch, default=None)
+
+
+def check_resumable(previous: Progress, config: TrainConfig, fingerprint: str) -> None:
+    """Refuse to continue a stored run with other data or other settings than `RESUMABLE_CHANGES`."""
+    if previous.data_fingerprint != fingerprint:
+        raise ValueError(f"{config.output} holds a run trained on other data; choose a new --output")
+    fixed = {key: value for key, value in config.hyperparameters().items() if key not in RESUMABLE_CHANGES}
+    stored = {key: value for key, value in previous.hyperparameters.items() if key not in RESUMABLE_CHANGES}
+    changed = sorted(key for key in fixed.keys() | stored.keys() if fixed.get(key) != stored.get(key))
+    if changed:
+        raise ValueError(f"{config.output} holds a run with other {changed}; rerun with its settings or choose a new --output")
+
+
+def is_exported(output: Path, config: TrainConfig, fingerprint: str) -> bool:
+    """Whether `output` already holds this run's model directory."""
+    if not (output / META_FILE).is_file():
+        return False
+    meta = read_meta(output)
+    return meta["training"] == config.hyperparameters() and meta["data_fingerprint"] == fingerprint
+
+
+def worker_cpus(config: TrainConfig) -> float:
+    if config.cpus_per_worker is not None:
+        return config.cpus_per_worker
+    return max(MIN_CPUS_PER_WORKER, (cluster_cpus() - CPUS_FOR_DATA) / config.workers)
+
+
+def build_trainer(config: TrainConfig, loop: LoopConfig, cpus_per_worker: float) -> TorchTrainer:
+    output = Path(config.output).resolve()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(output / RAY_DIR),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute="val_auroc", checkpoint_score_order="max"
+            ),
+        ),
+        datasets={"train": labelled_split(config.data, "train"), "val": labelled_split(config.data, "val")},
+        dataset_config=WholeValidationSplit(),
+    )
+
+
+def run_training(config: TrainConfig) -> Path:
+    """Train (or resume) on the current Ray cluster and export the model directory; returns its path."""
+    summary = load_summary(config.data)
+    preprocess = PreprocessConfig.from_dict(summary["preprocess"])
+    if config.size is not None and config.size != preprocess.size:
+        raise ValueError(f"{config.data} holds {preprocess.size} px images, not the --size {config.size} asked for")
+    output = Path(config.output)
+    fingerprint = summary["fingerprint"]
+    if is_exported(output, config, fingerprint):
+        log.warning("%s already holds this model, trained with these settings on this data; nothing to do", output)
+        return output
+    previous = latest_progress(output / RAY_DIR / RUN_NAME)
+    if previous is not None:
+        check_resumable(previous, config, fingerprint)
+        log.warning("resuming the run in %s after epoch %d", output, previous.next_epoch - 1)
+
+    cpus_per_worker = worker_cpus(config)
+    loop = LoopConfig(
+        model=default_config(config.model),
+        augment=config.augment,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        patience=config.patience,
+        use_gpu=config.use_gpu,
+        threads=max(1, math.floor(cpus_per_worker)),
+        class_weights=balanced_class_weights(labels_by_split(config.data)),
+        hyperparameters=config.hyperparameters(),
+        data_fingerprint=fingerprint,
+        fail_at_epoch=config.fail_at_epoch,
+        fail_marker=str(output.resolve() / RAY_DIR / FAULT_MARKER),
+    )
+    result = build_trainer(config, loop, cpus_per_worker).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {output} finished without a checkpoint")
+    return export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity)

@@ -1,0 +1,375 @@
+"""The comparison report: every file, every number recomputable from the predictions, a rendered HTML."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SAMPLES
+from model_factory import untrained_model_dir
+from PIL import Image, ImageOps
+
+from lungray.evaluate import labelled_split
+from lungray.ingest import IngestConfig, SourceSpec, load_summary, run_ingest
+from lungray.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    calibration_curve_data,
+    delong_test,
+    mcnemar,
+    metrics_with_ci,
+    paired_bootstrap_auroc,
+    predict_labels,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+)
+from lungray.modeldir import load_model_dir, save_model_dir
+from lungray.preprocess import PreprocessConfig
+from lungray.report.compare import (
+    CompareConfig,
+    add_compare_arguments,
+    compare_config_from_args,
+    run_compare,
+    training_sources,
+)
+from lungray.report.render import pair_verdict
+
+SIZE = 64
+N_BOOT = 200
+EXAMPLES = 2
+ARCHS = ("cnn", "cnn_lstm")
+CHROMIUM = Path("/usr/bin/chromium")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> None:
+    """Module-scoped, so it also holds while the module's fixtures time inference."""
+    torch.set_num_threads(1)
+
+
+def tb_style_source(root: Path, per_label: int) -> None:
+    """A second labelled source in the Shenzhen layout: mirrored Kermany images, CHNCXR_NNNN_<label>.png."""
+    root.mkdir(parents=True)
+    index = 0
+    for label, folder in ((0, "NORMAL"), (1, "PNEUMONIA")):
+        for path in sorted((SAMPLES / "kermany-mini" / folder).glob("*.jpeg"))[-per_label:]:
+            index += 1
+            ImageOps.mirror(Image.open(path).convert("L")).save(root / f"CHNCXR_{index:04d}_{label}.png")
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> str:
+    """kermany-mini plus a second, Shenzhen-named source, ingested at 64 px."""
+    archive = tmp_path_factory.mktemp("archive")
+    shutil.copytree(SAMPLES / "kermany-mini", archive / "kermany")
+    tb_style_source(archive / "shenzhen", per_label=15)
+    output = tmp_path_factory.mktemp("ingested") / "data"
+    run_ingest(
+        IngestConfig(
+            sources=(SourceSpec(str(archive / "kermany"), dataset="kermany"), SourceSpec(str(archive / "shenzhen"), dataset="shenzhen")),
+            output=str(output),
+            preprocess=PreprocessConfig(size=SIZE),
+        )
+    )
+    return str(output)
+
+
+def split_images(data: str, split: str = "test") -> dict[str, np.ndarray]:
+    """The split's images keyed by path, read independently of the report."""
+    images = {}
+    for batch in labelled_split(data, split, columns=("image", "path")).iter_batches(batch_format="numpy"):
+        images.update(zip(batch["path"], batch["image"]))
+    return images
+
+
+def training_record(fingerprint: str) -> dict[str, Any]:
+    """The training keys export writes to model.json, for a made-up three-epoch run on `fingerprint`."""
+    history = [
+        {"epoch": epoch, "train_loss": 0.7 - 0.1 * epoch, "val_loss": 0.75 - 0.05 * epoch, "val_auroc": 0.6 + 0.1 * epoch,
+         "lr": 1e-3, "seconds": 40.0 + epoch, "images_per_s": 90.0, "peak_rss_mb": 800.0 + epoch}
+        for epoch in range(3)
+    ]
+    return {
+        "history": history,
+        "data_fingerprint": fingerprint,
+        "threshold_policy": {"rule": "highest specificity with sensitivity >= min_sensitivity", "min_sensitivity": 0.95, "chosen_on": "val"},
+        "wall_time_s": sum(record["seconds"] for record in history),
+        "epochs_trained": 3,
+        "best_epoch": 2,
+        "peak_memory_mb": 802.0,
+    }
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory, ingested: str) -> list[Path]:
+    """An untrained CNN (no training record) and an untrained CNN-LSTM carrying a record of training on this ingest.
+
+    Thresholds sit at each model's median test score, so both models call both classes.
+    """
+    folder = tmp_path_factory.mktemp("models")
+    images = np.stack(list(split_images(ingested).values()))
+    thresholds = {}
+    for arch in ARCHS:
+        probe = load_model_dir(untrained_model_dir(folder / f"{arch}-probe", arch, size=SIZE))
+        thresholds[arch] = float(np.median(probe.predict_proba(images)))
+    cnn = untrained_model_dir(folder / "cnn", "cnn", size=SIZE, threshold=thresholds["cnn"])
+    probe = load_model_dir(folder / "cnn_lstm-probe")
+    meta = {key: probe.meta[key] for key in ("architecture", "preprocess")}
+    record = training_record(load_summary(ingested)["fingerprint"])
+    cnn_lstm = save_model_dir(folder / "cnn_lstm", probe.model.state_dict(), {**meta, "threshold": thresholds["cnn_lstm"], **record})
+    return [cnn, cnn_lstm]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, ingested: str, model_dirs: list[Path]) -> tuple[dict[str, Any], Path]:
+    output = tmp_path_factory.mktemp("report") / "report"
+    config = CompareConfig(
+        model_dirs=tuple(str(path) for path in model_dirs), data=ingested, output=str(output),
+        n_boot=N_BOOT, gradcam_examples=EXAMPLES,
+    )
+    return run_compare(config), output
+
+
+def assert_close(actual: Any, expected: Any, path: str = "") -> None:
+    """Nested JSON values equal up to float rounding; NaN expected where metrics.json holds null."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), path
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, f"{path}[{index}]")
+    elif isinstance(expected, float) and not math.isfinite(expected):
+        assert actual is None, path
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), path
+    else:
+        assert actual == expected, path
+
+
+def by_model(table: Any) -> dict[str, dict[str, np.ndarray]]:
+    frame = table.to_pandas()
+    return {model_id: {column: rows[column].to_numpy() for column in rows} for model_id, rows in frame.groupby("model_id", sort=False)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_report_folder_holds_every_file(report: tuple[dict[str, Any], Path]) -> None:
+    results, output = report
+    assert {path.name for path in output.iterdir()} == {"report.md", "report.html", "metrics.json", "predictions.parquet", "figures"}
+    assert json.loads((output / "metrics.json").read_text()) == results
+    assert not [path for path in output.parent.iterdir() if path.name.startswith(".")], "staging folder left behind"
+    assert set(results["figures"]) == {"roc", "pr", "confusion", "reliability", "training"}
+    files = list(results["figures"].values())
+    for model in results["models"]:
+        assert set(model["gradcam"]) == {"true positive", "false positive", "false negative"}
+        assert all(1 <= len(examples) <= EXAMPLES for examples in model["gradcam"].values())
+        files += [example["file"] for examples in model["gradcam"].values() for example in examples]
+    for relative in files:
+        data = (output / relative).read_bytes()
+        assert data.startswith(PNG_MAGIC), relative
+        assert min(Image.open(io.BytesIO(data)).size) >= SIZE
+    written = {path.relative_to(output).as_posix() for path in (output / "figures").rglob("*.png")}
+    assert written == set(files)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_predictions_are_the_models_scores(report: tuple[dict[str, Any], Path], ingested: str, model_dirs: list[Path]) -> None:
+    _, output = report
+    predictions = by_model(pq.read_table(output / "predictions.parquet"))
+    images = split_images(ingested)
+    for model_dir in model_dirs:
+        model = load_model_dir(model_dir)
+        rows = predictions[model.model_id]
+        assert sorted(rows["path"]) == sorted(images)
+        expected = model.predict_proba(np.stack([images[path] for path in rows["path"]]))
+        np.testing.assert_allclose(rows["prob"], expected, rtol=1e-6)
+        np.testing.assert_array_equal(rows["call"], predict_labels(rows["prob"], model.threshold))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_metrics_match_lungray_metrics_recomputed(report: tuple[dict[str, Any], Path], ingested: str) -> None:
+    results, output = report
+    predictions = by_model(pq.read_table(output / "predictions.parquet"))
+    resampling = {"n_boot": N_BOOT, "seed": 0}
+
+    split = load_summary(ingested)["splits"]["test"]
+    any_rows = next(iter(predictions.values()))
+    assert results["data"]["n_images"] == split["images"] == len(any_rows["label"])
+    assert results["data"]["n_patients"] == split["patients"] == len(set(any_rows["patient_key"]))
+    assert results["data"]["n_abnormal"] == split["labels"]["abnormal"] == int(any_rows["label"].sum())
+
+    for model in results["models"]:
+        rows = predictions[model["model_id"]]
+        y, p, groups = rows["label"], rows["prob"], rows["patient_key"]
+        assert_close(model["metrics"], metrics_with_ci(y, p, model["threshold"], groups=groups, **resampling))
+        assert model["confusion_matrix"] == binary_metrics(y, p, model["threshold"])["confusion_matrix"]
+        assert_close(model["calibration"], calibration_curve_data(y, p))
+        for floor in (0.80, 0.90):
+            value, low, high = bootstrap_ci(y, p, lambda yy, pp: sensitivity_at_specificity(yy, pp, floor), groups=groups, **resampling)
+            assert_close(model["operating_points"][f"sensitivity_at_specificity_{floor:.2f}"], {"value": value, "ci_low": low, "ci_high": high})
+        for floor in (0.90, 0.95):
+            value, low, high = bootstrap_ci(y, p, lambda yy, pp: specificity_at_sensitivity(yy, pp, floor), groups=groups, **resampling)
+            assert_close(model["operating_points"][f"specificity_at_sensitivity_{floor:.2f}"], {"value": value, "ci_low": low, "ci_high": high})
+
+    thresholds = {model["model_id"]: model["threshold"] for model in results["models"]}
+    (pair,) = results["pairs"]
+    a, b = predictions[pair["model_a"]], predictions[pair["model_b"]]
+    np.testing.assert_array_equal(a["path"], b["path"])
+    y, groups = a["label"], a["patient_key"]
+    calls_a, calls_b = (predict_labels(rows["prob"], thresholds[key]) for key, rows in ((pair["model_a"], a), (pair["model_b"], b)))
+    assert_close(pair["mcnemar"], mcnemar(y, calls_a, calls_b))
+    assert_close(pair["delong"], delong_test(y, a["prob"], b["prob"]))
+    assert_close(pair["paired_bootstrap_auroc"], paired_bootstrap_auroc(y, a["prob"], b["prob"], groups=groups, **resampling))
+
+    assert set(results["by_source"]) == {"kermany", "shenzhen"}
+    for source, part in results["by_source"].items():
+        in_source = any_rows["source"] == source
+        assert part["n_images"] == int(in_source.sum()) and part["n_abnormal"] == int(any_rows["label"][in_source].sum())
+        for model_id, rows in predictions.items():
+            mask = rows["source"] == source
+            expected = metrics_with_ci(rows["label"][mask], rows["prob"][mask], thresholds[model_id], groups=rows["patient_key"][mask], **resampling)
+            assert_close(part["metrics"][model_id], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_efficiency_and_training_sources_come_from_the_model_record(
+    report: tuple[dict[str, Any], Path], model_dirs: list[Path], ingested: str
+) -> None:
+    results, _ = report
+    cnn, cnn_lstm = results["models"]
+    record = training_record(load_summary(ingested)["fingerprint"])
+    assert cnn_lstm["efficiency"]["training_wall_time_s"] == record["wall_time_s"]
+    assert cnn_lstm["efficiency"]["epochs_trained"] == record["epochs_trained"]
+    assert cnn_lstm["efficiency"]["peak_training_memory_mb"] == record["peak_memory_mb"]
+    assert cnn_lstm["history"] == record["history"]
+    assert cnn["efficiency"]["training_wall_time_s"] is None and cnn["history"] == []
+    for entry, model_dir in zip(results["models"], model_dirs):
+        model = load_model_dir(model_dir)
+        assert entry["efficiency"]["n_parameters"] == sum(parameter.numel() for parameter in model.model.parameters())
+        assert entry["efficiency"]["inference_images_per_s"] > 0 and entry["efficiency"]["inference_torch_threads"] == 1
+    assert cnn_lstm["training_sources"]["sources"] == ["kermany", "shenzhen"]
+    assert cnn["training_sources"]["sources"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_markdown_answers_first_and_states_data_and_method(report: tuple[dict[str, Any], Path]) -> None:
+    results, output = report
+    markdown = (output / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", markdown, flags=re.MULTILINE)
+    assert headings[0] == "The answer"
+    data = results["data"]
+    assert f"{data['n_images']} images from {data['n_patients']} patients, {data['n_abnormal']} abnormal" in markdown
+    assert f"{N_BOOT} resamples" in markdown and "resampling patients" in markdown
+    assert "92.5%" in markdown and "94.1%" in markdown and "accuracy only" in markdown
+    answer = markdown.split("## The answer")[1].split("\n## ")[0]
+    assert "CNN-LSTM vs CNN" in answer or "CNN vs CNN-LSTM" in answer
+    assert "paired bootstrap p =" in answer and "McNemar p =" in answer
+    # the CNN records no training data: the cross-dataset table says so instead of guessing
+    assert "| CNN | unknown |" in markdown and "records neither training sources nor a data fingerprint" in markdown
+    assert re.search(r"^\| CNN-LSTM \| kermany \+ shenzhen \| [^|]+\(in-domain\) \| [^|]+\(in-domain\) \|$", markdown, flags=re.MULTILINE)
+    assert "chosen on the val split" in markdown and "does not record how it was chosen" in markdown
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+        assert (output / target).is_file(), target
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_html_is_self_contained_and_renders(report: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    results, output = report
+    page = (output / "report.html").read_text()
+    assert not re.search(r"<(script|link|iframe)\b", page, flags=re.IGNORECASE)
+    assert not re.search(r"(src|href)\s*=\s*\"(?!data:)", page, flags=re.IGNORECASE)
+    n_figures = len(results["figures"]) + sum(len(examples) for model in results["models"] for examples in model["gradcam"].values())
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == n_figures
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install the chromium package to render the report")
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1200,2000",
+            (output / "report.html").resolve().as_uri(),
+        ],
+        check=True, capture_output=True, timeout=180,
+    )
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2000, 1200)
+    assert (pixels < 200).mean() > 0.02 and pixels.std() > 20, "the rendered report looks blank"
+
+
+def test_training_sources_come_from_the_record_never_a_guess() -> None:
+    summary = {"fingerprint": "f" * 64, "sources": [{"uri": "/a", "dataset": "kermany"}, {"uri": "/b", "dataset": "shenzhen"}]}
+    assert training_sources({"training_sources": ["shenzhen"]}, summary)["sources"] == ["shenzhen"]
+    assert training_sources({"data_fingerprint": "f" * 64}, summary)["sources"] == ["kermany", "shenzhen"]
+    elsewhere = training_sources({"data_fingerprint": "0" * 64}, summary)
+    assert elsewhere["sources"] is None and "000000000000 is not this ingest's" in elsewhere["basis"]
+    assert training_sources({}, summary)["sources"] is None
+
+
+def verdict_inputs(difference: float, ci: tuple[float, float]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def model(name: str, auroc: float) -> dict[str, Any]:
+        estimate = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n_skipped": 0}
+        metrics = {key: estimate for key in ("accuracy", "recall", "specificity")}
+        return {"name": name, "threshold": 0.5, "metrics": {**metrics, "auroc": {**estimate, "value": auroc}}}
+
+    pair = {
+        "model_a": "a", "model_b": "b",
+        "paired_bootstrap_auroc": {"difference": difference, "ci_low": ci[0], "ci_high": ci[1], "p_value": 0.01},
+        "delong": {"p_value": 0.02},
+        "mcnemar": {"b": 7, "c": 3, "p_value": 0.3},
+    }
+    return pair, {"a": model("CNN", 0.80 + difference), "b": model("CNN-LSTM", 0.80)}
+
+
+def test_the_answer_names_the_better_model_only_when_the_interval_excludes_zero() -> None:
+    clear = pair_verdict(*verdict_inputs(-0.05, (-0.08, -0.02)))
+    assert clear.startswith("AUROC 0.800 vs 0.750: CNN-LSTM higher by 0.050 (95% CI +0.020 to +0.080")
+    assert "excludes 0: CNN-LSTM ranks" in clear
+    assert "CNN-LSTM is right where CNN is wrong on 3 images, the reverse on 7" in clear
+    unclear = pair_verdict(*verdict_inputs(0.01, (-0.02, 0.04)))
+    assert "CNN higher by 0.010 (95% CI -0.020 to +0.040" in unclear and "cannot be told apart" in unclear
+
+
+def test_compare_refuses_a_model_trained_on_other_preprocessing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "summary.json").write_text(json.dumps({"preprocess": PreprocessConfig(size=SIZE).to_dict(), "fingerprint": "f" * 64}))
+    model = untrained_model_dir(tmp_path / "model", "cnn", size=32)
+    with pytest.raises(ValueError, match="preprocessed"):
+        run_compare(CompareConfig(model_dirs=(str(model),), data=str(data), output=str(tmp_path / "report")))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_compare(CompareConfig(model_dirs=(str(model),), data=str(data), output=str(tmp_path / "busy")))
+    assert not (tmp_path / "report").exists()
+
+
+def test_command_line_builds_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    args = parser.parse_args(["m1", "m2", "--data", "d", "--output", "o", "--split", "val", "--n-boot", "50"])
+    assert compare_config_from_args(args) == CompareConfig(
+        model_dirs=("m1", "m2"), data="d", output="o", split="val", n_boot=50
+    )
+    with pytest.raises(ValueError, match="split"):
+        CompareConfig(model_dirs=("m",), data="d", output="o", split="holdout")

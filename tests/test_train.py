@@ -1,0 +1,273 @@
+"""Training: the worker loop's pieces in-process, and whole Ray Train runs (fit, fault, resume)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from ray.data.extensions import ArrowTensorArray
+
+from lungray.metrics import binary_metrics
+from lungray.modeldir import META_FILE, load_model_dir, read_meta
+from lungray.models import ModelConfig, build_model
+from lungray.preprocess import PreprocessConfig
+from lungray.train.augment import AugmentConfig
+from lungray.train.loop import Progress, evaluate_epoch, train_one_epoch
+from lungray.train.trainer import (
+    RAY_DIR,
+    RUN_NAME,
+    TrainConfig,
+    WholeValidationSplit,
+    add_train_arguments,
+    balanced_class_weights,
+    check_resumable,
+    labels_by_split,
+    run_training,
+    train_config_from_args,
+)
+
+torch.set_num_threads(1)
+
+SIZE = 64
+SPLIT_SIZES = {"train": 32, "val": 12, "test": 12}
+
+
+def synthetic_images(labels: list[int | None], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Noisy uint8 'films'; abnormal ones carry a bright blob, so the classes are learnable."""
+    images = rng.normal(90, 20, size=(len(labels), size, size))
+    rows, cols = np.mgrid[:size, :size]
+    for image, label in zip(images, labels):
+        if label == 1:
+            centre = rng.integers(size // 4, 3 * size // 4, size=2)
+            image[(rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < (size // 6) ** 2] += 90
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: int = SIZE, seed: int = 0) -> Path:
+    """A tiny dataset in the ingest's layout: data/*.parquet (tensor `image`, int8 `label` with
+    nulls, split, patient_key, study_id, source, path) and summary.json. Each split gets one
+    unlabelled image, which training and evaluation must skip."""
+    rng = np.random.default_rng(seed)
+    (root / "data").mkdir(parents=True)
+    paths = []
+    for split, n in split_sizes.items():
+        labels = [index % 2 for index in range(n)] + [None]
+        paths += [f"synthetic/{split}/{index}.png" for index in range(len(labels))]
+        table = pa.table(
+            {
+                "image": ArrowTensorArray.from_numpy(synthetic_images(labels, size, rng)),
+                "label": pa.array(labels, pa.int8()),
+                "split": pa.array([split] * len(labels)),
+                "patient_key": pa.array([f"{split}-patient-{index}" for index in range(len(labels))]),
+                "study_id": pa.array([f"{split}-study-{index}" for index in range(len(labels))]),
+                "source": pa.array(["synthetic"] * len(labels)),
+                "path": pa.array(paths[-len(labels) :]),
+            }
+        )
+        pq.write_table(table, root / "data" / f"{split}.parquet")
+    summary = {
+        "preprocess": PreprocessConfig(size=size).to_dict(),
+        "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    }
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def read_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a split's labelled rows, read with pyarrow, independently of Ray Data."""
+    table = pq.read_table(data / "data" / f"{split}.parquet")
+    labelled = table.filter(table["label"].is_valid())
+    return labelled["image"].combine_chunks().to_numpy(), labelled["label"].to_numpy().astype(np.int64)
+
+
+def tiny_config(data: Path, output: Path, model: str = "cnn", **overrides: object) -> TrainConfig:
+    """Two gloo workers at half a CPU each: on 2 cores, whole CPUs would starve Ray Data's reads."""
+    settings = {"workers": 2, "epochs": 2, "batch_size": 8, "cpus_per_worker": 0.5, "patience": 10, **overrides}
+    return TrainConfig(model=model, data=str(data), output=str(output), **settings)
+
+
+# --- configuration and resume checks ---------------------------------------------------
+
+
+def test_cli_arguments_build_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "cnn_lstm", "--data", "d", "--output", "o", "--epochs", "3", "--gpu", "--no-augment", "--min-sensitivity", "0.9"]
+    )
+    config = train_config_from_args(args)
+    assert (config.model, config.data, config.output, config.epochs) == ("cnn_lstm", "d", "o", 3)
+    assert config.use_gpu and not config.augment.enabled
+    assert config.min_sensitivity == 0.9
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="resnet", data="d", output="o")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(model="cnn", data="d", output="o", epochs=0)
+
+
+def test_hyperparameters_leave_out_where_and_how_it_runs() -> None:
+    config = TrainConfig(model="cnn", data="d", output="o", max_failures=5, cpus_per_worker=0.5)
+    hyperparameters = config.hyperparameters()
+    assert {"data", "output", "max_failures", "cpus_per_worker", "fail_at_epoch", "size"}.isdisjoint(hyperparameters)
+    assert hyperparameters["augment"] == AugmentConfig().to_dict()
+    assert json.loads(json.dumps(hyperparameters)) == hyperparameters
+
+
+def test_resume_allows_more_epochs_but_not_other_settings() -> None:
+    config = TrainConfig(model="cnn", data="d", output="o", epochs=2)
+    stored = Progress(config.hyperparameters(), "fingerprint", {})
+    check_resumable(stored, replace(config, epochs=5, patience=9), "fingerprint")
+    with pytest.raises(ValueError, match="batch_size"):
+        check_resumable(stored, replace(config, batch_size=64), "fingerprint")
+    with pytest.raises(ValueError, match="other data"):
+        check_resumable(stored, config, "another fingerprint")
+
+
+def test_class_weights_balance_the_train_labels() -> None:
+    weights = balanced_class_weights({"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1])})
+    assert weights == pytest.approx((4 / 6, 4 / 2))
+    with pytest.raises(ValueError, match="val split"):
+        balanced_class_weights({"train": np.array([0, 1]), "val": np.array([1, 1])})
+
+
+def test_labels_by_split_skips_unlabelled_rows(tmp_path: Path) -> None:
+    labels = labels_by_split(str(write_ingested(tmp_path / "data")))
+    assert {name: len(values) for name, values in labels.items()} == {"train": SPLIT_SIZES["train"], "val": SPLIT_SIZES["val"]}
+
+
+# --- the loop's pieces, in-process -----------------------------------------------------
+
+
+def toy_batches(data: Path, split: str, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    images, labels = read_split(data, split)
+    return [
+        {"image": torch.from_numpy(images[start : start + batch_size]), "label": torch.from_numpy(labels[start : start + batch_size])}
+        for start in range(0, len(labels), batch_size)
+    ]
+
+
+def test_train_one_epoch_learns_separable_data(tmp_path: Path) -> None:
+    data = write_ingested(tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn", widths=(8, 16), fc_hidden=16, dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    weights = torch.ones(2)
+    batches = toy_batches(data, "train")
+    shards = [
+        train_one_epoch(model, batches, optimizer, weights, AugmentConfig(enabled=False), torch.Generator().manual_seed(epoch), False)
+        for epoch in range(8)
+    ]
+    assert shards[0].images == SPLIT_SIZES["train"]
+    assert shards[-1].loss_sum / shards[-1].weight_sum < 0.5 * shards[0].loss_sum / shards[0].weight_sum
+
+
+def test_evaluate_epoch_weighted_loss_and_probabilities(tmp_path: Path) -> None:
+    data = write_ingested(tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn_lstm", widths=(4, 8), lstm_hidden=8)).eval()
+    weights = torch.tensor([0.5, 2.0])
+    shard = evaluate_epoch(model, toy_batches(data, "val", batch_size=5), weights, False)
+
+    images, labels = read_split(data, "val")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images).float().div(255).unsqueeze(1))
+    np.testing.assert_array_equal(shard.label, labels)
+    np.testing.assert_allclose(shard.prob, torch.softmax(logits, 1)[:, 1].numpy(), rtol=1e-5, atol=1e-6)
+    expected_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), weight=weights).item()
+    assert shard.loss_sum / shard.weight_sum == pytest.approx(expected_loss, rel=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_validation_shards_cover_every_row_and_train_shards_are_equal(ray_session: None) -> None:
+    import ray.data
+
+    datasets = {"train": ray.data.range(101, override_num_blocks=7), "val": ray.data.range(23, override_num_blocks=5)}
+    shards = WholeValidationSplit().configure(datasets, world_size=2, worker_handles=None, worker_node_ids=None)
+
+    def ids(iterator: ray.data.DataIterator) -> list[int]:
+        return [row["id"] for row in iterator.iter_rows()]
+
+    # streaming_split iterators are consumed together, one thread each.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        val_ids = list(pool.map(ids, [shard["val"] for shard in shards]))
+        train_ids = list(pool.map(ids, [shard["train"] for shard in shards]))
+    assert sorted(val_ids[0] + val_ids[1]) == list(range(23))
+    assert len(train_ids[0]) == len(train_ids[1])
+
+
+# --- whole runs on Ray Train -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model", ["cnn", "cnn_lstm"])
+def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: Path, model: str) -> None:
+    data = write_ingested(tmp_path / "data")
+    output = run_training(tiny_config(data, tmp_path / "model", model=model))
+
+    loaded = load_model_dir(output)
+    meta = loaded.meta
+    assert meta["architecture"]["arch"] == model
+    assert meta["preprocess"] == json.loads((data / "summary.json").read_text())["preprocess"]
+    assert meta["data_fingerprint"] == json.loads((data / "summary.json").read_text())["fingerprint"]
+    assert [record["epoch"] for record in meta["history"]] == [0, 1]
+    assert meta["epochs_trained"] == 2 and meta["resumed_at_epochs"] == []
+    best = max(meta["history"], key=lambda record: record["val_auroc"])
+    assert meta["best_epoch"] == best["epoch"]
+    assert meta["val_metrics"]["n"] == SPLIT_SIZES["val"]  # the whole val set, gathered from both workers
+    assert meta["val_metrics"]["auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)
+    assert meta["val_metrics"]["recall"] >= meta["training"]["min_sensitivity"]
+    assert meta["n_parameters"] > 0 and meta["peak_memory_mb"] > 0
+    assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
+
+    images, labels = read_split(data, "val")
+    probabilities = loaded.predict_proba(images)
+    assert probabilities.shape == labels.shape
+    assert np.all((probabilities >= 0) & (probabilities <= 1))
+    # The stored val metrics describe the exported weights, scored the way screening scores.
+    assert binary_metrics(labels, probabilities, loaded.threshold)["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_session: None, tmp_path: Path) -> None:
+    data = write_ingested(tmp_path / "data")
+    config = tiny_config(data, tmp_path / "model", epochs=3, fail_at_epoch=1, max_failures=1)
+
+    meta = read_meta(run_training(config))
+
+    assert (tmp_path / "model" / RAY_DIR / "fault-injected").exists(), "the worker was never killed"
+    assert [record["epoch"] for record in meta["history"]] == [0, 1, 2]
+    assert meta["resumed_at_epochs"] == [1], "training started over instead of continuing from epoch 0's checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rerun_resumes_instead_of_restarting(ray_session: None, tmp_path: Path) -> None:
+    data = write_ingested(tmp_path / "data")
+    output = tmp_path / "model"
+    first = read_meta(run_training(tiny_config(data, output, epochs=1)))
+    exported_at = (output / META_FILE).stat().st_mtime_ns
+
+    run_training(tiny_config(data, output, epochs=1))  # finished and exported: nothing to do
+    assert (output / META_FILE).stat().st_mtime_ns == exported_at
+
+    longer = read_meta(run_training(tiny_config(data, output, epochs=2)))
+    assert [record["epoch"] for record in longer["history"]] == [0, 1]
+    assert longer["history"][:1] == first["history"], "the first epoch was recomputed"
+    assert longer["resumed_at_epochs"] == [1]
+    assert longer["training"]["epochs"] == 2
+    assert (output / RAY_DIR / RUN_NAME).is_dir()
