@@ -267,3 +267,20 @@ def test_no_patient_name_or_id_in_outputs_or_logs(tmp_path: Path, model_dir: Pat
         if path.is_file():
             content = path.read_bytes()
             assert PLANTED_ID.encode() not in content and b"Prefect" not in content, path
+
+
+def test_explain_writes_an_overlay_for_each_flagged_study(tmp_path: Path) -> None:
+    from PIL import Image
+
+    flag_everything = untrained_model_dir(tmp_path / "model", threshold=0.0)
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    run_screen(ScreenConfig(model=str(flag_everything), input=str(archive), output=str(output), date=DATE, explain=True))
+    studies = {row["study_id"]: row for row in pq.read_table(output / "studies").to_pylist()}
+    assert studies["junk"]["flagged"] is False and studies["junk"]["explain_path"] is None
+    flagged = [row for row in studies.values() if row["flagged"]]
+    assert len(flagged) == 3
+    for row in flagged:
+        overlay = Image.open(row["explain_path"])
+        assert overlay.size == (64, 64) and overlay.mode in ("RGB", "RGBA")
+    assert len(list((output / "explain" / f"scored_date={DATE}").glob("*.png"))) == 3

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,11 +24,12 @@ import ray
 
 from lungray import __version__
 from lungray.io.decode import DecodeOptions
-from lungray.io.listing import FileEntry, list_files
+from lungray.io.listing import FileEntry, join_uri, list_files
 from lungray.io.rows import dataset_of_blocks, rows_table
-from lungray.modeldir import read_meta
+from lungray.modeldir import load_model_dir, read_meta
 from lungray.preprocess import PreprocessConfig
 from lungray.screen import commit
+from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.predictor import Predictor, local_model_dir
 from lungray.screen.tables import (
     IMAGE_SCHEMA,
@@ -55,6 +57,7 @@ class ScreenConfig:
     date: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).date().isoformat())
     incremental: bool = False
     aggregate: str = "max"
+    explain: bool = False  # Grad-CAM overlay PNG for each flagged study
     batch_size: int | None = None  # default: 32 on CPU, 512 on GPU
     actors: int | None = None  # default: one per GPU, else one per CPU (at half a CPU each)
     files_per_task: int = 16
@@ -113,12 +116,35 @@ def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
         raise RuntimeError(f"screening produced {len(paths)} rows ({len(set(paths))} distinct) for {len(entries)} files")
 
 
+def add_overlays(
+    studies: pa.Table, images: pa.Table, config: ScreenConfig, model_path: Path, store: commit.Store, staging: str, moves: dict[str, str]
+) -> pa.Table:
+    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`."""
+    flagged = [study for study, is_flagged in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist()) if is_flagged]
+    if not flagged:
+        return studies
+    model = load_model_dir(model_path)
+    paths: dict[str, str] = {}
+    for study, row in driving_images(images, flagged).items():
+        png = explain(row, model, config.decode, config.max_file_bytes)
+        if png is None:
+            continue
+        name = overlay_name(study)
+        staged = f"{staging}/explain/{name}"
+        store.write(staged, png)
+        moves[staged] = store.path("explain", f"scored_date={config.date}", name)
+        paths[study] = join_uri(config.output, "explain", f"scored_date={config.date}", name)
+    column = pa.array([paths.get(study) for study in studies["study_id"].to_pylist()], pa.string())
+    return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", column)
+
+
 def run_screen(config: ScreenConfig) -> dict[str, Any]:
     """Score the archive and publish the run; returns the run summary (also in runs/<run>.json)."""
     started = time.time()
     store = commit.Store.open(config.output)
     commit.recover(store)
-    meta = read_meta(local_model_dir(config.model))
+    model_path = local_model_dir(config.model)
+    meta = read_meta(model_path)
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     model_id, threshold = meta["model_id"], float(meta["threshold"])
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
@@ -143,7 +169,12 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         .cast(IMAGE_SCHEMA)
     )
     affected = set(new_images["study_id"].to_pylist())
-    new_studies = aggregate_studies(latest_per_path(history, new_images), affected, threshold, config.aggregate, model_id, run_id)
+    current_images = latest_per_path(history, new_images)
+    new_studies = aggregate_studies(current_images, affected, threshold, config.aggregate, model_id, run_id)
+    staging = commit.staging_dir(store, run_id)
+    moves: dict[str, str] = {}
+    if config.explain:
+        new_studies = add_overlays(new_studies, current_images, config, model_path, store, staging, moves)
 
     statuses = new_images["status"].to_pylist()
     summary = {
@@ -168,8 +199,6 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         "config": {key: value for key, value in asdict(config).items() if key not in ("model", "input", "output")},
     }
 
-    staging = commit.staging_dir(store, run_id)
-    moves: dict[str, str] = {}
     if new_images.num_rows:
         for table_name, new_rows, schema, keys in (
             ("images", new_images, IMAGE_SCHEMA, ["path", "model_id"]),
