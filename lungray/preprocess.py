@@ -22,11 +22,12 @@ Steps, each a small function with its own test (MONAI-style):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from lungray.configs import check_known_keys
 
 ASPECT_POLICIES = ("squash", "pad")
 INTERPOLATIONS = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
@@ -65,10 +66,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        check_known_keys(cls, data, "preprocessing")
         return cls(**data)
 
 

@@ -6,11 +6,12 @@ rebuild the exact architecture a checkpoint's weights belong to.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
+from lungray.configs import check_known_keys
 from lungray.models.cnn import CNN, ConvTrunk
 from lungray.models.cnn_lstm import CNNLSTM, SEQUENCE_AXES
 
@@ -85,9 +86,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_known_keys(cls, data, "model config")
         return cls(**data)
 
 

@@ -20,11 +20,13 @@ Choices:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from lungray.configs import check_known_keys
 
 # Range of the blur sigma in pixels of a 224 px image; it scales with the image width so
 # that the same physical softening is drawn at any resolution. The lower end keeps a
@@ -63,9 +65,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
         """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown augmentation keys: {sorted(unknown)}")
+        check_known_keys(cls, data, "augmentation")
         return cls(**data)
 
 
