@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
 from lungray.configs import check_known_keys
 
 ASPECT_POLICIES = ("squash", "pad")
