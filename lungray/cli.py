@@ -135,21 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    ingest = commands.add_parser("ingest", help="decode archives into sharded tensor Parquet with a patient split")
-    add_ingest_arguments(ingest)
-    ingest.set_defaults(run=cmd_ingest)
-    train = commands.add_parser("train", help="train a CNN or CNN-LSTM with Ray Train (DDP); rerun to resume")
-    add_train_arguments(train)
-    train.set_defaults(run=cmd_train)
-    evaluate = commands.add_parser("evaluate", help="metrics of a model directory on a split, as JSON")
-    add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(run=cmd_evaluate)
-    compare = commands.add_parser("compare", help="compare model directories on a labelled split: report.md/.html, metrics.json")
-    add_compare_arguments(compare)
-    compare.set_defaults(run=cmd_compare)
-    screen = commands.add_parser("screen", help="score an archive: per-image and per-study predictions, incremental")
-    add_screen_arguments(screen)
-    screen.set_defaults(run=cmd_screen)
+    subcommands = (
+        ("ingest", "decode archives into sharded tensor Parquet with a patient split", add_ingest_arguments, cmd_ingest),
+        ("train", "train a CNN or CNN-LSTM with Ray Train (DDP); rerun to resume", add_train_arguments, cmd_train),
+        ("evaluate", "metrics of a model directory on a split, as JSON", add_evaluate_arguments, cmd_evaluate),
+        ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
+        ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),
+    )
+    for name, help_text, add_arguments, run in subcommands:
+        subparser = commands.add_parser(name, help=help_text)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
     return parser
 
 
