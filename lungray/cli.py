@@ -18,6 +18,7 @@ from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
 from lungray.sources import DATASETS
 from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
+from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -117,6 +118,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    config = tune_config_from_args(args)
+    init_ray(progress_bars=False)
+    print(json.dumps(run_tune(config), indent=2))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     init_ray(progress_bars=False)
     print(json.dumps(evaluate(args.model_dir, args.data, args.split), indent=2))
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = (
         ("ingest", "decode archives into sharded tensor Parquet with a patient split", add_ingest_arguments, cmd_ingest),
         ("train", "train a CNN or CNN-LSTM with Ray Train (DDP); rerun to resume", add_train_arguments, cmd_train),
+        ("tune", "a Ray Tune sweep (ASHA) over a tune_spaces/ file; best trial exported; rerun to resume", add_tune_arguments, cmd_tune),
         ("evaluate", "metrics of a model directory on a split, as JSON", add_evaluate_arguments, cmd_evaluate),
         ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
         ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -23,17 +24,42 @@ def init_ray(num_cpus: int | None = None, progress_bars: bool | None = None) -> 
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             total_cpus = num_cpus or os.cpu_count() or 1
-            ray.init(
-                num_cpus=total_cpus,
-                object_store_memory=min(2_000_000_000, max(300_000_000, 150_000_000 * total_cpus)),
-                # The dashboard stays on: Tune leaked resources without it (notes on Ray 2.60).
-                log_to_driver=True,
-            )
+            start_local_ray(total_cpus, min(2_000_000_000, max(300_000_000, 150_000_000 * total_cpus)))
         log.info("ray resources: %s", ray.cluster_resources())
     from ray.data import DataContext
 
     if progress_bars is not None:
         DataContext.get_current().enable_progress_bars = progress_bars
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool = True) -> None:
+    """A local Ray whose own processes find its state API, even beside other Ray instances.
+
+    The dashboard stays on: Ray Train's placement-group cleaner (which frees the CPUs of
+    trials Tune stops) looks the cluster up through the state API. Without an address it
+    guesses from the newest Ray session on the machine, which is another instance's when
+    several run (a test suite beside a training job); RAY_API_SERVER_ADDRESS, inherited by
+    the processes Ray starts, points them at this one. It is removed from the driver again
+    afterwards, since Ray would let it override an explicit address in a later `ray` command.
+    """
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=True,
+            dashboard_port=port,
+            log_to_driver=log_to_driver,
+        )
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
 
 
 def cluster_cpus() -> float:

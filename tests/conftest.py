@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lungray.raysession import free_port, start_local_ray
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "lungray" / "samples"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -27,12 +29,6 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (it sits beside the repository on developer machines and in CI)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +82,7 @@ def ray_session(s3_server: str) -> Iterator[None]:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=2, object_store_memory=300_000_000, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -134,6 +134,16 @@ def test_resume_allows_more_epochs_but_not_other_settings() -> None:
         check_resumable(stored, config, "another fingerprint")
 
 
+def test_a_run_stored_before_newer_settings_still_resumes() -> None:
+    """Runs written before weight decay and model overrides existed lack those keys: at their
+    defaults they are the same run, at other values they are not."""
+    config = TrainConfig(model="cnn_lstm", data="d", output="o")
+    older = {key: value for key, value in config.hyperparameters().items() if key not in ("weight_decay", "model_overrides")}
+    check_resumable(Progress(older, "fingerprint", {}), config, "fingerprint")
+    with pytest.raises(ValueError, match="weight_decay"):
+        check_resumable(Progress(older, "fingerprint", {}), replace(config, weight_decay=1e-4), "fingerprint")
+
+
 def test_class_weights_balance_the_train_labels() -> None:
     weights = balanced_class_weights({"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1])})
     assert weights == pytest.approx((4 / 6, 4 / 2))

@@ -62,6 +62,7 @@ class LoopConfig:
     epochs: int
     batch_size: int  # per worker
     lr: float
+    weight_decay: float
     seed: int
     patience: int  # epochs without a better val AUROC before stopping
     use_gpu: bool
@@ -316,7 +317,8 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     # channels_last: 1.2-1.4x faster training on CPU here too (bench on 2 cores), and the GPU default.
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # AdamW decays weights apart from the adaptive step (at weight_decay 0 it is Adam).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=LR_DECAY_FACTOR, patience=LR_DECAY_PATIENCE
     )

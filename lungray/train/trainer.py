@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.actor import ActorHandle
 from ray.data import DataIterator, Dataset
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -31,7 +32,7 @@ from lungray.evaluate import labelled_split
 from lungray.ingest import load_summary
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.modeldir import META_FILE, read_meta
-from lungray.models import ARCHITECTURES, default_config
+from lungray.models import ARCHITECTURES, ModelConfig, default_config
 from lungray.preprocess import PreprocessConfig
 from lungray.raysession import cluster_cpus
 from lungray.train.augment import AugmentConfig
@@ -69,10 +70,12 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 32  # per worker
     lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     seed: int = 0
     patience: int = 4
     min_sensitivity: float = 0.95
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields other than arch, e.g. dropout
     size: int | None = None  # if set, the image size the data must have
     max_failures: int = 2
     cpus_per_worker: float | None = None  # default: the cluster's CPUs less one for Ray Data, shared
@@ -86,6 +89,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if "arch" in self.model_overrides:
+            raise ValueError("model_overrides must not set arch: the model field does")
+        self.model_config()  # unknown or invalid overrides fail here, not on the workers
         if not 0.0 < self.min_sensitivity <= 1.0:
             raise ValueError(f"min_sensitivity must lie in (0, 1], got {self.min_sensitivity}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -98,6 +106,10 @@ class TrainConfig:
             del values[name]
         return values
 
+    def model_config(self) -> ModelConfig:
+        """The architecture to train: the model's defaults with `model_overrides` applied."""
+        return ModelConfig.from_dict({**default_config(self.model).to_dict(), **self.model_overrides})
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The `lungray train` / jobs/train.py arguments."""
@@ -108,7 +120,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per worker")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
     parser.add_argument(
@@ -131,6 +144,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         patience=args.patience,
         min_sensitivity=args.min_sensitivity,
@@ -194,12 +208,19 @@ def latest_progress(run_dir: Path) -> Progress | None:
     return max(progresses, key=lambda progress: progress.next_epoch, default=None)
 
 
+def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """Stored hyperparameters with the settings added since they were written at their defaults,
+    so that a run from an older lungray (say, before weight decay) still resumes and matches."""
+    defaults = TrainConfig(model=stored["model"], data="", output="").hyperparameters()
+    return {**defaults, **stored}
+
+
 def check_resumable(previous: Progress, config: TrainConfig, fingerprint: str) -> None:
     """Refuse to continue a stored run with other data or other settings than `RESUMABLE_CHANGES`."""
     if previous.data_fingerprint != fingerprint:
         raise ValueError(f"{config.output} holds a run trained on other data; choose a new --output")
     fixed = {key: value for key, value in config.hyperparameters().items() if key not in RESUMABLE_CHANGES}
-    stored = {key: value for key, value in previous.hyperparameters.items() if key not in RESUMABLE_CHANGES}
+    stored = {key: value for key, value in with_defaults(previous.hyperparameters).items() if key not in RESUMABLE_CHANGES}
     changed = sorted(key for key in fixed.keys() | stored.keys() if fixed.get(key) != stored.get(key))
     if changed:
         raise ValueError(f"{config.output} holds a run with other {changed}; rerun with its settings or choose a new --output")
@@ -210,7 +231,7 @@ def is_exported(output: Path, config: TrainConfig, fingerprint: str) -> bool:
     if not (output / META_FILE).is_file():
         return False
     meta = read_meta(output)
-    return meta["training"] == config.hyperparameters() and meta["data_fingerprint"] == fingerprint
+    return with_defaults(meta["training"]) == config.hyperparameters() and meta["data_fingerprint"] == fingerprint
 
 
 def worker_cpus(config: TrainConfig) -> float:
@@ -219,8 +240,38 @@ def worker_cpus(config: TrainConfig) -> float:
     return max(MIN_CPUS_PER_WORKER, (cluster_cpus() - CPUS_FOR_DATA) / config.workers)
 
 
-def build_trainer(config: TrainConfig, loop: LoopConfig, cpus_per_worker: float) -> TorchTrainer:
-    output = Path(config.output).resolve()
+def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, fail_marker: str | None = None) -> LoopConfig:
+    """What the workers of `config`'s run need, with class weights from the data's train labels."""
+    return LoopConfig(
+        model=config.model_config(),
+        augment=config.augment,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        patience=config.patience,
+        use_gpu=config.use_gpu,
+        threads=max(1, math.floor(cpus_per_worker)),
+        class_weights=balanced_class_weights(labels_by_split(config.data)),
+        hyperparameters=config.hyperparameters(),
+        data_fingerprint=fingerprint,
+        fail_at_epoch=config.fail_at_epoch,
+        fail_marker=fail_marker,
+    )
+
+
+def build_trainer(
+    config: TrainConfig,
+    loop: LoopConfig,
+    cpus_per_worker: float,
+    storage: str,
+    name: str = RUN_NAME,
+    callbacks: Sequence[UserCallback] = (),
+) -> TorchTrainer:
+    """The run `name` under `storage` (a local folder or s3:// prefix); rebuilding it with the
+    same storage and name continues the stored run."""
+    filesystem, storage_path = filesystem_for(storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -228,8 +279,10 @@ def build_trainer(config: TrainConfig, loop: LoopConfig, cpus_per_worker: float)
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=str(output / RAY_DIR),
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute="val_auroc", checkpoint_score_order="max"
@@ -257,23 +310,9 @@ def run_training(config: TrainConfig) -> Path:
         log.warning("resuming the run in %s after epoch %d", output, previous.next_epoch - 1)
 
     cpus_per_worker = worker_cpus(config)
-    loop = LoopConfig(
-        model=default_config(config.model),
-        augment=config.augment,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=config.seed,
-        patience=config.patience,
-        use_gpu=config.use_gpu,
-        threads=max(1, math.floor(cpus_per_worker)),
-        class_weights=balanced_class_weights(labels_by_split(config.data)),
-        hyperparameters=config.hyperparameters(),
-        data_fingerprint=fingerprint,
-        fail_at_epoch=config.fail_at_epoch,
-        fail_marker=str(output.resolve() / RAY_DIR / FAULT_MARKER),
-    )
-    result = build_trainer(config, loop, cpus_per_worker).fit()
+    storage = output.resolve() / RAY_DIR
+    loop = loop_config(config, fingerprint, cpus_per_worker, fail_marker=str(storage / FAULT_MARKER))
+    result = build_trainer(config, loop, cpus_per_worker, str(storage)).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training in {output} finished without a checkpoint")
     return export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity)
