@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from lungray.ensemble import add_ensemble_arguments, ensemble_from_args, summarize
 from lungray.evaluate import add_evaluate_arguments, evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
@@ -131,6 +132,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    init_ray(progress_bars=False)
+    print(json.dumps(summarize(ensemble_from_args(args)), indent=2))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     config = compare_config_from_args(args)
     init_ray(progress_bars=False)
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a CNN or CNN-LSTM with Ray Train (DDP); rerun to resume", add_train_arguments, cmd_train),
         ("tune", "a Ray Tune sweep (ASHA) over a tune_spaces/ file; best trial exported; rerun to resume", add_tune_arguments, cmd_tune),
         ("evaluate", "metrics of a model directory on a split, as JSON", add_evaluate_arguments, cmd_evaluate),
+        ("ensemble", "average model directories (+ test-time augmentation) into one, thresholded on val", add_ensemble_arguments, cmd_ensemble),
         ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
         ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),
     )

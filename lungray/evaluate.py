@@ -19,7 +19,7 @@ from ray.data.expressions import col
 from lungray.ingest import load_summary
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.metrics import binary_metrics
-from lungray.modeldir import load_model_dir
+from lungray.modeldir import ModelDir, load_model_dir
 from lungray.split import SPLITS
 
 SCORING_BATCH_SIZE = 256
@@ -37,30 +37,38 @@ def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "la
     )
 
 
-def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") -> dict[str, Any]:
-    """Metrics of the model at its stored threshold on `split` of the ingest at `data`.
-
-    Refuses data preprocessed differently from the model's training data: the scores
-    would describe inputs the model never saw.
-    """
-    model = load_model_dir(model_dir)
-    summary = load_summary(data)
+def check_preprocessing(model: ModelDir, summary: dict[str, Any], data: str) -> None:
+    """Refuse data preprocessed differently from the model's training data: its scores would
+    describe inputs the model never saw."""
     if summary["preprocess"] != model.meta["preprocess"]:
         raise ValueError(
-            f"{data} was preprocessed with {summary['preprocess']}, the model with {model.meta['preprocess']}"
+            f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "
+            f"{data} was preprocessed with {summary['preprocess']}"
         )
+
+
+def score_split(model: ModelDir, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, abnormal probabilities) of `model` on the labelled images of `split`."""
     probs, labels = [], []
     for batch in labelled_split(data, split).iter_batches(batch_size=SCORING_BATCH_SIZE, batch_format="numpy"):
         probs.append(model.predict_proba(batch["image"]))
         labels.append(batch["label"].astype(np.int64))
     if not labels:
         raise ValueError(f"the {split} split of {data} has no labelled images")
-    metrics = binary_metrics(np.concatenate(labels), np.concatenate(probs), model.threshold)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") -> dict[str, Any]:
+    """Metrics of the model at its stored threshold on `split` of the ingest at `data`."""
+    model = load_model_dir(model_dir)
+    summary = load_summary(data)
+    check_preprocessing(model, summary, data)
+    labels, probs = score_split(model, data, split)
     return {
         "model_id": model.model_id,
         "split": split,
         "data_fingerprint": summary["fingerprint"],
-        **metrics,
+        **binary_metrics(labels, probs, model.threshold),
     }
 
 

@@ -4,7 +4,7 @@ Layout:
 - `model.safetensors`: the weights. safetensors holds raw tensors only, so opening a model
   directory from anywhere never runs code (a pickled state_dict could).
 - `model.json`: everything needed to rebuild and use the weights: `architecture`
-  (ModelConfig), `preprocess` (PreprocessConfig, so scoring reproduces the training input
+  (a ModelConfig, or an EnsembleConfig of several), `preprocess` (PreprocessConfig, so scoring reproduces the training input
   exactly), `classes`, `threshold`, plus the training record that export adds (metrics,
   history, data fingerprint, versions). `format_version` guards readers against layouts
   they do not know; `weights_sha256` ties the JSON to its weights.
@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from lungray.models import ModelConfig, build_model
+from lungray.models import build_from_architecture
 from lungray.preprocess import DTYPES, PreprocessConfig, to_float
 
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ class ModelDir:
             # A copy: arrays read through Arrow are read-only, which torch.from_numpy warns about.
             batch = torch.tensor(images[start : start + batch_size], device=device)
             inputs = to_float(batch) if not batch.is_floating_point() else batch.float()
-            logits = self.model(inputs.unsqueeze(1))
+            logits = self.model(inputs.unsqueeze(1).contiguous(memory_format=torch.channels_last))
             probabilities.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
         if not probabilities:
             return np.zeros(0, dtype=np.float64)
@@ -110,16 +110,15 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
     reserved = [key for key in FORMAT_KEYS if key in meta]
     if reserved:
         raise ValueError(f"model meta must not set {reserved}: the model directory format sets them")
-    architecture = ModelConfig.from_dict(meta["architecture"])
     PreprocessConfig.from_dict(meta["preprocess"])
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    build_model(architecture).load_state_dict(tensors, strict=True)
+    build_from_architecture(meta["architecture"]).load_state_dict(tensors, strict=True)
 
     weights = save_safetensors(tensors)
     digest = hashlib.sha256(weights).hexdigest()
     full_meta = {
         "format_version": FORMAT_VERSION,
-        "model_id": f"{architecture.arch}-{digest[:12]}",
+        "model_id": f"{meta['architecture']['arch']}-{digest[:12]}",
         "weights_sha256": digest,
         "classes": list(CLASSES),
         **meta,
@@ -152,6 +151,8 @@ def load_model_dir(path: str | os.PathLike[str], device: str | torch.device = "c
     weights = (Path(path) / WEIGHTS_FILE).read_bytes()
     if hashlib.sha256(weights).hexdigest() != meta["weights_sha256"]:
         raise ValueError(f"{path}: {WEIGHTS_FILE} does not match the weights_sha256 in {META_FILE}")
-    model = build_model(ModelConfig.from_dict(meta["architecture"]))
+    model = build_from_architecture(meta["architecture"])
     model.load_state_dict(load_safetensors(weights), strict=True)
-    return ModelDir(path=Path(path), model=model.to(device).eval(), meta=meta)
+    # channels_last, as in training: convolutions run 1.3-1.5x faster on CPU here, and on GPU.
+    model = model.to(device=device, memory_format=torch.channels_last).eval()
+    return ModelDir(path=Path(path), model=model, meta=meta)

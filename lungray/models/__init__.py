@@ -14,14 +14,19 @@ from torch import nn
 from lungray.configs import check_known_keys
 from lungray.models.cnn import CNN, ConvTrunk
 from lungray.models.cnn_lstm import CNNLSTM, SEQUENCE_AXES
+from lungray.models.ensemble import ARCH as ENSEMBLE_ARCH
+from lungray.models.ensemble import Ensemble, EnsembleConfig
 
 __all__ = [
     "ARCHITECTURES",
     "CNN",
     "CNNLSTM",
     "ConvTrunk",
+    "Ensemble",
+    "EnsembleConfig",
     "ModelConfig",
     "build_model",
+    "build_from_architecture",
     "count_parameters",
     "default_config",
 ]
@@ -110,6 +115,14 @@ def build_model(config: ModelConfig) -> nn.Module:
         sequence=config.sequence,
         num_classes=config.num_classes,
     )
+
+
+def build_from_architecture(architecture: dict[str, Any]) -> nn.Module:
+    """The model a model.json `architecture` describes: a single model or an ensemble of them."""
+    if architecture.get("arch") == ENSEMBLE_ARCH:
+        config = EnsembleConfig.from_dict(architecture)
+        return Ensemble([build_model(ModelConfig.from_dict(member)) for member in config.members], tta=config.tta)
+    return build_model(ModelConfig.from_dict(architecture))
 
 
 def count_parameters(model: nn.Module) -> int:

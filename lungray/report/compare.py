@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lungray.evaluate import SCORING_BATCH_SIZE, labelled_split
+from lungray.evaluate import SCORING_BATCH_SIZE, check_preprocessing, labelled_split
 from lungray.ingest import load_summary
 from lungray.metrics import (
     binary_metrics,
@@ -112,7 +112,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} is not empty; choose another output")
     summary = load_summary(config.data)
-    models = load_models(config.model_dirs, summary, config.device)
+    models = load_models(config.model_dirs, config.data, summary, config.device)
     cases = read_cases(config.data, config.split)
     names = display_names(models)
     scored = [timed_scores(model, cases.images, config.batch_size) for model in models]
@@ -155,7 +155,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     return results
 
 
-def load_models(model_dirs: Sequence[str], summary: dict[str, Any], device: str) -> list[ModelDir]:
+def load_models(model_dirs: Sequence[str], data: str, summary: dict[str, Any], device: str) -> list[ModelDir]:
     """The model directories, refusing any whose preprocessing differs from the data's.
 
     A model scored on differently preprocessed images would be measured on inputs it never
@@ -163,11 +163,7 @@ def load_models(model_dirs: Sequence[str], summary: dict[str, Any], device: str)
     """
     models = [load_model_dir(path, device=device) for path in model_dirs]
     for model in models:
-        if model.meta["preprocess"] != summary["preprocess"]:
-            raise ValueError(
-                f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "
-                f"the data was preprocessed with {summary['preprocess']}"
-            )
+        check_preprocessing(model, summary, data)
     ids = [model.model_id for model in models]
     repeated = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
     if repeated:

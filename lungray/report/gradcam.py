@@ -6,6 +6,7 @@ one hook serves both. The map is weighted by the gradient of the abnormal-vs-nor
 difference (the log-odds that the softmax probability depends on), so the heat shows
 evidence *for* "abnormal"; evidence for "normal" is clipped away, as in Selvaraju et al.
 (2017). The comparison report and the screening job's `--explain` both use this module.
+An ensemble is explained by its first member on the unwarped image (one trunk, one map).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from lungray.models import Ensemble
 
 ABNORMAL, NORMAL = 1, 0
 #: Perceptually ordered and readable over grey, unlike "jet".
@@ -51,6 +54,8 @@ def gradcam(model: nn.Module, image: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected one image of shape (1, 1, H, W), got {tuple(image.shape)}")
     if model.training:
         raise ValueError("Grad-CAM explains the scoring model: call model.eval() first")
+    if isinstance(model, Ensemble):
+        model = model.explained
     captured: dict[str, torch.Tensor] = {}
     hook = target_layer(model).register_forward_hook(lambda module, inputs, output: captured.update(maps=output))
     device = next(model.parameters()).device
