@@ -490,9 +490,8 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         raise RuntimeError("no trial of the sweep finished an epoch" + (f"; first error: {errors.iloc[0]}" if len(errors) else ""))
     best = {key: value.item() if isinstance(value, np.generic) else value for key, value in finished.iloc[0].items()}
     filesystem, _ = filesystem_for(config.storage_uri)
-    model_dir = export_model_dir(
-        Checkpoint(best["checkpoint"], filesystem=filesystem), output / BEST_DIR, summary["preprocess"], config.min_sensitivity
-    )
+    model_dir = output / BEST_DIR
+    export_model_dir(Checkpoint(best["checkpoint"], filesystem=filesystem), model_dir, summary["preprocess"], config.min_sensitivity)
     return {
         "trials": len(table),
         "by_status": {status: int(count) for status, count in table["status"].value_counts().items()},

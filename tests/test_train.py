@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +16,12 @@ import pytest
 import torch
 from ray.data.extensions import ArrowTensorArray
 
+from lungray.io.listing import exists, filesystem_for, join_uri
 from lungray.metrics import binary_metrics
 from lungray.modeldir import META_FILE, load_model_dir, read_meta
 from lungray.models import ModelConfig, build_model
 from lungray.preprocess import PreprocessConfig
+from lungray.screen.predictor import local_model_dir
 from lungray.train.augment import AugmentConfig
 from lungray.train.loop import Progress, evaluate_epoch, train_one_epoch
 from lungray.train.trainer import (
@@ -264,20 +267,33 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session: None, tmp_
     assert meta["resumed_at_epochs"] == [1], "training started over instead of continuing from epoch 0's checkpoint"
 
 
+def stored_meta(output: str) -> dict[str, Any]:
+    """model.json of a model directory, local or on S3, read as a scorer reads it."""
+    return read_meta(local_model_dir(output))
+
+
+def exported_at(output: str) -> int:
+    filesystem, path = filesystem_for(join_uri(output, META_FILE))
+    return filesystem.get_file_info(path).mtime_ns
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_rerun_resumes_instead_of_restarting(ray_session: None, tmp_path: Path) -> None:
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_rerun_resumes_instead_of_restarting(ray_session: None, tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
+    """On S3 too: a cluster's workers checkpoint there, and the model directory is written there."""
     data = write_ingested(tmp_path / "data")
-    output = tmp_path / "model"
-    first = read_meta(run_training(tiny_config(data, output, epochs=1)))
-    exported_at = (output / META_FILE).stat().st_mtime_ns
+    output = str(tmp_path / "model") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/models/cnn"
+    first = stored_meta(run_training(tiny_config(data, output, epochs=1)))
+    first_export = exported_at(output)
 
     run_training(tiny_config(data, output, epochs=1))  # finished and exported: nothing to do
-    assert (output / META_FILE).stat().st_mtime_ns == exported_at
+    assert exported_at(output) == first_export
 
-    longer = read_meta(run_training(tiny_config(data, output, epochs=2)))
+    longer = stored_meta(run_training(tiny_config(data, output, epochs=2)))
     assert [record["epoch"] for record in longer["history"]] == [0, 1]
     assert longer["history"][:1] == first["history"], "the first epoch was recomputed"
     assert longer["resumed_at_epochs"] == [1]
     assert longer["training"]["epochs"] == 2
-    assert (output / RAY_DIR / RUN_NAME).is_dir()
+    assert exists(join_uri(output, RAY_DIR, RUN_NAME))
+    assert load_model_dir(local_model_dir(output)).predict_proba(read_split(data, "val")[0]).shape == (SPLIT_SIZES["val"],)

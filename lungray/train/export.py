@@ -9,6 +9,7 @@ gathered during training).
 from __future__ import annotations
 
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from ray.train import Checkpoint
 
 import lungray
 from lungray.metrics import binary_metrics, choose_threshold
-from lungray.modeldir import save_model_dir
+from lungray.io.listing import is_s3, join_uri, write_bytes
+from lungray.modeldir import META_FILE, WEIGHTS_FILE, save_model_dir
 from lungray.models import ModelConfig, build_model, count_parameters
 from lungray.train.loop import read_progress, read_state
 
@@ -32,12 +34,24 @@ def versions() -> dict[str, str]:
     }
 
 
-def export_model_dir(checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float) -> Path:
-    """Write the best weights of `checkpoint`'s run to `output` as a model directory.
+def export_model_dir(checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float) -> None:
+    """Write the best weights of `checkpoint`'s run to `output` (local or s3://) as a model directory.
 
     `preprocess` is the ingest's PreprocessConfig dict, copied so that scoring reproduces
-    the training input exactly.
+    the training input exactly. On S3 the directory is written locally, then uploaded
+    weights first and model.json last, so a reader that finds model.json finds its weights.
     """
+    if not is_s3(str(output)):
+        save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity))
+        return
+    with tempfile.TemporaryDirectory(prefix="lungray-export-") as staging:
+        save_model_dir(staging, *model_dir_contents(checkpoint, preprocess, min_sensitivity))
+        for name in (WEIGHTS_FILE, META_FILE):
+            write_bytes(join_uri(str(output), name), (Path(staging) / name).read_bytes())
+
+
+def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_sensitivity: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(best weights, model.json fields) of `checkpoint`'s run, the threshold chosen on its val probabilities."""
     with checkpoint.as_directory() as checkpoint_dir:
         progress = read_progress(checkpoint_dir)
         state = read_state(checkpoint_dir)
@@ -66,4 +80,4 @@ def export_model_dir(checkpoint: Checkpoint, output: str | Path, preprocess: dic
         "n_parameters": count_parameters(build_model(ModelConfig.from_dict(progress.architecture))),
         "peak_memory_mb": max(record["peak_rss_mb"] for record in progress.history),
     }
-    return save_model_dir(output, state["best_model"], meta)
+    return state["best_model"], meta

@@ -12,6 +12,7 @@ exported with the same settings is left as it is.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector, FileType
 from ray.actor import ActorHandle
 from ray.data import DataIterator, Dataset
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
@@ -30,14 +32,14 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from lungray.evaluate import labelled_split
 from lungray.ingest import load_summary
-from lungray.io.listing import filesystem_for, join_uri
-from lungray.modeldir import META_FILE, read_meta
+from lungray.io.listing import exists, filesystem_for, is_s3, join_uri, read_bytes
+from lungray.modeldir import META_FILE
 from lungray.models import ARCHITECTURES, ModelConfig, default_config
 from lungray.preprocess import PreprocessConfig
 from lungray.raysession import cluster_cpus
 from lungray.train.augment import AugmentConfig
 from lungray.train.export import export_model_dir
-from lungray.train.loop import LoopConfig, Progress, read_progress, train_loop_per_worker
+from lungray.train.loop import PROGRESS_FILE, LoopConfig, Progress, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +204,16 @@ def balanced_class_weights(labels: dict[str, np.ndarray]) -> tuple[float, float]
     return float(weights[0]), float(weights[1])
 
 
-def latest_progress(run_dir: Path) -> Progress | None:
-    """Progress of the newest checkpoint of a previous run in `run_dir`, if any."""
-    progresses = [read_progress(path.parent) for path in run_dir.glob("*/progress.json")]
+def latest_progress(run_uri: str) -> Progress | None:
+    """Progress of the newest checkpoint of a previous run at `run_uri` (local or s3://), if any."""
+    filesystem, path = filesystem_for(run_uri)
+    if filesystem.get_file_info(path).type != FileType.Directory:
+        return None
+    files = [info.path for info in filesystem.get_file_info(FileSelector(path, recursive=True)) if info.base_name == PROGRESS_FILE]
+    progresses = []
+    for file in files:
+        with filesystem.open_input_stream(file) as stream:
+            progresses.append(Progress(**json.loads(stream.read())))
     return max(progresses, key=lambda progress: progress.next_epoch, default=None)
 
 
@@ -226,11 +235,12 @@ def check_resumable(previous: Progress, config: TrainConfig, fingerprint: str) -
         raise ValueError(f"{config.output} holds a run with other {changed}; rerun with its settings or choose a new --output")
 
 
-def is_exported(output: Path, config: TrainConfig, fingerprint: str) -> bool:
-    """Whether `output` already holds this run's model directory."""
-    if not (output / META_FILE).is_file():
+def is_exported(output: str, config: TrainConfig, fingerprint: str) -> bool:
+    """Whether `output` (local or s3://) already holds this run's model directory."""
+    meta_uri = join_uri(output, META_FILE)
+    if not exists(meta_uri):
         return False
-    meta = read_meta(output)
+    meta = json.loads(read_bytes(meta_uri))
     return with_defaults(meta["training"]) == config.hyperparameters() and meta["data_fingerprint"] == fingerprint
 
 
@@ -293,26 +303,33 @@ def build_trainer(
     )
 
 
-def run_training(config: TrainConfig) -> Path:
-    """Train (or resume) on the current Ray cluster and export the model directory; returns its path."""
+def run_training(config: TrainConfig) -> str:
+    """Train (or resume) on the current Ray cluster and export the model directory; returns its path.
+
+    The output may be s3://: checkpoints go there through Ray Train's storage (which every
+    node of a cluster reaches, unlike a head's local disk), and so does the model directory.
+    """
     summary = load_summary(config.data)
     preprocess = PreprocessConfig.from_dict(summary["preprocess"])
     if config.size is not None and config.size != preprocess.size:
         raise ValueError(f"{config.data} holds {preprocess.size} px images, not the --size {config.size} asked for")
-    output = Path(config.output)
+    output = config.output if is_s3(config.output) else str(Path(config.output).resolve())
     fingerprint = summary["fingerprint"]
     if is_exported(output, config, fingerprint):
-        log.warning("%s already holds this model, trained with these settings on this data; nothing to do", output)
-        return output
-    previous = latest_progress(output / RAY_DIR / RUN_NAME)
+        log.warning("%s already holds this model, trained with these settings on this data; nothing to do", config.output)
+        return config.output
+    storage = join_uri(output, RAY_DIR)
+    previous = latest_progress(join_uri(storage, RUN_NAME))
     if previous is not None:
         check_resumable(previous, config, fingerprint)
-        log.warning("resuming the run in %s after epoch %d", output, previous.next_epoch - 1)
+        log.warning("resuming the run in %s after epoch %d", config.output, previous.next_epoch - 1)
 
     cpus_per_worker = worker_cpus(config)
-    storage = output.resolve() / RAY_DIR
-    loop = loop_config(config, fingerprint, cpus_per_worker, fail_marker=str(storage / FAULT_MARKER))
-    result = build_trainer(config, loop, cpus_per_worker, str(storage)).fit()
+    # The fault-injection marker (tests) is a local file that the workers create.
+    fail_marker = None if is_s3(output) else join_uri(storage, FAULT_MARKER)
+    loop = loop_config(config, fingerprint, cpus_per_worker, fail_marker=fail_marker)
+    result = build_trainer(config, loop, cpus_per_worker, storage).fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training in {output} finished without a checkpoint")
-    return export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity)
+        raise RuntimeError(f"training in {config.output} finished without a checkpoint")
+    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity)
+    return config.output
