@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lungray.evaluate import check_preprocessing, score_split
 from lungray.ingest import load_summary
-from lungray.metrics import binary_metrics, choose_threshold
+from lungray.metrics import THRESHOLD_RULE, binary_metrics, choose_threshold
 from lungray.modeldir import ModelDir, load_model_dir, read_meta, save_model_dir
 from lungray.models import Ensemble, EnsembleConfig, count_parameters
 from lungray.models.ensemble import TTA_VIEWS
@@ -54,7 +54,7 @@ def build_ensemble_dir(
         "preprocess": preprocess,
         "threshold": threshold,
         "threshold_policy": {
-            "rule": "highest specificity with sensitivity >= min_sensitivity",
+            "rule": THRESHOLD_RULE,
             "min_sensitivity": min_sensitivity,
             "chosen_on": "val",
         },

@@ -27,11 +27,15 @@ from typing import Literal, TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.special import expit, logit
 from scipy.stats import binomtest, chi2, norm, rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
 #: The threshold-dependent and ranking rates of `binary_metrics`, the ones that get CIs.
 RATE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc")
+
+#: How `choose_threshold` picks the operating point, as recorded in model.json.
+THRESHOLD_RULE = "highest specificity with sensitivity >= min_sensitivity; log-odds midpoint of the equally specific thresholds"
 
 #: McNemar switches from the exact binomial test to chi-square at this many discordant pairs.
 MCNEMAR_EXACT_BELOW = 25
@@ -84,17 +88,40 @@ def binary_metrics(y_true: ArrayLike, prob: ArrayLike, threshold: float) -> dict
 
 
 def choose_threshold(y_true: ArrayLike, prob: ArrayLike, min_sensitivity: float = 0.95) -> float:
-    """The screening operating point: the most specific threshold that keeps sensitivity.
+    """The screening operating point: the most specific threshold that keeps sensitivity,
+    placed with the widest margin on both sides.
 
-    Candidates are the distinct values of `prob` (each one a different set of calls under
-    ``prob >= threshold``); of those with sensitivity >= `min_sensitivity`, the one with the
-    highest specificity is returned. Ties on specificity go to the higher sensitivity, i.e.
-    the lower threshold: it misses fewer abnormal cases at no cost in false alarms. Distinct
-    thresholds never tie on both, so the choice is unique. Fitted on validation data, the
-    guarantee holds there only; report the sensitivity it reaches on the test set.
+    `prob` are probabilities. Of the thresholds with sensitivity >= `min_sensitivity`,
+    those with the highest specificity call the same normal cases abnormal, and they form
+    an interval: from just above the highest normal score called normal up to the highest
+    threshold that still reaches the sensitivity (the score of the k-th highest abnormal
+    case). The threshold returned is that interval's midpoint in log-odds.
+
+    Why not an edge: either edge sits on one validation case's score. On a new site's
+    films the scores move a little (the normals of another acquisition tend to score
+    higher), and a threshold at the lower edge then lets those normals through as
+    abnormal, at the upper edge it drops abnormal cases under the sensitivity floor. The
+    midpoint gives both the same margin, in log-odds, the scale on which a model's
+    logits shift. Fitted on validation data, the guarantee holds there only; report the
+    sensitivity it reaches on the test set.
     """
     _check_rate("min_sensitivity", min_sensitivity, allow_zero=False)
-    return _best_operating_point(y_true, prob, floor_on="sensitivity", floor=min_sensitivity)[0]
+    y, (p,) = _validated(y_true, prob)
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError("choose_threshold takes probabilities in [0, 1]")
+    lowest, _, _ = _best_operating_point(y, p, floor_on="sensitivity", floor=min_sensitivity)
+    positives = np.sort(p[y == 1])[::-1]
+    counts = np.arange(1, positives.size + 1)
+    needed = int(counts[counts / positives.size >= min_sensitivity][0])
+    highest = float(positives[needed - 1])
+    normals_below = p[(y == 0) & (p < lowest)]
+    if normals_below.size == 0:  # every normal is called abnormal anyway: keep every abnormal case
+        return lowest
+    normal_top = float(normals_below.max())
+    eps = 1e-12
+    midpoint = float(expit((logit(max(normal_top, eps)) + logit(min(highest, 1.0 - eps))) / 2.0))
+    # Scores saturated at 0 or 1 can push the midpoint out of the interval: the upper edge is then safe.
+    return midpoint if normal_top < midpoint <= highest else highest
 
 
 def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: float) -> float:

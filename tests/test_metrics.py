@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -146,17 +146,43 @@ def test_choose_threshold_is_the_most_specific_threshold_that_keeps_sensitivity(
 
     metrics = binary_metrics(y, prob, threshold)
     assert metrics["recall"] >= target
-    assert threshold == expected_threshold
     assert metrics["specificity"] == pytest.approx(expected_specificity)
     assert specificity_at_sensitivity(y, prob, target) == metrics["specificity"]
+    # The same normal cases are called abnormal as at the brute-force threshold.
+    assert np.array_equal(predict_labels(prob, threshold)[y == 0], predict_labels(prob, expected_threshold)[y == 0])
 
 
-def test_choose_threshold_breaks_specificity_ties_towards_sensitivity() -> None:
-    # 0.8 and 0.7 both keep specificity 1 (the negative 0.6 is below both): 0.7 catches more.
+def test_choose_threshold_takes_the_log_odds_midpoint_of_the_equally_specific_thresholds() -> None:
+    # From just above the normal at 0.6 up to 0.9 every threshold keeps specificity 1 and
+    # sensitivity >= 0.3; the midpoint of 0.6 and 0.9 in log-odds is returned.
     y = np.array([1, 1, 0, 1, 0])
     prob = np.array([0.9, 0.7, 0.6, 0.5, 0.1])
-    assert choose_threshold(y, prob, min_sensitivity=0.3) == 0.7
-    assert choose_threshold(y, prob, min_sensitivity=1.0) == 0.5
+    assert choose_threshold(y, prob, min_sensitivity=0.3) == pytest.approx(expit((logit(0.6) + logit(0.9)) / 2))
+    # All abnormal cases needed: between the normal at 0.1 and the abnormal at 0.5.
+    threshold = choose_threshold(y, prob, min_sensitivity=1.0)
+    assert threshold == pytest.approx(expit((logit(0.1) + logit(0.5)) / 2))
+    assert binary_metrics(y, prob, threshold)["recall"] == 1.0
+
+
+def test_choose_threshold_margin_survives_a_small_shift_of_the_normals() -> None:
+    """Where the old lower-edge rule sat right on the top normal's score, a small upward shift of
+    the normals (a new site) turned them into false alarms; the midpoint keeps them normal."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 500)
+    # One abnormal case scores just above the normals: the lower edge of the interval is 0.31.
+    prob = np.concatenate([rng.uniform(0.0, 0.3, 500), [0.31], rng.uniform(0.7, 1.0, 499)])
+    threshold = choose_threshold(y, prob, 0.95)
+    shifted = np.where(y == 0, prob + 0.1, prob)
+    assert binary_metrics(y, shifted, 0.31)["specificity"] < 0.9  # what the lower edge would have done
+    assert binary_metrics(y, shifted, threshold)["specificity"] == 1.0
+    assert binary_metrics(y, prob, threshold)["recall"] >= 0.95
+
+
+def test_choose_threshold_with_saturated_scores_stays_in_the_interval() -> None:
+    y = np.array([0, 0, 1, 1])
+    prob = np.array([0.0, 1.0, 1.0, 1.0])
+    threshold = choose_threshold(y, prob, 1.0)
+    assert binary_metrics(y, prob, threshold)["recall"] == 1.0 and binary_metrics(y, prob, threshold)["specificity"] == 0.5
 
 
 @pytest.mark.parametrize("target", [0.0, 0.5, 0.8, 0.95, 1.0])

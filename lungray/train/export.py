@@ -18,7 +18,7 @@ import torch
 from ray.train import Checkpoint
 
 import lungray
-from lungray.metrics import binary_metrics, choose_threshold
+from lungray.metrics import THRESHOLD_RULE, binary_metrics, choose_threshold
 from lungray.io.listing import is_s3, join_uri, write_bytes
 from lungray.modeldir import META_FILE, WEIGHTS_FILE, save_model_dir
 from lungray.models import ModelConfig, build_model, count_parameters
@@ -64,7 +64,7 @@ def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_s
         "preprocess": preprocess,
         "threshold": threshold,
         "threshold_policy": {
-            "rule": "highest specificity with sensitivity >= min_sensitivity",
+            "rule": THRESHOLD_RULE,
             "min_sensitivity": min_sensitivity,
             "chosen_on": "val",
         },
