@@ -15,11 +15,10 @@ from pathlib import Path
 
 from lungray.evaluate import check_preprocessing, score_split
 from lungray.ingest import load_summary
-from lungray.metrics import THRESHOLD_RULE, binary_metrics, choose_threshold
 from lungray.modeldir import ModelDir, load_model_dir, read_meta, save_model_dir
 from lungray.models import Ensemble, EnsembleConfig, count_parameters
 from lungray.models.ensemble import TTA_VIEWS
-from lungray.train.export import versions
+from lungray.train.export import operating_point, versions
 from lungray.train.trainer import TrainConfig
 
 
@@ -48,17 +47,10 @@ def build_ensemble_dir(
     network = Ensemble([member.model for member in members], tta=tta).eval()
     provisional = ModelDir(path=Path(output), model=network, meta={"preprocess": preprocess, "threshold": 0.5})
     val_label, val_prob = score_split(provisional, data, "val")
-    threshold = choose_threshold(val_label, val_prob, min_sensitivity)
     meta = {
         "architecture": config.to_dict(),
         "preprocess": preprocess,
-        "threshold": threshold,
-        "threshold_policy": {
-            "rule": THRESHOLD_RULE,
-            "min_sensitivity": min_sensitivity,
-            "chosen_on": "val",
-        },
-        "val_metrics": binary_metrics(val_label, val_prob, threshold),
+        **operating_point(val_label, val_prob, min_sensitivity),
         "members": [
             {"model_id": member.model_id, "source": str(member.path), "val_metrics": member.meta.get("val_metrics")}
             for member in members

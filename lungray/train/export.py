@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.train import Checkpoint
@@ -31,6 +32,16 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "ray": ray.__version__,
         "python": platform.python_version(),
+    }
+
+
+def operating_point(val_label: np.ndarray, val_prob: np.ndarray, min_sensitivity: float) -> dict[str, Any]:
+    """model.json's threshold, how it was chosen, and the validation metrics at it."""
+    threshold = choose_threshold(val_label, val_prob, min_sensitivity)
+    return {
+        "threshold": threshold,
+        "threshold_policy": {"rule": THRESHOLD_RULE, "min_sensitivity": min_sensitivity, "chosen_on": "val"},
+        "val_metrics": binary_metrics(val_label, val_prob, threshold),
     }
 
 
@@ -55,20 +66,11 @@ def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_s
     with checkpoint.as_directory() as checkpoint_dir:
         progress = read_progress(checkpoint_dir)
         state = read_state(checkpoint_dir)
-    val_label = state["best_val_label"].numpy()
-    val_prob = state["best_val_prob"].numpy()
-    threshold = choose_threshold(val_label, val_prob, min_sensitivity)
     meta = {
         "architecture": progress.architecture,
         "training": progress.hyperparameters,
         "preprocess": preprocess,
-        "threshold": threshold,
-        "threshold_policy": {
-            "rule": THRESHOLD_RULE,
-            "min_sensitivity": min_sensitivity,
-            "chosen_on": "val",
-        },
-        "val_metrics": binary_metrics(val_label, val_prob, threshold),
+        **operating_point(state["best_val_label"].numpy(), state["best_val_prob"].numpy(), min_sensitivity),
         "history": progress.history,
         "data_fingerprint": progress.data_fingerprint,
         "versions": versions(),
