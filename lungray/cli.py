@@ -90,6 +90,10 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
     parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or per CPU)")
+    parser.add_argument(
+        "--gpu", action="store_true",
+        help="score on GPU actors even when no GPU node is up yet (the autoscaler starts them); default: GPUs if present",
+    )
     parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
     parser.add_argument("--explain", action="store_true", help="a Grad-CAM overlay PNG for each flagged study (explain/)")
 
@@ -98,7 +102,7 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
     optional = {"date": args.date} if args.date else {}
     return ScreenConfig(
         model=args.model, input=args.input, output=args.output, incremental=args.incremental,
-        aggregate=args.aggregate, explain=args.explain, batch_size=args.batch_size, actors=args.actors,
+        aggregate=args.aggregate, explain=args.explain, batch_size=args.batch_size, actors=args.actors, gpu=args.gpu,
         decode=DecodeOptions(max_pixels=args.max_pixels), **optional,
     )
 

@@ -22,7 +22,7 @@ from model_factory import untrained_model_dir
 from pydicom.data import get_testdata_file
 
 from lungray.screen import commit
-from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.pipeline import ActorPlan, ScreenConfig, plan_actors, run_screen
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
@@ -284,3 +284,16 @@ def test_explain_writes_an_overlay_for_each_flagged_study(tmp_path: Path) -> Non
         overlay = Image.open(row["explain_path"])
         assert overlay.size == (64, 64) and overlay.mode in ("RGB", "RGBA")
     assert len(list((output / "explain" / f"scored_date={DATE}").glob("*.png"))) == 3
+
+
+def test_actor_plan_follows_the_gpus_or_the_gpu_flag() -> None:
+    config = ScreenConfig(model="m", input="i", output="o", date=DATE)
+    assert plan_actors(config, {"CPU": 8.0}) == ActorPlan(8, {"num_cpus": 0.5}, 32)
+    assert plan_actors(config, {"CPU": 16.0, "GPU": 2.0}) == ActorPlan(2, {"num_gpus": 1}, 512)
+    # --gpu on a cluster whose GPU nodes are not up yet: GPU actors, which the autoscaler serves.
+    wants_gpu = ScreenConfig(model="m", input="i", output="o", date=DATE, gpu=True)
+    assert plan_actors(wants_gpu, {"CPU": 4.0}) == ActorPlan(1, {"num_gpus": 1}, 512)
+    sized = ScreenConfig(model="m", input="i", output="o", date=DATE, gpu=True, actors=4, batch_size=256)
+    assert plan_actors(sized, {"CPU": 4.0}) == ActorPlan(4, {"num_gpus": 1}, 256)
+    with pytest.raises(ValueError, match="actors"):
+        ScreenConfig(model="m", input="i", output="o", date=DATE, actors=0)

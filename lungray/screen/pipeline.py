@@ -60,12 +60,34 @@ class ScreenConfig:
     explain: bool = False  # Grad-CAM overlay PNG for each flagged study
     batch_size: int | None = None  # default: 32 on CPU, 512 on GPU
     actors: int | None = None  # default: one per GPU, else one per CPU (at half a CPU each)
+    gpu: bool = False  # GPU actors even if no GPU is up yet: the autoscaler starts GPU nodes for them
     files_per_task: int = 16
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     max_file_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
+        for name in ("actors", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the model actors run: how many at most, what each asks of Ray, the batch they score."""
+
+    max_actors: int
+    resources: dict[str, float]
+    batch_size: int
+
+
+def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
+    """GPU actors (one per GPU) when the cluster has GPUs or `config.gpu` asks for them, else
+    CPU actors at half a CPU each (one per CPU), so that decode tasks keep CPUs to run on."""
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 1))
+    if gpus or config.gpu:
+        return ActorPlan(config.actors or max(1, gpus), {"num_gpus": 1}, config.batch_size or 512)
+    return ActorPlan(config.actors or max(1, cpus), {"num_cpus": 0.5}, config.batch_size or 32)
 
 
 def decode_for_screening(
@@ -86,10 +108,7 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
             "mtime_ns": pa.array([entry.mtime_ns for entry in entries], pa.int64()),
         }
     )
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    actors = config.actors or (gpus if gpus else max(1, cpus))
-    actor_resources = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+    plan = plan_actors(config, ray.cluster_resources())
     decoded = dataset_of_blocks(listing, config.files_per_task).map_batches(
         decode_for_screening,
         fn_kwargs={"preprocess": preprocess, "decode": config.decode, "max_file_bytes": config.max_file_bytes},
@@ -99,10 +118,10 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
     scored = decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_uri": config.model, "threads": 1},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        batch_size=config.batch_size or (512 if gpus else 32),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
+        batch_size=plan.batch_size,
         batch_format="pyarrow",
-        **actor_resources,
+        **plan.resources,
     )
     columns = [*SCREEN_COLUMNS, "prob", "size", "mtime_ns"]
     parts = [batch.select(columns) for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
