@@ -161,7 +161,12 @@ def inference_stage(model_dir: Path, count: int, size: int, batch_size: int) -> 
     bare = count / (time.perf_counter() - started)
 
     dataset = ray.data.from_numpy(images).rename_columns({"data": "image"})
-    dataset = dataset.map_batches(lambda batch: batch.append_column("status", [["ok"] * batch.num_rows]), batch_format="pyarrow").materialize()
+    # Blocks of one batch each, as the decode tasks deliver them, so results stream back batch by batch.
+    dataset = (
+        dataset.map_batches(lambda batch: batch.append_column("status", [["ok"] * batch.num_rows]), batch_format="pyarrow")
+        .repartition(max(1, count // batch_size))
+        .materialize()
+    )
     gpus = int(ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
     scored_batches = dataset.map_batches(

@@ -22,7 +22,7 @@ from model_factory import untrained_model_dir
 from pydicom.data import get_testdata_file
 
 from lungray.screen import commit
-from lungray.screen.pipeline import ActorPlan, ScreenConfig, plan_actors, run_screen
+from lungray.screen.pipeline import ActorPlan, ScreenConfig, files_per_task, plan_actors, run_screen
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
@@ -297,3 +297,11 @@ def test_actor_plan_follows_the_gpus_or_the_gpu_flag() -> None:
     assert plan_actors(sized, {"CPU": 4.0}) == ActorPlan(4, {"num_gpus": 1}, 256)
     with pytest.raises(ValueError, match="actors"):
         ScreenConfig(model="m", input="i", output="o", date=DATE, actors=0)
+
+
+def test_files_per_task_keeps_cpus_busy_within_bounds() -> None:
+    assert files_per_task(10, cpus=2) == 16  # small archives: the lower bound
+    assert files_per_task(1000, cpus=2) == 125  # four tasks per CPU
+    assert files_per_task(5_000_000, cpus=64) == 256  # huge archives: the upper bound
+    with pytest.raises(ValueError, match="files_per_task"):
+        ScreenConfig(model="m", input="i", output="o", date=DATE, files_per_task=0)
