@@ -51,7 +51,7 @@ from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
 from lungray.ingest import load_summary
-from lungray.io.listing import filesystem_for, join_uri
+from lungray.io.listing import absolute_uri, filesystem_for, join_uri
 from lungray.models import ARCHITECTURES
 from lungray.report.plots import PANEL_INCHES, png_bytes
 from lungray.train.export import export_model_dir
@@ -267,6 +267,10 @@ class SweepConfig:
     min_sensitivity: float = TrainConfig.min_sensitivity
 
     def __post_init__(self) -> None:
+        # Tune runs each trial in a folder of its own: a relative path would be looked up there.
+        for name in ("data", "output", "storage"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, absolute_uri(getattr(self, name)))
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.metric not in METRIC_MODES:
@@ -286,7 +290,7 @@ class SweepConfig:
 
     @property
     def storage_uri(self) -> str:
-        return self.storage or str(Path(self.output).resolve() / RAY_DIR)
+        return self.storage or join_uri(self.output, RAY_DIR)
 
     def settings(self, fingerprint: str) -> dict[str, Any]:
         """What decides the sweep's trials and ranking; a rerun must match them to continue."""
@@ -483,11 +487,14 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
     table = results_table(grid, config)
     table.to_parquet(output / "results.parquet", index=False)
     table.to_csv(output / "results.csv", index=False)
-    (output / "tune.png").write_bytes(png_bytes(sweep_figure(table, config.space)))
     finished = table[table["status"] != "error"].dropna(subset=[config.metric])
     if finished.empty:
         errors = table["error"].dropna()
-        raise RuntimeError("no trial of the sweep finished an epoch" + (f"; first error: {errors.iloc[0]}" if len(errors) else ""))
+        raise RuntimeError(
+            f"no trial of the sweep finished an epoch (see {output / 'results.csv'})"
+            + (f"; first error: {errors.iloc[0]}" if len(errors) else "")
+        )
+    (output / "tune.png").write_bytes(png_bytes(sweep_figure(table, config.space)))
     best = {key: value.item() if isinstance(value, np.generic) else value for key, value in finished.iloc[0].items()}
     filesystem, _ = filesystem_for(config.storage_uri)
     model_dir = output / BEST_DIR

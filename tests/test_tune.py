@@ -149,6 +149,16 @@ def test_resources_leave_a_cpu_for_data_and_cap_concurrency(tmp_path: Path) -> N
         plan_resources(sweep(tmp_path, use_gpu=True), {"CPU": 8.0})
 
 
+def test_local_paths_are_made_absolute_for_the_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune runs each trial in a folder of its own, where `out/data` would not be found."""
+    monkeypatch.chdir(tmp_path)
+    config = sweep(tmp_path, data="out/data", output="out/sweep", storage="s3://bucket/sweeps")
+    assert config.data == str(tmp_path / "out" / "data") == config.base_train_config().data
+    assert config.output == str(tmp_path / "out" / "sweep")
+    assert config.storage == config.storage_uri == "s3://bucket/sweeps"
+    assert sweep(tmp_path, output="out/sweep").storage_uri == str(tmp_path / "out" / "sweep" / "_ray")
+
+
 def test_a_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
     config = sweep(tmp_path)
     check_settings(tmp_path / SETTINGS_FILE, config.settings("fingerprint"))

@@ -49,6 +49,11 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute_uri(uri: str) -> str:
+    """An s3:// URI as is, a local path made absolute (for code that runs in another folder)."""
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def join_uri(root: str, *parts: str) -> str:
     """Join path parts onto a local path or URI."""
     if is_s3(root):
