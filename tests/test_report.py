@@ -34,12 +34,14 @@ from lungray.metrics import (
     sensitivity_at_specificity,
     specificity_at_sensitivity,
 )
-from lungray.modeldir import load_model_dir, save_model_dir
+from lungray.modeldir import ModelDir, load_model_dir, save_model_dir
+from lungray.models import Ensemble
 from lungray.preprocess import PreprocessConfig
 from lungray.report.compare import (
     CompareConfig,
     add_compare_arguments,
     compare_config_from_args,
+    display_names,
     run_compare,
     training_sources,
 )
@@ -373,3 +375,12 @@ def test_command_line_builds_the_config() -> None:
     )
     with pytest.raises(ValueError, match="split"):
         CompareConfig(model_dirs=("m",), data="d", output="o", split="holdout")
+
+
+def test_display_names_cover_every_architecture_and_tell_repeats_apart(tmp_path: Path) -> None:
+    cnn = load_model_dir(untrained_model_dir(tmp_path / "cnn", "cnn", size=32))
+    other_cnn = load_model_dir(untrained_model_dir(tmp_path / "cnn2", "cnn", size=32, seed=1))
+    lstm = load_model_dir(untrained_model_dir(tmp_path / "lstm", "cnn_lstm", size=32))
+    ensemble = ModelDir(tmp_path, Ensemble([cnn.model, lstm.model]), {"architecture": {"arch": "ensemble"}, "model_id": "ensemble-1"})
+    assert display_names([cnn, lstm, ensemble]) == ["CNN", "CNN-LSTM", "Ensemble"]
+    assert display_names([cnn, other_cnn]) == [f"CNN {cnn.model_id}", f"CNN {other_cnn.model_id}"]

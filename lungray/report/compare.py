@@ -60,7 +60,7 @@ from lungray.split import SPLITS
 ALPHA = 0.05  # 95% intervals
 SPECIFICITY_FLOORS = (0.80, 0.90)  # sensitivity reached at these specificities
 SENSITIVITY_FLOORS = (0.90, 0.95)  # specificity reached at these sensitivities
-ARCH_NAMES = {"cnn": "CNN", "cnn_lstm": "CNN-LSTM"}
+ARCH_NAMES = {"cnn": "CNN", "cnn_lstm": "CNN-LSTM", "ensemble": "Ensemble"}
 #: The design's published results. Accuracy is the only figure it reports for either
 #: model; its split, threshold and other metrics are not known.
 PUBLISHED_ACCURACY = {"cnn": 0.925, "cnn_lstm": 0.941}
@@ -202,7 +202,7 @@ def read_cases(data: str, split: str) -> Cases:
 
 
 def display_names(models: Sequence[ModelDir]) -> list[str]:
-    """"CNN", "CNN-LSTM"; the model id is added where two models share an architecture."""
+    """"CNN", "CNN-LSTM", "Ensemble"; the model id is added where two models share an architecture."""
     archs = [model.meta["architecture"]["arch"] for model in models]
     return [
         ARCH_NAMES[arch] if archs.count(arch) == 1 else f"{ARCH_NAMES[arch]} {model.model_id}"
