@@ -19,7 +19,7 @@ from lungray.modeldir import ModelDir, load_model_dir, read_meta, save_model_dir
 from lungray.models import Ensemble, EnsembleConfig, count_parameters
 from lungray.models.ensemble import TTA_VIEWS
 from lungray.train.export import operating_point, versions
-from lungray.train.trainer import TrainConfig
+from lungray.train.trainer import TrainConfig, add_min_sensitivity_argument
 
 
 def build_ensemble_dir(
@@ -69,10 +69,7 @@ def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the ingest the members were trained on; its val split sets the threshold")
     parser.add_argument("--output", required=True, help="model directory to write")
     parser.add_argument("--tta", choices=tuple(TTA_VIEWS), default="none", help="test-time views averaged with the members")
-    parser.add_argument(
-        "--min-sensitivity", type=float, default=TrainConfig.min_sensitivity,
-        help="the threshold is the most specific one reaching this sensitivity on validation",
-    )
+    add_min_sensitivity_argument(parser)
 
 
 def ensemble_from_args(args: argparse.Namespace) -> Path:

@@ -113,6 +113,14 @@ class TrainConfig:
         return ModelConfig.from_dict({**default_config(self.model).to_dict(), **self.model_overrides})
 
 
+def add_min_sensitivity_argument(parser: argparse.ArgumentParser) -> None:
+    """`--min-sensitivity`: the threshold rule of every command that exports a model directory."""
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=TrainConfig.min_sensitivity,
+        help="the threshold is the most specific one reaching this sensitivity on validation",
+    )
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The `lungray train` / jobs/train.py arguments."""
     parser.add_argument("--model", choices=ARCHITECTURES, required=True)
@@ -126,10 +134,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
-    parser.add_argument(
-        "--min-sensitivity", type=float, default=TrainConfig.min_sensitivity,
-        help="the threshold is the most specific one reaching this sensitivity on validation",
-    )
+    add_min_sensitivity_argument(parser)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--size", type=int, default=None, help="fail unless the data was ingested at this size")
     parser.add_argument("--max-failures", type=int, default=TrainConfig.max_failures, help="worker failures to recover from")
