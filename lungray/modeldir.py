@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lungray.models import build_from_architecture
+from lungray.models.fold import fold_batchnorm
 from lungray.preprocess import DTYPES, PreprocessConfig, to_float
 
 FORMAT_VERSION = 1
@@ -63,6 +64,10 @@ class ModelDir:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+    def with_folded_batchnorm(self) -> ModelDir:
+        """The same model directory scoring through `fold_batchnorm`: faster, for scoring only."""
+        return replace(self, model=fold_batchnorm(self.model))
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

@@ -30,13 +30,15 @@ class Predictor:
     Receives decoded rows with their `image` tensors and returns the same rows with `prob`
     (the abnormal probability; null for rows that failed to decode) and without the image,
     so only small rows travel on from here. Arrow in and out: no per-column conversions.
+    The model scores with its BatchNorm folded into the convolutions (the same function,
+    fewer passes over each activation).
     """
 
     def __init__(self, model_uri: str, threads: int = 1) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.model: ModelDir = load_model_dir(local_model_dir(model_uri), device=device)
+        self.model: ModelDir = load_model_dir(local_model_dir(model_uri), device=device).with_folded_batchnorm()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False), dtype=bool)
