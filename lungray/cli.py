@@ -89,7 +89,7 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--incremental", action="store_true", help="skip files this model already scored (same path, size, mtime)")
     parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
     parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")
-    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or per CPU)")
+    parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or one per two CPUs)")
     parser.add_argument(
         "--gpu", action="store_true",
         help="score on GPU actors even when no GPU node is up yet (the autoscaler starts them); default: GPUs if present",
