@@ -4,9 +4,10 @@
 
 1. end to end: N generated files (half 16-bit DICOM, half 8-bit PNG, 512x512) scored by
    `run_screen` (its first run in a fresh Ray, and its second) vs a plain script (torch
-   DataLoader, 2 workers, the same decode, preprocessing and model). lungray scores with BatchNorm folded into the convolutions
-   (`lungray.models.fold`); the plain script runs the model as trained, and once more with
-   the fold, which separates what the pipeline adds from what the fold adds;
+   DataLoader, 2 workers, the same decode, preprocessing and model). lungray scores with
+   BatchNorm folded into the convolutions (`lungray.models.fold`); the plain script runs
+   the model as trained, and once more with the fold, which separates what the pipeline
+   adds from what the fold adds;
 2. inference stage alone on pre-decoded uint8 tensors: the Ray Data actor stage
    (`Predictor`) vs the bare (folded) model over the same array;
 3. peak memory (all Ray processes + driver, sampled) for N and scale x N files.
