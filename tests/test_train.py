@@ -34,7 +34,9 @@ from lungray.train.trainer import (
     check_resumable,
     labels_by_split,
     run_training,
+    splits_bytes,
     train_config_from_args,
+    training_datasets,
 )
 
 torch.set_num_threads(1)
@@ -79,6 +81,7 @@ def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: 
     summary = {
         "preprocess": PreprocessConfig(size=size).to_dict(),
         "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        "splits": {split: {"images": n + 1} for split, n in split_sizes.items()},
     }
     (root / "summary.json").write_text(json.dumps(summary))
     return root
@@ -219,6 +222,25 @@ def test_validation_shards_cover_every_row_and_train_shards_are_equal(ray_sessio
         train_ids = list(pool.map(ids, [shard["train"] for shard in shards]))
     assert sorted(val_ids[0] + val_ids[1]) == list(range(23))
     assert len(train_ids[0]) == len(train_ids[1])
+
+
+@pytest.mark.timeout(120)
+def test_splits_that_fit_a_quarter_of_the_object_store_are_read_once(ray_session: None, tmp_path: Path) -> None:
+    from ray.data.dataset import MaterializedDataset
+
+    data = write_ingested(tmp_path / "data")
+    needed = splits_bytes(json.loads((data / "summary.json").read_text()), ["train", "val"])
+    assert needed == (SPLIT_SIZES["train"] + 1 + SPLIT_SIZES["val"] + 1) * SIZE * SIZE  # uint8, unlabelled rows counted
+    cached = training_datasets(str(data), object_store_bytes=4 * needed)
+    streamed = training_datasets(str(data), object_store_bytes=4 * needed - 1)
+    assert all(isinstance(dataset, MaterializedDataset) for dataset in cached.values())
+    assert not any(isinstance(dataset, MaterializedDataset) for dataset in streamed.values())
+    for split in ("train", "val"):
+        images, labels = read_split(data, split)
+        for dataset in (cached[split], streamed[split]):
+            rows = dataset.take_all()
+            assert sorted(int(row["label"]) for row in rows) == sorted(labels.tolist())
+            assert sorted(row["image"].tobytes() for row in rows) == sorted(image.tobytes() for image in images)
 
 
 # --- whole runs on Ray Train -------------------------------------------------------------
