@@ -45,7 +45,7 @@ from lungray.report.compare import (
     run_compare,
     training_sources,
 )
-from lungray.report.render import pair_verdict
+from lungray.report.render import pair_verdict, training_time
 
 SIZE = 64
 N_BOOT = 200
@@ -111,6 +111,7 @@ def training_record(fingerprint: str) -> dict[str, Any]:
         "epochs_trained": 3,
         "best_epoch": 2,
         "peak_memory_mb": 802.0,
+        "hardware": {"workers": 2, "device": "NVIDIA H200", "threads_per_worker": 8, "backend": "nccl"},
     }
 
 
@@ -260,6 +261,8 @@ def test_efficiency_and_training_sources_come_from_the_model_record(
     assert cnn_lstm["efficiency"]["training_wall_time_s"] == record["wall_time_s"]
     assert cnn_lstm["efficiency"]["epochs_trained"] == record["epochs_trained"]
     assert cnn_lstm["efficiency"]["peak_training_memory_mb"] == record["peak_memory_mb"]
+    assert cnn_lstm["efficiency"]["training_hardware"] == record["hardware"]
+    assert cnn["efficiency"]["training_hardware"] is None
     assert cnn_lstm["history"] == record["history"]
     assert cnn["efficiency"]["training_wall_time_s"] is None and cnn["history"] == []
     for entry, model_dir in zip(results["models"], model_dirs):
@@ -288,6 +291,7 @@ def test_markdown_answers_first_and_states_data_and_method(report: tuple[dict[st
     assert "| CNN | unknown |" in markdown and "records neither training sources nor a data fingerprint" in markdown
     assert re.search(r"^\| CNN-LSTM \| kermany \+ shenzhen \| [^|]+\(in-domain\) \| [^|]+\(in-domain\) \|$", markdown, flags=re.MULTILINE)
     assert "chosen on the val split" in markdown and "does not record how it was chosen" in markdown
+    assert "| 2.0 min (2 x NVIDIA H200, nccl) |" in markdown  # 123 s of epochs, and where they ran
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (output / target).is_file(), target
 
@@ -384,3 +388,11 @@ def test_display_names_cover_every_architecture_and_tell_repeats_apart(tmp_path:
     ensemble = ModelDir(tmp_path, Ensemble([cnn.model, lstm.model]), {"architecture": {"arch": "ensemble"}, "model_id": "ensemble-1"})
     assert display_names([cnn, lstm, ensemble]) == ["CNN", "CNN-LSTM", "Ensemble"]
     assert display_names([cnn, other_cnn]) == [f"CNN {cnn.model_id}", f"CNN {other_cnn.model_id}"]
+
+
+def test_training_time_says_where_the_epochs_ran() -> None:
+    assert training_time(None, None) == "not recorded"
+    assert training_time(90.0, None) == "1.5 min"
+    cpu = {"workers": 2, "device": "CPU", "threads_per_worker": 1, "backend": "gloo"}
+    assert training_time(90.0, cpu) == "1.5 min (2 x CPU, 1 thread each, gloo)"
+    assert training_time(90.0, {**cpu, "workers": 1, "threads_per_worker": 4, "backend": None}) == "1.5 min (1 x CPU, 4 threads each)"

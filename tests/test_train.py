@@ -267,6 +267,7 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert meta["val_metrics"]["recall"] >= meta["training"]["min_sensitivity"]
     assert meta["n_parameters"] > 0 and meta["peak_memory_mb"] > 0
     assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
+    assert meta["hardware"] == {"workers": 2, "device": "CPU", "threads_per_worker": 1, "backend": "gloo"}
 
     images, labels = read_split(data, "val")
     probabilities = loaded.predict_proba(images)

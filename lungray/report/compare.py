@@ -262,6 +262,7 @@ def model_results(
         "efficiency": {
             "n_parameters": count_parameters(model.model),
             "training_wall_time_s": meta.get("wall_time_s"),
+            "training_hardware": meta.get("hardware") or None,
             "epochs_trained": meta.get("epochs_trained"),
             "best_epoch": meta.get("best_epoch"),
             "peak_training_memory_mb": meta.get("peak_memory_mb"),

@@ -311,6 +311,24 @@ def source_blocks(results: dict[str, Any]) -> list[Block]:
     ]
 
 
+def threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
+
+
+def training_time(wall: float | None, hardware: dict[str, Any] | None) -> str:
+    """"12.5 min (2 x NVIDIA H200, nccl)": a training time says little without where it ran."""
+    if wall is None:
+        return NOT_RECORDED
+    if not hardware:
+        return f"{wall / 60:.1f} min"
+    where = [f"{hardware['workers']} x {hardware['device']}"]
+    if hardware["device"] == "CPU":
+        where.append(f"{threads(hardware['threads_per_worker'])} each")
+    if hardware.get("backend"):
+        where.append(hardware["backend"])
+    return f"{wall / 60:.1f} min ({', '.join(where)})"
+
+
 def efficiency_table(models: Sequence[dict[str, Any]]) -> Table:
     rows = []
     for model in models:
@@ -321,11 +339,11 @@ def efficiency_table(models: Sequence[dict[str, Any]]) -> Table:
             (
                 model["name"],
                 f"{efficiency['n_parameters']:,}",
-                NOT_RECORDED if wall is None else f"{wall / 60:.1f} min",
+                training_time(wall, efficiency.get("training_hardware")),
                 NOT_RECORDED if epochs is None else f"{epochs}" + ("" if best is None else f" (best {best})"),
                 NOT_RECORDED if memory is None else f"{memory:,.0f} MB",
                 f"{efficiency['inference_images_per_s']:.1f} ({efficiency['inference_device']}, "
-                f"{efficiency['inference_torch_threads']} threads, batch {efficiency['inference_batch_size']})",
+                f"{threads(efficiency['inference_torch_threads'])}, batch {efficiency['inference_batch_size']})",
             )
         )
     return Table(

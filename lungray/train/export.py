@@ -81,5 +81,6 @@ def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_s
         "resumed_at_epochs": progress.resumed_at_epochs,
         "n_parameters": count_parameters(build_model(ModelConfig.from_dict(progress.architecture))),
         "peak_memory_mb": max(record["peak_rss_mb"] for record in progress.history),
+        "hardware": progress.hardware,
     }
     return state["best_model"], meta
