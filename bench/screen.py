@@ -1,6 +1,6 @@
 """Screening throughput and memory, against a plain PyTorch baseline in the same run; prints JSON.
 
-    python bench/screen.py [--files N] [--size 224] [--scale 4]
+    python bench/screen.py [--files N] [--size 224] [--scale 4] [--batch-size 32] [--stage-images M]
 
 1. end to end: N generated files (half 16-bit DICOM, half 8-bit PNG, 512x512) scored by
    `run_screen` (its first run in a fresh Ray, and its second) vs a plain script (torch
@@ -78,7 +78,8 @@ class FileDataset(torch.utils.data.Dataset):
 
 
 def load_for_inference(model_dir: Path, fold: bool) -> ModelDir:
-    model = load_model_dir(model_dir)
+    """On the GPU when there is one, as the screening actors score."""
+    model = load_model_dir(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     return model.with_folded_batchnorm() if fold else model
 
 
@@ -211,6 +212,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--stage-images", type=int, default=None, help="pre-decoded images for the stage test (default: max(2048, files))")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lungray.raysession import init_ray
@@ -233,7 +235,7 @@ def main() -> None:
         first_rate, _ = lungray_end_to_end(small, model_dir, root / "out-first", args.batch_size)
         lungray_rate, small_peak = lungray_end_to_end(small, model_dir, root / "out-small", args.batch_size)
         _, large_peak = lungray_end_to_end(large, model_dir, root / "out-large", args.batch_size)
-        stage = inference_stage(model_dir, max(2048, args.files), args.size, args.batch_size)
+        stage = inference_stage(model_dir, args.stage_images or max(2048, args.files), args.size, args.batch_size)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     print(
         json.dumps(

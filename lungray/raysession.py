@@ -38,6 +38,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def dashboard_installed() -> bool:
+    """Whether Ray's dashboard can start: `ray[default]` is installed, not a minimal Ray."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - the import Ray itself checks with
+    except ImportError:
+        return False
+    return True
+
+
 def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool = True) -> None:
     """A local Ray whose own processes find its state API, even beside other Ray instances.
 
@@ -47,7 +56,12 @@ def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool
     several run (a test suite beside a training job); RAY_API_SERVER_ADDRESS, inherited by
     the processes Ray starts, points them at this one. It is removed from the driver again
     afterwards, since Ray would let it override an explicit address in a later `ray` command.
+    A minimal Ray install (a GPU box's wheel kit, say) runs without the dashboard, with a warning.
     """
+    if not dashboard_installed():
+        log.warning("ray[default] is not installed: Ray runs without its dashboard (`ray job submit` and Tune need it)")
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, log_to_driver=log_to_driver)
+        return
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
