@@ -378,6 +378,7 @@ class TrialPlan:
     fingerprint: str
     cpus_per_worker: float
     trials_storage: str
+    store_share: float  # of the object store, for a trial's cached data
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
@@ -388,7 +389,9 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     config = trial_config(plan.base, params)
     loop = loop_config(config, plan.fingerprint, plan.cpus_per_worker)
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(config, loop, plan.cpus_per_worker, plan.trials_storage, name=trial_id, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        config, loop, plan.cpus_per_worker, plan.trials_storage, name=trial_id, callbacks=[TuneReportCallback()], store_share=plan.store_share
+    )
     trainer.fit()
 
 
@@ -480,6 +483,7 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         fingerprint=summary["fingerprint"],
         cpus_per_worker=resources.cpus_per_worker,
         trials_storage=join_uri(config.storage_uri, TRIALS_DIR),
+        store_share=1 / resources.concurrent,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
     grid = build_tuner(config, trainable, resources.concurrent).fit()

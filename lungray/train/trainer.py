@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import ray
 import pyarrow.parquet as pq
+import ray
 from pyarrow.fs import FileSelector, FileType
 from ray.actor import ActorHandle
 from ray.data import DataIterator, Dataset
@@ -62,7 +62,8 @@ MIN_CPUS_PER_WORKER = 0.25
 # Ray's advice for training ingest: splits that fit in the object store are read once and
 # kept there, instead of being read again by a new streaming executor every epoch. On 2 CPUs
 # the re-read cost about 5 s an epoch against 0.4 s of training (bundled sample at 64 px).
-# A quarter of the store leaves room for concurrent Tune trials, each holding its own copy.
+# A quarter of the store (shared among the concurrent trials of a sweep, each holding its own
+# copy) leaves room for the blocks in flight.
 CACHE_FRACTION_OF_OBJECT_STORE = 0.25
 
 
@@ -307,9 +308,11 @@ def build_trainer(
     storage: str,
     name: str = RUN_NAME,
     callbacks: Sequence[UserCallback] = (),
+    store_share: float = 1.0,
 ) -> TorchTrainer:
     """The run `name` under `storage` (a local folder or s3:// prefix); rebuilding it with the
-    same storage and name continues the stored run."""
+    same storage and name continues the stored run. `store_share`: the part of the object
+    store this run may cache its data in (1 / the trials a sweep runs at once)."""
     filesystem, storage_path = filesystem_for(storage)
     return TorchTrainer(
         train_loop_per_worker,
@@ -327,7 +330,7 @@ def build_trainer(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute="val_auroc", checkpoint_score_order="max"
             ),
         ),
-        datasets=training_datasets(config.data, ray.cluster_resources().get("object_store_memory", 0.0)),
+        datasets=training_datasets(config.data, store_share * ray.cluster_resources().get("object_store_memory", 0.0)),
         dataset_config=WholeValidationSplit(),
     )
 
