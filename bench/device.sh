@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of lungray in one run on a lent GPU machine (bare image: torch, no Ray).
 #
-#   here, once:  ../shared/device/make-wheels.sh          (Ray + pydicom kit into .whl/, ignored)
+#   here, once:  ../shared/device/make-wheels.sh    (Ray + pydicom kit into .whl/, ignored; with
+#                the repo it must stay under the 64 MiB a device run carries: 58 + 8 MB today)
 #   device run:  carry [".whl"], timeout_s 540, command: bash bench/device.sh
 #
 # 1. tests/test_gpu.py: DDP training over NCCL on every GPU, screening on GPU actors, folded
@@ -14,6 +15,10 @@
 set -uo pipefail
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
+if ! ls .whl/ray-*.whl > /dev/null 2>&1; then
+  echo "no wheel kit in .whl/: run ../shared/device/make-wheels.sh here, then carry .whl" >&2
+  exit 2
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled LUNGRAY_PATIENT_SALT=device-check
 
