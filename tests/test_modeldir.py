@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lungray.modeldir import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, load_model_dir, read_meta, save_model_dir
+from lungray.modeldir import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, load_model_dir, read_meta, save_model_dir, tensor_view
 from lungray.models import ModelConfig, build_model
 from lungray.preprocess import PreprocessConfig
 
@@ -62,6 +63,21 @@ def test_float_input_matches_stored_input(tmp_path: Path) -> None:
     model = load_model_dir(make_model_dir(tmp_path / "model"))
     images = stored_images(4)
     np.testing.assert_allclose(model.predict_proba(images), model.predict_proba(images.astype(np.float32) / 255), rtol=1e-6)
+
+
+def test_read_only_input_is_scored_in_place_and_left_as_it_was(tmp_path: Path) -> None:
+    """Arrays read through Arrow are read-only; scoring shares their memory and never writes it."""
+    model = load_model_dir(make_model_dir(tmp_path / "model"))
+    images = stored_images(5)
+    for original in (images, images.astype(np.float32) / 255):
+        frozen = original.copy()
+        frozen.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "not writable" warning would fail here
+            scores = model.predict_proba(frozen, batch_size=2)
+            assert tensor_view(frozen).data_ptr() == frozen.ctypes.data  # no copy on the CPU
+        np.testing.assert_array_equal(frozen, original)
+        np.testing.assert_array_equal(scores, model.predict_proba(original.copy(), batch_size=2))
 
 
 def test_model_id_names_the_weights(tmp_path: Path) -> None:
