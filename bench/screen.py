@@ -205,7 +205,7 @@ def inference_stage(model_dir: Path, count: int, size: int, batch_size: int) -> 
     ended = time.perf_counter()
     total_rate = scored / (ended - started)
     steady_rate = (scored - first_rows) / (ended - first_at)
-    bare_after = bare_rate()  # either side of the actor, against a shared machine's drift
+    bare_after = bare_rate()
     bare = (bare_before + bare_after) / 2
     return {
         "images": count,
@@ -246,8 +246,6 @@ def main() -> None:
         # imports; the second is what a job on a running cluster sees.
         first_rate, _ = lungray_end_to_end(small, model_dir, root / "out-first", args.batch_size)
         lungray_rate, small_peak = lungray_end_to_end(small, model_dir, root / "out-small", args.batch_size)
-        # The plain script once more, right after: lungray is compared with the mean of the runs
-        # either side of it, so that a shared machine's drift does not land on one side only.
         baseline_after = baseline_end_to_end(small, model_dir, args.batch_size)
         baseline = (baseline_before + baseline_after) / 2
         _, large_peak = lungray_end_to_end(large, model_dir, root / "out-large", args.batch_size)
