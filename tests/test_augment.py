@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 def _only(**strengths: float) -> AugmentConfig:
     """Every transform off except those named, so a test sees one transform alone."""
     nothing = AugmentConfig(
-        rotation_deg=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=0.0, gamma=0.0, blur_prob=0.0, noise_std=0.0
+        rotation_deg=0.0, zoom=0.0, shift=0.0, brightness=0.0, contrast=0.0, gamma=0.0, blur_prob=0.0, noise_std=0.0,
+        crop_area=0.0, crop_aspect=0.0, border_prob=0.0, window_prob=0.0, erase_prob=0.0,
     )
     return replace(nothing, **strengths)
 
@@ -165,8 +166,47 @@ def test_each_image_of_a_batch_gets_its_own_draw(n: int) -> None:
     out = augment_batch(copies, AugmentConfig(), _generator())
     assert out.shape == copies.shape
     if n > 1:
-        distinct = {tuple(image.flatten()[:16].tolist()) for image in out}
+        distinct = {tuple(image.flatten().tolist()) for image in out}
         assert len(distinct) == n
+
+
+def test_crop_covers_the_drawn_fraction_of_the_image() -> None:
+    """A crop of area a shows the film magnified by 1/sqrt(a): a centred blob grows in area by 1/a."""
+    blob = _blob(64)
+    out = augment_batch(blob, _only(crop_area=0.5), _generator())
+    growth = out.sum(dim=(1, 2, 3)) / blob.sum(dim=(1, 2, 3))
+    visible = growth > 0.5  # the crop may also leave the blob partly outside
+    assert growth[visible].max() <= 2.0 * 1.15 and growth[visible].max() > 1.5
+    assert growth.min() >= 0.0
+
+
+def test_borders_frame_about_border_prob_of_the_images_in_black_or_white() -> None:
+    flat = torch.full((200, 1, 64, 64), 0.5)
+    out = augment_batch(flat, _only(border_prob=0.5, border_max=0.2), _generator())
+    changed = (out != 0.5).flatten(1).any(dim=1)
+    assert 70 <= int(changed.sum()) <= 130  # Binomial(200, 0.5) within 4 standard deviations
+    assert set(out[out != 0.5].unique().tolist()) <= {0.0, 1.0}
+    # The frame sits at the edge: the centre is never covered, and no side is wider than 20%.
+    assert (out[:, :, 13:51, 13:51] == 0.5).all()
+
+
+def test_sigmoid_window_keeps_ends_and_order_and_raises_contrast_in_the_middle() -> None:
+    ramp = torch.linspace(0, 1, 64).expand(32, 1, 64, 64).contiguous()
+    out = augment_batch(ramp, _only(window_prob=1.0), _generator())
+    assert torch.allclose(out[..., 0], torch.zeros(32, 1, 64), atol=1e-5)
+    assert torch.allclose(out[..., -1], torch.ones(32, 1, 64), atol=1e-5)
+    assert (out.diff(dim=-1) >= -1e-6).all()  # monotone: a window never inverts a film
+    middle_slope = (out[..., 36] - out[..., 27]) / (ramp[..., 36] - ramp[..., 27])
+    assert (middle_slope > 1.0).all()
+
+
+def test_erasing_replaces_one_rectangle_in_about_erase_prob_of_the_images() -> None:
+    flat = torch.full((200, 1, 64, 64), 0.5)
+    out = augment_batch(flat, _only(erase_prob=0.5), _generator())
+    erased = (out != 0.5).flatten(1).sum(dim=1)
+    assert 70 <= int((erased > 0).sum()) <= 130
+    fractions = erased[erased > 0].float() / (64 * 64)
+    assert fractions.max() <= 0.16 and fractions.min() >= 0.01
 
 
 def test_config_round_trip_and_validation() -> None:

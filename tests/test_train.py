@@ -23,7 +23,7 @@ from lungray.models import ModelConfig, build_model
 from lungray.preprocess import PreprocessConfig
 from lungray.screen.predictor import local_model_dir
 from lungray.train.augment import AugmentConfig
-from lungray.train.loop import Progress, evaluate_epoch, train_one_epoch
+from lungray.train.loop import Progress, evaluate_epoch, moving_average, train_one_epoch
 from lungray.train.trainer import (
     RAY_DIR,
     RUN_NAME,
@@ -150,6 +150,24 @@ def test_a_run_stored_before_newer_settings_still_resumes() -> None:
         check_resumable(Progress(older, "fingerprint", {}), replace(config, weight_decay=1e-4), "fingerprint")
 
 
+def test_a_run_stored_before_the_site_robust_defaults_is_read_as_it_was() -> None:
+    """A run stored before label smoothing, weight averaging and the crop/border/window/erase
+    augmentation trained without them: it must not pass for a run of today's defaults."""
+    config = TrainConfig(model="cnn", data="d", output="o")
+    older = {key: value for key, value in config.hyperparameters().items() if key not in ("label_smoothing", "ema_decay")}
+    older["augment"] = {
+        key: value for key, value in older["augment"].items()
+        if key not in ("crop_area", "crop_aspect", "border_prob", "window_prob", "erase_prob")
+    }
+    with pytest.raises(ValueError, match="augment.*ema_decay.*label_smoothing"):
+        check_resumable(Progress(older, "fingerprint", {}), config, "fingerprint")
+    off = replace(
+        config, label_smoothing=0.0, ema_decay=0.0,
+        augment=replace(config.augment, crop_area=0.0, crop_aspect=0.0, border_prob=0.0, window_prob=0.0, erase_prob=0.0),
+    )
+    check_resumable(Progress(older, "fingerprint", {}), off, "fingerprint")
+
+
 def test_class_weights_balance_the_train_labels() -> None:
     weights = balanced_class_weights({"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1])})
     assert weights == pytest.approx((4 / 6, 4 / 2))
@@ -186,6 +204,35 @@ def test_train_one_epoch_learns_separable_data(tmp_path: Path) -> None:
     ]
     assert shards[0].images == SPLIT_SIZES["train"]
     assert shards[-1].loss_sum / shards[-1].weight_sum < 0.5 * shards[0].loss_sum / shards[0].weight_sum
+
+
+def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_path: Path) -> None:
+    """After k steps the average is the EMA of the k weight vectors the optimizer produced:
+    w_1 at the first step, then decay * avg + (1 - decay) * w_t (recomputed here from snapshots)."""
+    data = write_ingested(tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn", widths=(4, 8), fc_hidden=8, dropout=0.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    average = moving_average(model, decay=0.9)
+    assert moving_average(model, decay=0.0) is None
+
+    snapshots = []
+    original_step = optimizer.step
+
+    def step_and_snapshot(*args: Any, **kwargs: Any) -> Any:
+        result = original_step(*args, **kwargs)
+        snapshots.append(model.head[-1].weight.detach().clone())
+        return result
+
+    optimizer.step = step_and_snapshot  # type: ignore[method-assign]
+    train_one_epoch(model, toy_batches(data, "train", batch_size=4), optimizer, torch.ones(2), AugmentConfig(enabled=False),
+                    torch.Generator().manual_seed(0), False, label_smoothing=0.1, average=average)
+    expected = snapshots[0]
+    for weights in snapshots[1:]:
+        expected = 0.9 * expected + 0.1 * weights
+    assert len(snapshots) > 2
+    torch.testing.assert_close(average.module.head[-1].weight, expected)
+    assert not torch.allclose(average.module.head[-1].weight, model.head[-1].weight)
 
 
 def test_evaluate_epoch_weighted_loss_and_probabilities(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from lungray.modeldir import META_FILE
 from lungray.models import ARCHITECTURES, ModelConfig, default_config
 from lungray.preprocess import DTYPES, PreprocessConfig
 from lungray.raysession import cluster_cpus
-from lungray.train.augment import AugmentConfig
+from lungray.train.augment import ADDED_SINCE_FIRST_RELEASE, AugmentConfig
 from lungray.train.export import export_model_dir
 from lungray.train.loop import PROGRESS_FILE, LoopConfig, Progress, train_loop_per_worker
 
@@ -83,6 +83,8 @@ class TrainConfig:
     seed: int = 0
     patience: int = 4
     min_sensitivity: float = 0.95
+    label_smoothing: float = 0.1  # of the training loss; validation loss is plain cross-entropy
+    ema_decay: float = 0.995  # weights validated and exported are this exponential moving average (0: off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields other than arch, e.g. dropout
     size: int | None = None  # if set, the image size the data must have
@@ -103,6 +105,10 @@ class TrainConfig:
         if "arch" in self.model_overrides:
             raise ValueError("model_overrides must not set arch: the model field does")
         self.model_config()  # unknown or invalid overrides fail here, not on the workers
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 < self.min_sensitivity <= 1.0:
             raise ValueError(f"min_sensitivity must lie in (0, 1], got {self.min_sensitivity}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -139,6 +145,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per worker")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing, help="of the training loss")
+    parser.add_argument(
+        "--ema-decay", type=float, default=TrainConfig.ema_decay,
+        help="validate and export an exponential moving average of the weights (0: the raw weights)",
+    )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
     add_min_sensitivity_argument(parser)
@@ -159,6 +170,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        ema_decay=args.ema_decay,
         seed=args.seed,
         patience=args.patience,
         min_sensitivity=args.min_sensitivity,
@@ -229,11 +242,17 @@ def latest_progress(run_uri: str) -> Progress | None:
     return max(progresses, key=lambda progress: progress.next_epoch, default=None)
 
 
+# Settings added since the first release, at the values the runs before them used.
+TRAINING_ADDED_SINCE_FIRST_RELEASE = {"weight_decay": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0}
+
+
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
-    """Stored hyperparameters with the settings added since they were written at their defaults,
-    so that a run from an older lungray (say, before weight decay) still resumes and matches."""
+    """Stored hyperparameters completed with the settings added since they were written, at the
+    values that run used (off), so that a run from an older lungray is read as what it was:
+    it still resumes with its own settings and does not pass for a run of today's defaults."""
     defaults = TrainConfig(model=stored["model"], data="", output="").hyperparameters()
-    return {**defaults, **stored}
+    augment = {**defaults["augment"], **ADDED_SINCE_FIRST_RELEASE, **stored.get("augment", {})}
+    return {**defaults, **TRAINING_ADDED_SINCE_FIRST_RELEASE, **stored, "augment": augment}
 
 
 def check_resumable(previous: Progress, config: TrainConfig, fingerprint: str) -> None:
@@ -271,6 +290,8 @@ def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, f
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
         seed=config.seed,
         patience=config.patience,
         use_gpu=config.use_gpu,
