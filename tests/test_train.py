@@ -208,7 +208,8 @@ def test_train_one_epoch_learns_separable_data(tmp_path: Path) -> None:
 
 def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_path: Path) -> None:
     """After k steps the average is the EMA of the k weight vectors the optimizer produced:
-    w_1 at the first step, then decay * avg + (1 - decay) * w_t (recomputed here from snapshots)."""
+    w_1 at the first step, then d_t * avg + (1 - d_t) * w_t with the warm-up
+    d_t = min(decay, (1 + n) / (10 + n)), n the updates before (recomputed here from snapshots)."""
     data = write_ingested(tmp_path / "data")
     torch.manual_seed(0)
     model = build_model(ModelConfig("cnn", widths=(4, 8), fc_hidden=8, dropout=0.0))
@@ -228,8 +229,9 @@ def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_
     train_one_epoch(model, toy_batches(data, "train", batch_size=4), optimizer, torch.ones(2), AugmentConfig(enabled=False),
                     torch.Generator().manual_seed(0), False, label_smoothing=0.1, average=average)
     expected = snapshots[0]
-    for weights in snapshots[1:]:
-        expected = 0.9 * expected + 0.1 * weights
+    for n, weights in enumerate(snapshots[1:], start=1):
+        step_decay = min(0.9, (1 + n) / (10 + n))
+        expected = step_decay * expected + (1 - step_decay) * weights
     assert len(snapshots) > 2
     torch.testing.assert_close(average.module.head[-1].weight, expected)
     assert not torch.allclose(average.module.head[-1].weight, model.head[-1].weight)
