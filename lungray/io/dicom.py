@@ -143,10 +143,12 @@ def scale_to_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def lut_input(values: np.ndarray) -> np.ndarray:
-    """Integer input for a lookup table: a LUT is indexed by the integer values the standard defines."""
+    """Integer input for a lookup table, which the standard indexes by integer values: a
+    non-integer modality output (a fractional Rescale Slope) goes to the nearest, halves up
+    (pydicom would truncate a float array)."""
     if np.issubdtype(values.dtype, np.integer):
         return values
-    return np.rint(values).astype(np.int64)
+    return np.floor(values + 0.5).astype(np.int64)
 
 
 def has_voi_lut_sequence(ds: Dataset) -> bool:
@@ -190,20 +192,25 @@ def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | Non
 def to_presentation(image: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """[0,1] VOI output -> [0,1] P-values (bright = dense), by the Presentation LUT if the file has one.
 
-    pydicom scales its input by the array's own min and max; the range's ends (0 and 1) are
-    appended so that the scale is the VOI output range, as the standard defines it.
+    pydicom scales its input by the array's own min and max; the ends of the VOI output
+    range are appended so that the scale is that range, as the standard defines it. For a
+    Presentation LUT Sequence the input is given as LUT indices (the nearest entry), so that
+    pydicom's scaling is exact and its truncation cannot drop an entry.
     """
-    if "PresentationLUTSequence" not in ds and "PresentationLUTShape" not in ds:
-        return 1.0 - image if photometric == "MONOCHROME1" else image
-    with_ends = np.concatenate([image.ravel(), np.array([0.0, 1.0], dtype=image.dtype)])
     try:
-        p_values = apply_presentation_lut(with_ends, ds)[:-2].reshape(image.shape)
+        if "PresentationLUTSequence" in ds:
+            entries, _, bits = (int(v) for v in ds.PresentationLUTSequence[0].LUTDescriptor)
+            entries = entries or 1 << 16
+            indices = np.rint(image.ravel() * (entries - 1))
+            with_ends = np.concatenate([indices, np.array([0.0, entries - 1.0])])
+            p_values = apply_presentation_lut(with_ends, ds)[:-2].reshape(image.shape)
+            return scale_to_unit(p_values, 0.0, float((1 << bits) - 1))
+        if "PresentationLUTShape" in ds:
+            with_ends = np.concatenate([image.ravel(), np.array([0.0, 1.0], dtype=image.dtype)])
+            return apply_presentation_lut(with_ends, ds)[:-2].reshape(image.shape)
     except NotImplementedError as exc:
         raise DecodeError(f"unsupported Presentation LUT: {exc}") from None
-    if "PresentationLUTSequence" in ds:
-        bits = int(ds.PresentationLUTSequence[0].LUTDescriptor[2])
-        return scale_to_unit(p_values, 0.0, float((1 << bits) - 1))
-    return p_values
+    return 1.0 - image if photometric == "MONOCHROME1" else image
 
 
 def stored_padding_value(value: Any, ds: Dataset) -> int:
