@@ -83,35 +83,44 @@ def pixel_fields() -> tuple[str, ...]:
 
 
 def decode_record(options: DecodeOptions) -> dict[str, Any]:
-    """The options that change pixels, and the decoder version: what summary.json and model.json keep."""
+    """The options that change pixels, and the decoder version: what model.json keeps
+    (summary.json keeps this and the limits)."""
     values = asdict(options)
     return {**{name: values[name] for name in pixel_fields()}, VERSION_KEY: DECODER_VERSION}
 
 
-def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOptions:
-    """DecodeOptions that reproduce `record` (from summary.json or model.json), or ValueError saying why not.
+def normalized_record(record: dict[str, Any] | None) -> dict[str, Any]:
+    """A recorded decode (summary.json or model.json) with defaults filled in and limits
+    dropped, so that two records compare equal exactly when they mean the same pixels.
 
     A missing record (model directories and ingests written before decode options were
     recorded) and a record without a decoder version are read as this decoder's defaults:
-    such files cannot tell which decoder made them. Safety limits (`max_pixels`) are not
-    part of the record; the caller sets them.
+    such files cannot tell which decoder made them. Unknown keys are kept, so they compare
+    unequal rather than vanish.
     """
-    if record is None:
-        return DecodeOptions()
-    record = dict(record)
-    version = record.pop(VERSION_KEY, DECODER_VERSION)
+    limits = {f.name for f in fields(DecodeOptions)} - set(pixel_fields())
+    recorded = {key: value for key, value in (record or {}).items() if key not in limits}
+    return {**decode_record(DecodeOptions()), **recorded}
+
+
+def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOptions:
+    """DecodeOptions that reproduce `record`, or a ValueError saying why this lungray cannot.
+
+    `where` names the record's owner (a model directory, an ingest) for the message. Limits
+    (`max_pixels`) are not part of the record: the caller sets them.
+    """
+    record = normalized_record(record)
+    version = record.pop(VERSION_KEY)
     if version != DECODER_VERSION:
         raise ValueError(
             f"{where} was made with images from lungray decoder version {version}; this lungray decodes with "
             f"version {DECODER_VERSION} and cannot reproduce those pixels: use a lungray with decoder version "
             f"{version}, or re-ingest and retrain"
         )
-    known = set(pixel_fields())
-    limits = {f.name for f in fields(DecodeOptions)} - known
-    unknown = sorted(set(record) - known - limits)
+    unknown = sorted(set(record) - set(pixel_fields()))
     if unknown:
-        raise ValueError(f"{where} records decode options {unknown} that this lungray does not know; it cannot honour them")
+        raise ValueError(f"{where} records decode options {unknown} that this lungray does not know, so it cannot honour them")
     try:
-        return DecodeOptions(**{name: value for name, value in record.items() if name in known})
+        return DecodeOptions(**record)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where} records decode options this lungray cannot honour: {exc}") from exc
