@@ -127,9 +127,9 @@ def preprocess(image: np.ndarray, config: PreprocessConfig, mask: np.ndarray | N
     square = fit_aspect(image, config.aspect)
     small = resize(square, config.size, config.interpolation)
     counted = None
-    if mask is not None:
-        coverage = resize(fit_aspect(mask.astype(np.float32), config.aspect), config.size, config.interpolation)
-        counted = coverage >= 1.0 - 1e-6
+    if mask is not None:  # the share of padding in each output pixel; the aspect policy's borders are not padding
+        padding = resize(fit_aspect((~mask).astype(np.float32), config.aspect), config.size, config.interpolation)
+        counted = padding <= 1e-6
     stretched = normalize_intensity(small, config.intensity, config.percentile_low, config.percentile_high, counted)
     return quantize(stretched, config.dtype)
 

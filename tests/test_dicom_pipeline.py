@@ -261,6 +261,14 @@ def test_padding_is_kept_out_of_the_percentile_stretch() -> None:
     assert not np.allclose(preprocess(decoded.image, config) / 65535.0, expected, atol=2e-3)
 
 
+@pytest.mark.parametrize("aspect", ["squash", "pad"])
+def test_a_mask_without_padding_changes_nothing(aspect: str) -> None:
+    """Only padding leaves the stretch: the aspect policy's own black borders count as before."""
+    image = decode(dicom_dataset(film(96, 64), bits_stored=12)).image
+    config = PreprocessConfig(size=32, aspect=aspect)
+    np.testing.assert_array_equal(preprocess(image, config, np.ones(image.shape, bool)), preprocess(image, config))
+
+
 def test_no_padding_value_means_no_mask() -> None:
     decoded = decode(dicom_dataset(film(), bits_stored=12))
     assert decoded.ok and decoded.mask is None

@@ -2,7 +2,9 @@
 
 Every stage (ingest, screening, evaluation) decodes through `decode_bytes`, which never
 raises: a file that cannot be used comes back as a `Decoded` with `error` set, so a data
-pipeline can keep one row per input file and say why a file was not used.
+pipeline can keep one row per input file and say why a file was not used. A DICOM image
+with pixel padding comes with `Decoded.mask` (False on padding), which
+`lungray.preprocess.preprocess` takes to keep the padding out of the intensity stretch.
 """
 
 from __future__ import annotations
