@@ -18,7 +18,7 @@ import pytest
 from dicom_factory import dicom_bytes, dicom_dataset
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
 
 from lungray.io.decode import DecodeOptions, decode_bytes
 from lungray.preprocess import PreprocessConfig, preprocess
@@ -285,6 +285,32 @@ def test_signed_storage_decodes_like_its_unsigned_twin() -> None:
     assert a.ok and b.ok, (a.error, b.error)
     np.testing.assert_allclose(b.image, a.image, atol=1e-6)
     np.testing.assert_allclose(b.image, unsigned / 4095.0, atol=1e-6)
+
+
+# --- colour: palette and YBR become luma ---------------------------------------------
+
+
+def bt601(rgb: np.ndarray) -> np.ndarray:
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", "OBXXXX1A_expb.dcm"])
+def test_palette_reference_files_become_the_luma_of_pydicom_colour_lut(name: str) -> None:
+    data, ds = reference(name)
+    decoded = decode_bytes(data, name)
+    assert decoded.ok, decoded.error
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float64)
+    expected = bt601(rgb) / ((1 << ds.RedPaletteColorLookupTableDescriptor[2]) - 1)
+    np.testing.assert_allclose(decoded.image, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["SC_ybr_full_uncompressed.dcm", "SC_ybr_full_422_uncompressed.dcm"])
+def test_ybr_reference_files_agree_with_their_rgb_twin(name: str) -> None:
+    """pydicom ships one image as RGB and as YBR; YBR -> RGB conversion rounds by a level or two."""
+    rgb = decode_bytes(reference("SC_rgb.dcm")[0], "rgb.dcm")
+    ybr = decode_bytes(reference(name)[0], name)
+    assert ybr.ok, ybr.error
+    assert np.abs(ybr.image - rgb.image).max() <= 3 / 255
 
 
 # --- failures keep the header's study ------------------------------------------------
