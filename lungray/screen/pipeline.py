@@ -3,9 +3,9 @@
 list -> (incremental: drop files this model already scored at the same size and mtime)
 -> CPU decode tasks (the ingest's read/decode/preprocess, driven by the model's recorded
 decode options and preprocessing; a model whose decode this lungray cannot reproduce is
-refused before anything is read) -> model actors (GPU when there are GPUs) -> small result rows streamed
-to the driver -> one images and one studies Parquet file per date, published atomically
-with the run summary (see `lungray.screen.commit`).
+refused before anything is read) -> model actors (GPU when there are GPUs) -> small
+result rows streamed to the driver -> one images and one studies Parquet file per date,
+published atomically with the run summary (see `lungray.screen.commit`).
 """
 
 from __future__ import annotations
