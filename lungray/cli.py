@@ -103,7 +103,7 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
     return ScreenConfig(
         model=args.model, input=args.input, output=args.output, incremental=args.incremental,
         aggregate=args.aggregate, explain=args.explain, batch_size=args.batch_size, actors=args.actors, gpu=args.gpu,
-        decode=DecodeOptions(max_pixels=args.max_pixels), **optional,
+        max_pixels=args.max_pixels, **optional,
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lungray.evaluate import check_preprocessing, score_split
 from lungray.ingest import load_summary
+from lungray.io.base import normalized_record
 from lungray.modeldir import ModelDir, load_model_dir, read_meta, save_model_dir
 from lungray.models import Ensemble, EnsembleConfig, count_parameters
 from lungray.models.ensemble import TTA_VIEWS
@@ -50,6 +51,7 @@ def build_ensemble_dir(
     meta = {
         "architecture": config.to_dict(),
         "preprocess": preprocess,
+        "decode": normalized_record(summary.get("decode")),  # the members' too: check_preprocessing compared them
         **operating_point(val_label, val_prob, min_sensitivity),
         "members": [
             {"model_id": member.model_id, "source": str(member.path), "val_metrics": member.meta.get("val_metrics")}

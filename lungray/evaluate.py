@@ -17,6 +17,7 @@ import ray.data
 from ray.data.expressions import col
 
 from lungray.ingest import load_summary
+from lungray.io.base import normalized_record
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.metrics import binary_metrics
 from lungray.modeldir import ModelDir, load_model_dir
@@ -38,13 +39,17 @@ def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "la
 
 
 def check_preprocessing(model: ModelDir, summary: dict[str, Any], data: str) -> None:
-    """Refuse data preprocessed differently from the model's training data: its scores would
-    describe inputs the model never saw."""
+    """Refuse data decoded or preprocessed differently from the model's training data: its
+    scores would describe inputs the model never saw. Records from before decode options
+    were kept read as the defaults (`lungray.io.base.normalized_record`)."""
     if summary["preprocess"] != model.meta["preprocess"]:
         raise ValueError(
             f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "
             f"{data} was preprocessed with {summary['preprocess']}"
         )
+    trained_on, given = normalized_record(model.meta.get("decode")), normalized_record(summary.get("decode"))
+    if trained_on != given:
+        raise ValueError(f"{model.path} was trained on images decoded with {trained_on}, {data} was decoded with {given}")
 
 
 def score_split(model: ModelDir, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from lungray import sources, split
+from lungray.io.base import decode_record
 from lungray.io.decode import DecodeOptions, patient_key
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
 from lungray.io.rows import dataset_of_blocks, rows_table
@@ -239,7 +240,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         "errors_by_reason": count_by([str(e).split(":")[0] for e in errors["error"].to_pylist()]),
         "splits": split.split_summary(assigned, labels, ok_meta["patient_key"].to_pylist()),
         "preprocess": config.preprocess.to_dict(),
-        "decode": asdict(config.decode),
+        "decode": {**asdict(config.decode), **decode_record(config.decode)},  # with the decoder version
         "fractions": list(config.fractions),
         "holdout": list(config.holdout),
         "seed": config.seed,

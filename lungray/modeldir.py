@@ -5,7 +5,10 @@ Layout:
   directory from anywhere never runs code (a pickled state_dict could).
 - `model.json`: everything needed to rebuild and use the weights: `architecture`
   (a ModelConfig, or an EnsembleConfig of several), `preprocess` (PreprocessConfig, so scoring reproduces the training input
-  exactly), `classes`, `threshold`, plus the training record that export adds (metrics,
+  exactly), `decode` (the decode options that change pixels and the decoder version, from
+  the ingest: `lungray.io.base.decode_record`; a model.json without it, written before it was
+  recorded, is read as the default options of this decoder), `classes`, `threshold`, plus
+  the training record that export adds (metrics,
   history, data fingerprint, versions). `format_version` guards readers against layouts
   they do not know; `weights_sha256` ties the JSON to its weights.
 
@@ -32,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from lungray.io.base import DecodeOptions, options_from_record
 from lungray.models import build_from_architecture
 from lungray.models.fold import fold_batchnorm
 from lungray.preprocess import DTYPES, PreprocessConfig, to_float
@@ -65,6 +69,11 @@ class ModelDir:
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+    @property
+    def decode(self) -> DecodeOptions:
+        """The decode options its training images were made with; ValueError if this lungray cannot honour them."""
+        return options_from_record(self.meta.get("decode"), f"model {self.path}")
 
     def with_folded_batchnorm(self) -> ModelDir:
         """The same model directory scoring through `fold_batchnorm`: faster, for scoring only."""

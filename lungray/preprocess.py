@@ -15,7 +15,9 @@ Steps, each a small function with its own test (MONAI-style):
    pixel covers) by default.
 3. `normalize_intensity`: "percentile" (default) stretches the 0.5th..99.5th percentile to
    [0,1] per image so that the input does not depend on a scanner's exposure, bit depth
-   or windowing; "none" keeps the decoder's scaling.
+   or windowing; "none" keeps the decoder's scaling. Padding (pixels the decoder's mask marks
+   False: DICOM Pixel Padding, black already) does not count in the percentiles, so a frame
+   of padding neither sets the scale nor, with the image's own dark pixels, turns white.
 4. `quantize`: uint8 (default; 8 bits are what the screens and most public sets carry) or
    uint16.
 """
@@ -93,11 +95,18 @@ def resize(image: np.ndarray, size: int, interpolation: str = "area") -> np.ndar
     return np.asarray(resized, dtype=np.float32)
 
 
-def normalize_intensity(image: np.ndarray, policy: str, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Per-image percentile stretch, so exposure and bit depth do not reach the model."""
+def normalize_intensity(
+    image: np.ndarray, policy: str, low: float = 0.5, high: float = 99.5, counted: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-image percentile stretch, so exposure and bit depth do not reach the model.
+
+    `counted` (bool, the image's shape) limits the percentiles to those pixels (the image
+    without its padding); None, or no pixel counted, counts every pixel.
+    """
     if policy == "none":
         return np.clip(image, 0.0, 1.0)
-    lo, hi = np.percentile(image, [low, high])
+    sample = image if counted is None or not counted.any() else image[counted]
+    lo, hi = np.percentile(sample, [low, high])
     if hi - lo < 1e-6:  # a flat image has no contrast to stretch
         return np.clip(image, 0.0, 1.0)
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -109,11 +118,19 @@ def quantize(image: np.ndarray, dtype: str) -> np.ndarray:
     return np.rint(np.clip(image, 0.0, 1.0) * scale).astype(DTYPES[dtype])
 
 
-def preprocess(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Decoded 2-D float image in [0,1] -> stored (size, size) integer tensor."""
+def preprocess(image: np.ndarray, config: PreprocessConfig, mask: np.ndarray | None = None) -> np.ndarray:
+    """Decoded 2-D float image in [0,1] -> stored (size, size) integer tensor.
+
+    `mask` is the decoder's padding mask (`Decoded.mask`: False on padding, None for none):
+    output pixels made wholly of image count in the percentile stretch; padding stays black.
+    """
     square = fit_aspect(image, config.aspect)
     small = resize(square, config.size, config.interpolation)
-    stretched = normalize_intensity(small, config.intensity, config.percentile_low, config.percentile_high)
+    counted = None
+    if mask is not None:  # the share of padding in each output pixel; the aspect policy's borders are not padding
+        padding = resize(fit_aspect((~mask).astype(np.float32), config.aspect), config.size, config.interpolation)
+        counted = padding <= 1e-6
+    stretched = normalize_intensity(small, config.intensity, config.percentile_low, config.percentile_high, counted)
     return quantize(stretched, config.dtype)
 
 

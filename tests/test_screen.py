@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pydicom
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
@@ -93,12 +94,16 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     studies = pq.read_table(output / "studies").to_pylist()
     assert STUDY_COLUMNS <= set(studies[0])
     by_study = {row["study_id"]: row for row in studies}
-    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk"}
+    # A DICOM file that fails to decode counts in its header's study, the rest of the junk in its folder's.
+    header_studies = {junk: pydicom.dcmread(archive / "junk" / junk, stop_before_pixels=True).StudyInstanceUID for junk in ("truncated.dcm", "report-sr.dcm", "bomb.dcm")}
+    assert all(rows[junk]["study_id"] == study for junk, study in header_studies.items())
+    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk", *header_studies.values()}
+    assert all(by_study[study]["n_errors"] == 1 for study in header_studies.values())
     normal = by_study["study-normal"]
     normal_probs = [row["prob"] for row in ok_rows if row["study_id"] == "study-normal"]
     assert normal["n_images"] == 6 and normal["n_errors"] == 0 and normal["prob"] == pytest.approx(max(normal_probs))
     assert normal["flagged"] == (normal["prob"] >= 0.5) and normal["threshold"] == 0.5
-    assert by_study["junk"]["n_errors"] == 7 and by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
+    assert by_study["junk"]["n_errors"] == 4 and by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
 
     run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
     assert run["by_status"] == {"ok": 14, "error": 7} and run["files_listed"] == 21

@@ -2,21 +2,26 @@
 
 Every stage (ingest, screening, evaluation) decodes through `decode_bytes`, which never
 raises: a file that cannot be used comes back as a `Decoded` with `error` set, so a data
-pipeline can keep one row per input file and say why a file was not used.
+pipeline can keep one row per input file and say why a file was not used. A DICOM image
+with pixel padding comes with `Decoded.mask` (False on padding), which
+`lungray.preprocess.preprocess` takes to keep the padding out of the intensity stretch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import posixpath
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
+from lungray.io.base import DecodeError, Decoded, DecodeOptions, rgb_to_gray
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -25,32 +30,6 @@ DEFAULT_SALT = "lungray-default-salt"
 
 # PIL's own bomb check would raise or warn inconsistently; lungray applies its own limit.
 Image.MAX_IMAGE_PIXELS = None
-
-
-class DecodeError(Exception):
-    """A file that cannot be used; its message becomes the row's `error`."""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Knobs of the decoder; defaults suit chest radiographs."""
-
-    apply_voi: bool = True
-    max_pixels: int = 100_000_000  # rows x cols x frames x samples, refused from the header
-    frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
-
-
-@dataclass
-class Decoded:
-    """A decoded image (float32, 2-D, [0,1], bone white) and its metadata, or an error."""
-
-    image: np.ndarray | None
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def patient_key(patient_id: str | None, salt: str | None = None) -> str | None:
@@ -75,11 +54,6 @@ def sniff_format(data: bytes) -> str:
     if data[128:132] == b"DICM":
         return "dicom"
     return "unknown"
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma, the weights PIL and pydicom use."""
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
 def _raster_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
@@ -119,7 +93,11 @@ def decode_bytes(
     options: DecodeOptions | None = None,
     salt: str | None = None,
 ) -> Decoded:
-    """Decode one file; never raises. `relpath` is the path relative to the archive root."""
+    """Decode one file; never raises. `relpath` is the path relative to the archive root.
+
+    A DICOM file that fails to decode keeps what its header said (study/series/SOP UIDs)
+    in `meta`, so its error row is counted in its study.
+    """
     from lungray.io import dicom  # local import keeps PNG-only users free of pydicom start-up
 
     options = options or DecodeOptions()
@@ -127,20 +105,26 @@ def decode_bytes(
     if len(data) == 0:
         return Decoded(None, base_meta, "empty file")
     fmt = sniff_format(data)
+    mask = None
     try:
         if fmt in ("dicom", "unknown"):
-            image, meta = dicom.decode_dicom(data, options, salt)
+            image, meta, mask = dicom.decode_dicom(data, options, functools.partial(patient_key, salt=salt))
         else:
             image, meta = decode_raster(data, fmt, options)
     except DecodeError as exc:
-        return Decoded(None, {**base_meta, "format": fmt}, str(exc))
+        return Decoded(None, merge_meta(base_meta, {"format": fmt, **exc.meta}), str(exc))
     except MemoryError:
         return Decoded(None, {**base_meta, "format": fmt}, "out of memory while decoding")
     except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything; the file becomes an error row
         return Decoded(None, {**base_meta, "format": fmt}, f"{fmt} decode failed: {type(exc).__name__}: {exc}"[:500])
+    meta = merge_meta(base_meta, meta)
     if image.ndim != 2 or image.size == 0:
-        return Decoded(None, {**base_meta, **meta}, f"decoded to an unusable shape {image.shape}")
+        return Decoded(None, meta, f"decoded to an unusable shape {image.shape}")
     if not np.isfinite(image).all():
-        return Decoded(None, {**base_meta, **meta}, "decoded image contains NaN or infinity")
-    meta = {**base_meta, **{k: v for k, v in meta.items() if v is not None or k not in base_meta}}
-    return Decoded(np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), meta)
+        return Decoded(None, meta, "decoded image contains NaN or infinity")
+    return Decoded(np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), meta, mask=mask)
+
+
+def merge_meta(base_meta: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's metadata over the path-derived defaults, except where the decoder found nothing."""
+    return {**base_meta, **{k: v for k, v in meta.items() if v is not None or k not in base_meta}}

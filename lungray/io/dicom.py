@@ -1,32 +1,54 @@
-"""DICOM to a [0,1] image in the order the standard's grayscale pipeline implies.
+"""DICOM to a [0,1] image (bone white) by the standard's grayscale pipeline, in pydicom's functions.
 
-stored values -> Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence)
--> VOI LUT (Window Center/Width, or VOI LUT Sequence; switchable) -> MONOCHROME1
-inversion -> [0,1]. Without a VOI, the scale is the full output range of the modality
-transform (not the image's own min/max), so two encodings of one image agree exactly.
+stored values -> Modality LUT (`apply_modality_lut`: Rescale Slope/Intercept or Modality
+LUT Sequence) -> VOI (`apply_voi` on integer modality values for a VOI LUT Sequence, else
+`apply_windowing` for Window Center/Width: LINEAR, LINEAR_EXACT, SIGMOID; switchable) ->
+Presentation (`apply_presentation_lut`) -> [0,1].
+
+- Without a VOI, the scale is the full output range of the modality transform over every
+  storable value (not the image's own min/max), so two encodings of one image agree and
+  image content (padding included) never sets the scale.
+- Invalid windows (LINEAR width < 1, LINEAR_EXACT/SIGMOID width <= 0, non-finite) are
+  errors, as pydicom raises them: never NaN, never a film silently inverted.
+- Polarity: a Presentation LUT Shape, when present, decides it (INVERSE inverts, IDENTITY
+  does not; PS3.3 C.8.11.6.1.2 asks MONOCHROME1 films to carry INVERSE, MONOCHROME2 films
+  IDENTITY, so in a conforming file it agrees with the photometric interpretation and the
+  inversion happens once); a Presentation LUT Sequence maps to P-values directly; with
+  neither, MONOCHROME1 is inverted.
+- Pixel padding (Pixel Padding Value, with Pixel Padding Range Limit an inclusive range in
+  either order; PS3.3 C.7.5.1.1.2): matched on stored values, before the modality LUT, so
+  MONOCHROME1 and signed storage need nothing special. Padding pixels come out 0 (black)
+  and are returned as a mask (False on padding) that `lungray.preprocess.preprocess` uses to
+  keep them out of the percentile stretch.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing, pixel_array
 
-from lungray.io.decode import DecodeError, DecodeOptions, patient_key, rgb_to_gray
+from lungray.io.base import DecodeError, DecodeOptions, rgb_to_gray
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber")
+# Optional elements that some writers leave empty; empty means absent to the standard, not to pydicom.
+EMPTY_MEANS_ABSENT = ("VOILUTFunction", "PresentationLUTShape", "PixelPaddingValue", "PixelPaddingRangeLimit")
 
 # pydicom logs header values (names included) when it meets invalid elements; errors here are values.
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 LUT_RANGE_ENUMERATION_LIMIT = 1 << 17  # enumerate stored values up to 17 bits to find a LUT's range
+
+KeyPatient = Callable[[str | None], str | None]
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -46,19 +68,26 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def header_metadata(ds: Dataset, salt: str | None) -> dict[str, Any]:
-    """Fields the later stages need; the patient ID only as a salted hash, never the name."""
+def header_metadata(ds: Dataset, key_patient: KeyPatient) -> dict[str, Any]:
+    """Fields the later stages need; the patient ID only through `key_patient`, never the name.
+
+    Read before any pixel is touched and tolerant of damaged elements, so that a file whose
+    pixels fail still reports its study.
+    """
 
     def text(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        return str(value) if value not in (None, "") else None
+        try:
+            value = ds.get(keyword)
+            return str(value) if value not in (None, "") else None
+        except Exception:  # noqa: BLE001 - a damaged element is missing, not fatal
+            return None
 
     return {
         "format": "dicom",
         "study_id": text("StudyInstanceUID"),
         "series_uid": text("SeriesInstanceUID"),
         "sop_uid": text("SOPInstanceUID"),
-        "patient_key": patient_key(text("PatientID"), salt),
+        "patient_key": key_patient(text("PatientID")),
         "modality": text("Modality"),
         "view_position": text("ViewPosition"),
         "body_part": text("BodyPartExamined"),
@@ -107,33 +136,127 @@ def modality_output_range(ds: Dataset) -> tuple[float, float]:
     return float(np.min(mapped)), float(np.max(mapped))
 
 
-def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """VOI windowing straight to [0,1] (PS3.3 C.11.2.1.2: LINEAR, LINEAR_EXACT, SIGMOID)."""
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    if width < 1:
-        raise DecodeError(f"invalid VOI window width {width} for LINEAR")
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+def scale_to_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi == lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32, copy=False)
 
 
-def first_value(value: Any) -> float:
-    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+def lut_input(values: np.ndarray) -> np.ndarray:
+    """Integer input for a lookup table, which the standard indexes by integer values: a
+    non-integer modality output (a fractional Rescale Slope) goes to the nearest, halves up
+    (pydicom would truncate a float array)."""
+    if np.issubdtype(values.dtype, np.integer):
+        return values
+    return np.floor(values + 0.5).astype(np.int64)
 
 
-def apply_voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | None:
-    """The dataset's first VOI (LUT sequence preferred, as pydicom does), or None when it has none."""
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        item = ds.VOILUTSequence[0]
-        output_bits = int(item.LUTDescriptor[2])
-        out = apply_voi(values, ds, index=0)
-        return np.clip(out / float((1 << output_bits) - 1), 0.0, 1.0), "voi_lut_sequence"
-    if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter not in (None, "") and ds.WindowWidth not in (None, ""):
-        center, width = first_value(ds.WindowCenter), first_value(ds.WindowWidth)
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return window(values, center, width, function), f"window {center:g}/{width:g} {function}"
-    return None
+def has_voi_lut_sequence(ds: Dataset) -> bool:
+    """pydicom's own test (`apply_voi_lut`): an item with both descriptor and data."""
+    return bool(ds.get("VOILUTSequence")) and None not in (
+        ds.VOILUTSequence[0].get("LUTDescriptor"),
+        ds.VOILUTSequence[0].get("LUTData"),
+    )
+
+
+def first_window(ds: Dataset) -> tuple[float, float, str] | None:
+    """(center, width, function) of the first window, as `apply_windowing` reads it, or None."""
+    if ds.get("WindowCenter") in (None, "") or ds.get("WindowWidth") in (None, ""):
+        return None
+    center, width = (ds[k].value[0] if ds[k].VM > 1 else ds[k].value for k in ("WindowCenter", "WindowWidth"))
+    return float(center), float(width), str(ds.get("VOILUTFunction", "LINEAR")).upper()
+
+
+def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | None:
+    """The dataset's first VOI on modality values, scaled to [0,1] by the VOI's own output
+    range; None when it has none. A VOI LUT Sequence is preferred, as pydicom does."""
+    if has_voi_lut_sequence(ds):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return scale_to_unit(apply_voi(lut_input(values), ds, index=0), 0.0, float((1 << bits) - 1)), "voi_lut_sequence"
+    window = first_window(ds)
+    if window is None:
+        return None
+    center, width, function = window
+    description = f"window {center:g}/{width:g} {function}"
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise DecodeError(f"invalid VOI window ({description}): center and width must be finite numbers")
+    try:
+        windowed = apply_windowing(values, ds, index=0)
+        with np.errstate(over="ignore"):  # SIGMOID at +-inf: exp overflows to the range's ends
+            lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, index=0)
+    except ValueError as exc:  # pydicom's checks: LINEAR width < 1, LINEAR_EXACT/SIGMOID width <= 0, unknown function
+        raise DecodeError(f"invalid VOI window ({description}): {exc}") from None
+    return scale_to_unit(windowed, float(lo), float(hi)), description
+
+
+def to_presentation(image: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """[0,1] VOI output -> [0,1] P-values (bright = dense), by the Presentation LUT if the file has one.
+
+    pydicom scales its input by the array's own min and max; the ends of the VOI output
+    range are appended so that the scale is that range, as the standard defines it. For a
+    Presentation LUT Sequence the input is given as LUT indices (the nearest entry), so that
+    pydicom's scaling is exact and its truncation cannot drop an entry.
+    """
+    try:
+        if "PresentationLUTSequence" in ds:
+            entries, _, bits = (int(v) for v in ds.PresentationLUTSequence[0].LUTDescriptor)
+            entries = entries or 1 << 16
+            indices = np.rint(image.ravel() * (entries - 1))
+            with_ends = np.concatenate([indices, np.array([0.0, entries - 1.0])])
+            p_values = apply_presentation_lut(with_ends, ds)[:-2].reshape(image.shape)
+            return scale_to_unit(p_values, 0.0, float((1 << bits) - 1))
+        if "PresentationLUTShape" in ds:
+            with_ends = np.concatenate([image.ravel(), np.array([0.0, 1.0], dtype=image.dtype)])
+            return apply_presentation_lut(with_ends, ds)[:-2].reshape(image.shape)
+    except NotImplementedError as exc:
+        raise DecodeError(f"unsupported Presentation LUT: {exc}") from None
+    return 1.0 - image if photometric == "MONOCHROME1" else image
+
+
+def stored_padding_value(value: Any, ds: Dataset) -> int:
+    """A padding value in stored-value space; a negative value written as US is read back signed."""
+    value = int(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+    bits = int(ds.get("BitsAllocated", 16))
+    if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 1 << (bits - 1):
+        value -= 1 << bits
+    return value
+
+
+def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """False where a stored value is padding (PS3.3 C.7.5.1.1.2); None when no pixel is."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    value = stored_padding_value(ds.PixelPaddingValue, ds)
+    limit = stored_padding_value(ds.PixelPaddingRangeLimit, ds) if "PixelPaddingRangeLimit" in ds else value
+    lo, hi = min(value, limit), max(value, limit)
+    padding = (stored >= lo) & (stored <= hi)
+    return ~padding if padding.any() else None
+
+
+def grayscale_to_unit(stored: np.ndarray, ds: Dataset, photometric: str, apply_voi_lut: bool) -> tuple[np.ndarray, str | None]:
+    """Stored grayscale values -> ([0,1] P-values, the VOI applied or None).
+
+    Every step is a function of the stored value alone, so for integer storage up to 17
+    bits the pipeline runs once over every storable value and the image is a lookup in
+    that table: the same values as running it on the pixels, without pydicom's
+    per-pixel masking passes over a 2,000 px film (about 3x faster when a window applies).
+    """
+    lo, hi = stored_value_range(ds)
+    if np.issubdtype(stored.dtype, np.integer) and hi - lo < LUT_RANGE_ENUMERATION_LIMIT:
+        table, description = grayscale_pipeline(np.arange(lo, hi + 1), ds, photometric, apply_voi_lut)
+        indices = stored if lo == 0 else stored.astype(np.int32) - lo
+        return np.take(table, indices, mode="clip"), description
+    return grayscale_pipeline(stored, ds, photometric, apply_voi_lut)
+
+
+def grayscale_pipeline(stored: np.ndarray, ds: Dataset, photometric: str, apply_voi_lut: bool) -> tuple[np.ndarray, str | None]:
+    values = apply_modality_lut(stored, ds)
+    voi = voi_to_unit(values, ds) if apply_voi_lut else None
+    if voi is None:
+        image, description = scale_to_unit(values, *modality_output_range(ds)), None
+    else:
+        image, description = voi
+    return to_presentation(np.clip(image, 0.0, 1.0), ds, photometric), description
 
 
 def select_frame(frames: int, policy: str) -> int:
@@ -166,39 +289,54 @@ def redact(message: str, secrets: list[str]) -> str:
     return "".join(char if char.isprintable() else "?" for char in message)[:300]
 
 
-def decode_dicom(data: bytes, options: DecodeOptions, salt: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """DICOM bytes -> ([0,1] float32 2-D image, metadata); raises DecodeError for unusable files.
-
-    Error messages never carry the patient's name or IDs, even where pydicom quotes them.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = read_dataset(data)
-        secrets = identifying_values(ds)
-        try:
-            return _decode_dataset(ds, options, salt)
-        except DecodeError as exc:
-            raise DecodeError(redact(str(exc), secrets)) from None
-        except Exception as exc:  # noqa: BLE001 - codecs raise anything; scrub before it becomes a row
-            raise DecodeError(redact(f"dicom decode failed: {type(exc).__name__}: {exc}", secrets)) from None
-
-
-def _decode_dataset(ds: Dataset, options: DecodeOptions, salt: str | None) -> tuple[np.ndarray, dict[str, Any]]:
-    meta = header_metadata(ds, salt)
-    rows, cols, frames, samples = check_pixel_header(ds, options)
-    frame_index = select_frame(frames, options.frame)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    meta.update(rows=rows, cols=cols, frames=frames, frame_index=frame_index, photometric=photometric)
-
+def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> np.ndarray:
+    """The stored values of one frame (any size: padding and LUTs work element-wise)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
-        stored = pixel_array(ds, index=frame_index if frames > 1 else None)
+        return pixel_array(ds, index=frame_index if frames > 1 else None)
     except (NotImplementedError, RuntimeError) as exc:
-        raise DecodeError(f"unsupported or undecodable transfer syntax {meta['transfer_syntax']}: {exc}") from exc
+        raise DecodeError(f"unsupported or undecodable transfer syntax {ds.file_meta.get('TransferSyntaxUID')}: {exc}") from exc
     except ValueError as exc:
         message = str(exc)
         if "length" in message or "truncat" in message or "expected" in message:
             raise DecodeError(f"truncated or malformed pixel data: {message}") from exc
         raise DecodeError(f"pixel data could not be decoded: {message}") from exc
+
+
+def decode_dicom(
+    data: bytes, options: DecodeOptions, key_patient: KeyPatient
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """DICOM bytes -> ([0,1] float32 2-D image, metadata, padding mask or None).
+
+    Raises DecodeError for unusable files, carrying the header's metadata (UIDs) when the
+    header could be read. Error messages never carry the patient's name or IDs, even where
+    pydicom quotes them. `key_patient` turns the patient ID into the stored key.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = read_dataset(data)
+        secrets = identifying_values(ds)
+        meta = header_metadata(ds, key_patient)
+        try:
+            image, mask = _decode_pixels(ds, options, meta)
+        except DecodeError as exc:
+            raise DecodeError(redact(str(exc), secrets), meta) from None
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything; scrub before it becomes a row
+            raise DecodeError(redact(f"dicom decode failed: {type(exc).__name__}: {exc}", secrets), meta) from None
+        return image, meta, mask
+
+
+def _decode_pixels(ds: Dataset, options: DecodeOptions, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image and its padding mask; fills `meta` with the pixel header as it goes."""
+    rows, cols, frames, samples = check_pixel_header(ds, options)
+    frame_index = select_frame(frames, options.frame)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    meta.update(rows=rows, cols=cols, frames=frames, frame_index=frame_index, photometric=photometric, voi=None)
+    for keyword in EMPTY_MEANS_ABSENT:
+        if keyword in ds and ds[keyword].value in (None, ""):
+            del ds[keyword]
+
+    stored = read_stored_pixels(ds, frame_index, options)
 
     if photometric not in MONOCHROME:
         # pydicom returns YBR as RGB and PALETTE COLOR as indices; both become luma.
@@ -212,17 +350,11 @@ def _decode_dataset(ds: Dataset, options: DecodeOptions, salt: str | None) -> tu
         if stored.ndim != 3:
             raise DecodeError(f"unexpected pixel shape {stored.shape} for {photometric}")
         full_scale = float((1 << bits) - 1)
-        meta["voi"] = None
-        return (rgb_to_gray(stored.astype(np.float64)) / full_scale).astype(np.float32), meta
+        return (rgb_to_gray(stored.astype(np.float64)) / full_scale).astype(np.float32), None
 
-    values = apply_modality_lut(stored, ds).astype(np.float64)
-    voi = apply_voi_to_unit(values, ds) if options.apply_voi else None
-    if voi is None:
-        lo, hi = modality_output_range(ds)
-        image = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-        meta["voi"] = None
-    else:
-        image, meta["voi"] = voi
-    if photometric == "MONOCHROME1":
-        image = 1.0 - image
-    return np.clip(image, 0.0, 1.0).astype(np.float32), meta
+    mask = padding_mask(stored, ds)
+    image, meta["voi"] = grayscale_to_unit(stored, ds, photometric, options.apply_voi)
+    image = image.astype(np.float32, copy=not image.flags.writeable)
+    if mask is not None:
+        image *= mask  # padding to 0
+    return image, mask

@@ -69,7 +69,7 @@ def process_file(
         row["error"] = decoded.error
         return row, None
     try:
-        tensor = preprocess(decoded.image, preprocess_config)
+        tensor = preprocess(decoded.image, preprocess_config, decoded.mask)
     except Exception as exc:  # noqa: BLE001 - e.g. an image too thin to resize; still one row
         row["error"] = f"preprocessing failed: {type(exc).__name__}: {exc}"[:500]
         return row, None

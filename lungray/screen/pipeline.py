@@ -2,9 +2,10 @@
 
 list -> (incremental: drop files this model already scored at the same size and mtime)
 -> CPU decode tasks (the ingest's read/decode/preprocess, driven by the model's recorded
-preprocessing) -> model actors (GPU when there are GPUs) -> small result rows streamed
-to the driver -> one images and one studies Parquet file per date, published atomically
-with the run summary (see `lungray.screen.commit`).
+decode options and preprocessing; a model whose decode this lungray cannot reproduce is
+refused before anything is read) -> model actors (GPU when there are GPUs) -> small
+result rows streamed to the driver -> one images and one studies Parquet file per date,
+published atomically with the run summary (see `lungray.screen.commit`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import ray
 
 from lungray import __version__
-from lungray.io.decode import DecodeOptions
+from lungray.io.base import DecodeOptions, decode_record, options_from_record
 from lungray.io.listing import FileEntry, join_uri, list_files
 from lungray.io.rows import dataset_of_blocks
 from lungray.modeldir import load_model_dir, read_meta
@@ -62,7 +63,7 @@ class ScreenConfig:
     actors: int | None = None  # default: one per GPU, else one per two CPUs
     gpu: bool = False  # GPU actors even if no GPU is up yet: the autoscaler starts GPU nodes for them
     files_per_task: int | None = None  # default: `files_per_task()`
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    max_pixels: int = DecodeOptions.max_pixels  # decompression bomb limit; the other decode options are the model's
     max_file_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
     return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32)
 
 
-def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: PreprocessConfig) -> pa.Table:
+def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: PreprocessConfig, decode: DecodeOptions) -> pa.Table:
     """Stream the files through decode tasks and model actors; returns one small row per file."""
     listing = pa.table(
         {
@@ -129,7 +130,7 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
     per_task = config.files_per_task or files_per_task(len(entries), cluster.get("CPU", 1.0))
     decoded = dataset_of_blocks(listing, per_task).map_batches(
         decode_for_screening,
-        fn_kwargs={"preprocess": preprocess, "decode": config.decode, "max_file_bytes": config.max_file_bytes},
+        fn_kwargs={"preprocess": preprocess, "decode": decode, "max_file_bytes": config.max_file_bytes},
         batch_format="pyarrow",
         batch_size=None,
     )
@@ -154,7 +155,7 @@ def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
 
 
 def add_overlays(
-    studies: pa.Table, images: pa.Table, config: ScreenConfig, model_path: Path, store: commit.Store, staging: str, moves: dict[str, str]
+    studies: pa.Table, images: pa.Table, config: ScreenConfig, decode: DecodeOptions, model_path: Path, store: commit.Store, staging: str, moves: dict[str, str]
 ) -> pa.Table:
     """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`."""
     flagged = [study for study, is_flagged in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist()) if is_flagged]
@@ -163,7 +164,7 @@ def add_overlays(
     model = load_model_dir(model_path)
     paths: dict[str, str] = {}
     for study, row in driving_images(images, flagged).items():
-        png = explain(row, model, config.decode, config.max_file_bytes)
+        png = explain(row, model, decode, config.max_file_bytes)
         if png is None:
             continue
         name = overlay_name(study)
@@ -183,6 +184,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     model_path = local_model_dir(config.model)
     meta = read_meta(model_path)
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+    decode = replace(options_from_record(meta.get("decode"), f"model {config.model}"), max_pixels=config.max_pixels)
     model_id, threshold = meta["model_id"], float(meta["threshold"])
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
 
@@ -196,7 +198,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
 
     scoring_started = time.time()
-    scored = score_files(to_score, config, preprocess) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
+    scored = score_files(to_score, config, preprocess, decode) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
     scoring_seconds = time.time() - scoring_started
     check_complete(scored, to_score)
     new_images = (
@@ -211,7 +213,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     staging = commit.staging_dir(store, run_id)
     moves: dict[str, str] = {}
     if config.explain:
-        new_studies = add_overlays(new_studies, current_images, config, model_path, store, staging, moves)
+        new_studies = add_overlays(new_studies, current_images, config, decode, model_path, store, staging, moves)
 
     statuses = new_images["status"].to_pylist()
     summary = {
@@ -229,6 +231,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         "studies_flagged": int(pc.sum(new_studies["flagged"]).as_py() or 0),
         "threshold": threshold,
         "aggregate": config.aggregate,
+        "decode": decode_record(decode),
         "images_per_second": round(len(to_score) / scoring_seconds, 2) if to_score and scoring_seconds > 0 else None,
         "wall_seconds": None,
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),

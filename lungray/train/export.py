@@ -20,6 +20,7 @@ from ray.train import Checkpoint
 
 import lungray
 from lungray.metrics import THRESHOLD_RULE, binary_metrics, choose_threshold
+from lungray.io.base import normalized_record
 from lungray.io.listing import is_s3, join_uri, write_bytes
 from lungray.modeldir import META_FILE, WEIGHTS_FILE, save_model_dir
 from lungray.models import ModelConfig, build_model, count_parameters
@@ -45,23 +46,28 @@ def operating_point(val_label: np.ndarray, val_prob: np.ndarray, min_sensitivity
     }
 
 
-def export_model_dir(checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float) -> None:
+def export_model_dir(
+    checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float, *, decode: dict[str, Any] | None
+) -> None:
     """Write the best weights of `checkpoint`'s run to `output` (local or s3://) as a model directory.
 
-    `preprocess` is the ingest's PreprocessConfig dict, copied so that scoring reproduces
-    the training input exactly. On S3 the directory is written locally, then uploaded
+    `preprocess` and `decode` are the ingest summary's, copied so that scoring reproduces
+    the training input exactly (`decode` None: an ingest from before decode options were
+    recorded, read as the defaults). On S3 the directory is written locally, then uploaded
     weights first and model.json last, so a reader that finds model.json finds its weights.
     """
     if not is_s3(str(output)):
-        save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity))
+        save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity, decode=decode))
         return
     with tempfile.TemporaryDirectory(prefix="lungray-export-") as staging:
-        save_model_dir(staging, *model_dir_contents(checkpoint, preprocess, min_sensitivity))
+        save_model_dir(staging, *model_dir_contents(checkpoint, preprocess, min_sensitivity, decode=decode))
         for name in (WEIGHTS_FILE, META_FILE):
             write_bytes(join_uri(str(output), name), (Path(staging) / name).read_bytes())
 
 
-def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_sensitivity: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def model_dir_contents(
+    checkpoint: Checkpoint, preprocess: dict[str, Any], min_sensitivity: float, *, decode: dict[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(best weights, model.json fields) of `checkpoint`'s run, the threshold chosen on its val probabilities."""
     with checkpoint.as_directory() as checkpoint_dir:
         progress = read_progress(checkpoint_dir)
@@ -70,6 +76,7 @@ def model_dir_contents(checkpoint: Checkpoint, preprocess: dict[str, Any], min_s
         "architecture": progress.architecture,
         "training": progress.hyperparameters,
         "preprocess": preprocess,
+        "decode": normalized_record(decode),
         **operating_point(state["best_val_label"].numpy(), state["best_val_prob"].numpy(), min_sensitivity),
         "history": progress.history,
         "data_fingerprint": progress.data_fingerprint,

@@ -384,5 +384,5 @@ def run_training(config: TrainConfig) -> str:
     result = build_trainer(config, loop, cpus_per_worker, storage).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training in {config.output} finished without a checkpoint")
-    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity)
+    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity, decode=summary.get("decode"))
     return config.output
