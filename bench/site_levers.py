@@ -59,7 +59,7 @@ def site_figures(model_dir: str, site: str, split: str, n_boot: int) -> dict:
         "auroc": auroc,
         "auroc_ci": [low, high],
         "specificity_at_sensitivity_0.95": specificity_at_sensitivity(cases.labels, prob, 0.95),
-        "stored_threshold": {k: at_threshold[k] for k in ("sensitivity", "specificity", "accuracy")},
+        "stored_threshold": {k: at_threshold[k] for k in ("threshold", "recall", "specificity", "accuracy")},
     }
 
 
