@@ -1,10 +1,11 @@
 """Nightly screening: an archive in, per-image and per-study predictions out, nothing lost.
 
 list -> (incremental: drop files this model already scored at the same size and mtime)
--> CPU decode tasks (the ingest's read/decode/preprocess, driven by the model's recorded
-preprocessing) -> model actors (GPU when there are GPUs) -> small result rows streamed
-to the driver -> one images and one studies Parquet file per date, published atomically
-with the run summary (see `lungray.screen.commit`).
+-> CPU decode tasks (the ingest's read/scope check/decode/preprocess, driven by the model's
+recorded preprocessing) -> model actors (GPU when there are GPUs) -> small result rows
+streamed to the driver -> (`pseudonymize`: identifying columns keyed) -> one images and
+one studies Parquet file per date, published atomically with the run summary (see
+`lungray.screen.commit`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from lungray import __version__
 from lungray.io.decode import DecodeOptions
 from lungray.io.listing import FileEntry, join_uri, list_files
 from lungray.io.rows import dataset_of_blocks
+from lungray.io.scope import Scope
 from lungray.modeldir import load_model_dir, read_meta
 from lungray.preprocess import PreprocessConfig
+from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 from lungray.screen import commit
 from lungray.screen.decode import SCREEN_COLUMNS, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
@@ -64,8 +67,12 @@ class ScreenConfig:
     files_per_task: int | None = None  # default: `files_per_task()`
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     max_file_bytes: int = 1 << 30
+    scope: Scope = field(default_factory=Scope)
+    pseudonymize: bool = False  # key every identifying column, for outputs that leave the site
+    throwaway_salt: bool = False  # without LUNGRAY_PATIENT_SALT, a random salt for this run (else refused)
 
     def __post_init__(self) -> None:
+        require_salt(self.throwaway_salt)
         dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
         for name in ("actors", "batch_size", "files_per_task"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -129,7 +136,7 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
     per_task = config.files_per_task or files_per_task(len(entries), cluster.get("CPU", 1.0))
     decoded = dataset_of_blocks(listing, per_task).map_batches(
         decode_for_screening,
-        fn_kwargs={"preprocess": preprocess, "decode": config.decode, "max_file_bytes": config.max_file_bytes},
+        fn_kwargs={"preprocess": preprocess, "decode": config.decode, "max_file_bytes": config.max_file_bytes, "scope": config.scope},
         batch_format="pyarrow",
         batch_size=None,
     )
@@ -154,16 +161,27 @@ def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
 
 
 def add_overlays(
-    studies: pa.Table, images: pa.Table, config: ScreenConfig, model_path: Path, store: commit.Store, staging: str, moves: dict[str, str]
+    studies: pa.Table,
+    images: pa.Table,
+    config: ScreenConfig,
+    model_path: Path,
+    store: commit.Store,
+    staging: str,
+    moves: dict[str, str],
+    listed_paths: dict[str, str],
 ) -> pa.Table:
-    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`."""
+    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`.
+
+    `listed_paths` maps the `path` written in the images table (keyed when pseudonymized)
+    to the file to read.
+    """
     flagged = [study for study, is_flagged in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist()) if is_flagged]
     if not flagged:
         return studies
     model = load_model_dir(model_path)
     paths: dict[str, str] = {}
     for study, row in driving_images(images, flagged).items():
-        png = explain(row, model, config.decode, config.max_file_bytes)
+        png = explain({**row, "path": listed_paths.get(row["path"], row["path"])}, model, config.decode, config.max_file_bytes)
         if png is None:
             continue
         name = overlay_name(study)
@@ -185,12 +203,18 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     model_id, threshold = meta["model_id"], float(meta["threshold"])
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
+    pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
 
     entries = list_files(config.input)
+    # The images table's path (and mtime) of each listed file: keyed when pseudonymized.
+    written_path = {entry.uri: pseudonymizer.key("path", entry.uri) if pseudonymizer else entry.uri for entry in entries}
     history = read_all_images(store, model_id)
     if config.incremental:
         seen = already_scored(history)
-        to_score = [entry for entry in entries if (entry.uri, entry.size, entry.mtime_ns) not in seen]
+        to_score = [
+            entry for entry in entries
+            if (written_path[entry.uri], entry.size, pseudonymizer.mtime(entry.mtime_ns) if pseudonymizer else entry.mtime_ns) not in seen
+        ]
     else:
         to_score = entries
     log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
@@ -199,6 +223,8 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     scored = score_files(to_score, config, preprocess) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
     scoring_seconds = time.time() - scoring_started
     check_complete(scored, to_score)
+    if pseudonymizer:
+        scored = pseudonymizer.table(scored)
     new_images = (
         scored.append_column("model_id", pa.array([model_id] * scored.num_rows, pa.string()))
         .append_column("run_id", pa.array([run_id] * scored.num_rows, pa.string()))
@@ -211,7 +237,8 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     staging = commit.staging_dir(store, run_id)
     moves: dict[str, str] = {}
     if config.explain:
-        new_studies = add_overlays(new_studies, current_images, config, model_path, store, staging, moves)
+        listed_paths = {written: uri for uri, written in written_path.items()}
+        new_studies = add_overlays(new_studies, current_images, config, model_path, store, staging, moves, listed_paths)
 
     statuses = new_images["status"].to_pylist()
     summary = {
@@ -224,7 +251,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         "files_listed": len(entries),
         "files_skipped": len(entries) - len(to_score),
         "files_scored": len(to_score),
-        "by_status": {"ok": statuses.count("ok"), "error": statuses.count("error")},
+        "by_status": {status: statuses.count(status) for status in ("ok", "error", "skipped")},
         "studies_written": new_studies.num_rows,
         "studies_flagged": int(pc.sum(new_studies["flagged"]).as_py() or 0),
         "threshold": threshold,
