@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -104,8 +105,9 @@ def test_ingest_sets_out_of_scope_objects_aside_with_their_reason(tmp_path: Path
     assert pq.read_table(tmp_path / "out" / "errors.parquet").num_rows == 0
     assert summary["by_status"] == {"ok": 3, "skipped": 5} and summary["files"] == 8
     assert summary["skipped_by_reason"]["out of scope: ViewPosition LATERAL is not one of PA,AP"] == 2
-    assert summary["scope"] == {"modality": ["CR", "DX"], "body_part": ["CHEST", "THORAX", "LUNG"], "view": ["PA", "AP"]}
-    assert summary["layout"]["skipped"] == "skipped.parquet"
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["scope"] == {"modality": ["CR", "DX"], "body_part": ["CHEST", "THORAX", "LUNG"], "view": ["PA", "AP"]}
+    assert written["layout"]["skipped"] == "skipped.parquet" and written["pseudonymized"] is False
 
 
 def test_ingest_merges_sources_and_study_ids(tmp_path: Path) -> None:

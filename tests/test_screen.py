@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pydicom
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
@@ -97,14 +98,15 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     studies = pq.read_table(output / "studies").to_pylist()
     assert STUDY_COLUMNS <= set(studies[0])
     by_study = {row["study_id"]: row for row in studies}
-    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk"}
+    sr_study = pydicom.dcmread(get_testdata_file("test-SR.dcm")).StudyInstanceUID  # a skipped object keeps its header's study
+    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk", sr_study}
     normal = by_study["study-normal"]
     normal_probs = [row["prob"] for row in ok_rows if row["study_id"] == "study-normal"]
     assert normal["n_images"] == 6 and normal["n_errors"] == 0 and normal["prob"] == pytest.approx(max(normal_probs))
     assert normal["flagged"] == (normal["prob"] >= 0.5) and normal["threshold"] == 0.5
     assert normal["n_skipped"] == 0
-    assert by_study["junk"]["n_errors"] == 6 and by_study["junk"]["n_skipped"] == 1
-    assert by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
+    assert by_study["junk"]["n_errors"] == 6 and by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
+    assert (by_study[sr_study]["n_images"], by_study[sr_study]["n_skipped"], by_study[sr_study]["flagged"]) == (1, 1, False)
 
     run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
     assert run["by_status"] == {"ok": 14, "error": 6, "skipped": 1} and run["files_listed"] == 21
@@ -183,7 +185,7 @@ def test_rerun_on_the_same_date_replaces_instead_of_duplicating(tmp_path: Path, 
     run_screen(config)
     images = images_table(output)
     assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
-    assert len(pq.read_table(output / "studies")) == 4
+    assert len(pq.read_table(output / "studies")) == 5
     assert len(list((output / "runs").glob("*.json"))) == 2
 
 
@@ -290,7 +292,7 @@ def test_s3_archive_in_and_outputs_out(tmp_path: Path, model_dir: Path, s3_bucke
     fs = pafs.S3FileSystem(endpoint_override=client.meta.endpoint_url.split("://")[1], scheme="http", region="us-east-1", access_key="testing", secret_key="testing")
     images = pq.read_table(f"{s3_bucket}/screen/images", filesystem=fs)
     assert images.num_rows == 21 and all(path.startswith(f"s3://{s3_bucket}/archive/") for path in images["path"].to_pylist())
-    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 4
+    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 5
     assert run_screen(config)["files_scored"] == 0
     keys = [obj["Key"] for obj in client.list_objects_v2(Bucket=s3_bucket, Prefix="screen/")["Contents"]]
     assert sum(key.startswith("screen/runs/") and key.endswith(".json") for key in keys) == 2
