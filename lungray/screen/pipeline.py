@@ -160,6 +160,14 @@ def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
         raise RuntimeError(f"screening produced {len(paths)} rows ({len(set(paths))} distinct) for {len(entries)} files")
 
 
+def as_written(entry: FileEntry, pseudonymizer: Pseudonymizer | None) -> tuple[str, int, int | None]:
+    """A listed file's (path, size, mtime_ns) as the images table holds them, the incremental
+    ledger's key: keyed when pseudonymized."""
+    if pseudonymizer is None:
+        return entry.uri, entry.size, entry.mtime_ns
+    return pseudonymizer.key("path", entry.uri), entry.size, pseudonymizer.mtime(entry.mtime_ns)
+
+
 def add_overlays(
     studies: pa.Table,
     images: pa.Table,
@@ -206,15 +214,11 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
 
     entries = list_files(config.input)
-    # The images table's path (and mtime) of each listed file: keyed when pseudonymized.
-    written_path = {entry.uri: pseudonymizer.key("path", entry.uri) if pseudonymizer else entry.uri for entry in entries}
+    written = {entry.uri: as_written(entry, pseudonymizer) for entry in entries}
     history = read_all_images(store, model_id)
     if config.incremental:
         seen = already_scored(history)
-        to_score = [
-            entry for entry in entries
-            if (written_path[entry.uri], entry.size, pseudonymizer.mtime(entry.mtime_ns) if pseudonymizer else entry.mtime_ns) not in seen
-        ]
+        to_score = [entry for entry in entries if written[entry.uri] not in seen]
     else:
         to_score = entries
     log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
@@ -237,7 +241,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     staging = commit.staging_dir(store, run_id)
     moves: dict[str, str] = {}
     if config.explain:
-        listed_paths = {written: uri for uri, written in written_path.items()}
+        listed_paths = {path: uri for uri, (path, _, _) in written.items()}
         new_studies = add_overlays(new_studies, current_images, config, model_path, store, staging, moves, listed_paths)
 
     statuses = new_images["status"].to_pylist()
