@@ -37,9 +37,9 @@ import ray
 
 from lungray import sources, split
 from lungray.io.decode import DecodeOptions, patient_key
-from lungray.io.scope import Scope
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
 from lungray.io.rows import dataset_of_blocks, rows_table
+from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
 from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 

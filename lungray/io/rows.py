@@ -95,7 +95,7 @@ def process_file(
             row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
             row.update(status="skipped", skip_reason=reason, study_id=header.get("study_id") or study_from_relpath(relpath))
             return row, None
-    decoded = decode_bytes(data, relpath, decode_options, salt)
+    decoded = decode_bytes(data, relpath, decode_options, salt=salt)
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
         row["error"] = decoded.error
