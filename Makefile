@@ -18,11 +18,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_OUT)
-	$(BIN)/lungray ingest lungray/samples/kermany-mini $(DEMO_OUT)/ingested --dataset kermany
+	$(BIN)/lungray ingest lungray/samples/kermany-mini $(DEMO_OUT)/ingested --dataset kermany --throwaway-salt
 	$(BIN)/lungray train --model cnn --data $(DEMO_OUT)/ingested --output $(DEMO_OUT)/models/cnn --epochs $(DEMO_EPOCHS)
 	$(BIN)/lungray train --model cnn_lstm --data $(DEMO_OUT)/ingested --output $(DEMO_OUT)/models/cnn_lstm --epochs $(DEMO_EPOCHS)
 	$(BIN)/lungray compare $(DEMO_OUT)/models/cnn $(DEMO_OUT)/models/cnn_lstm --data $(DEMO_OUT)/ingested --output $(DEMO_OUT)/report --n-boot 200
-	$(BIN)/lungray screen --model $(DEMO_OUT)/models/cnn_lstm --input lungray/samples --output $(DEMO_OUT)/screen --explain
+	$(BIN)/lungray screen --model $(DEMO_OUT)/models/cnn_lstm --input lungray/samples --output $(DEMO_OUT)/screen --explain --throwaway-salt
 	@echo
 	@echo "ingested dataset:  $(DEMO_OUT)/ingested (summary.json, data/, errors.parquet)"
 	@echo "model directories: $(DEMO_OUT)/models/cnn, $(DEMO_OUT)/models/cnn_lstm"

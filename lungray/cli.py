@@ -12,6 +12,7 @@ from lungray.ensemble import add_ensemble_arguments, ensemble_from_args, summari
 from lungray.evaluate import add_evaluate_arguments, evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
+from lungray.io.scope import CHECKED_FIELDS, Scope
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
 from lungray.report.compare import add_compare_arguments, compare_config_from_args, run_compare
@@ -36,6 +37,32 @@ def parse_extra_source(text: str) -> SourceSpec:
     return SourceSpec(uri=uri, dataset=dataset)
 
 
+def scope_setting(text: str) -> str:
+    try:
+        Scope.from_settings([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_scope_and_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags ingest and screen share: which objects are in scope, and how identifiers are keyed."""
+    defaults = "; ".join(f"{key}={','.join(getattr(Scope(), key))}" for key in CHECKED_FIELDS)
+    parser.add_argument(
+        "--scope", type=scope_setting, action="append", default=[], metavar="KEY=VALUES",
+        help=f"accepted DICOM header values, KEY one of {', '.join(CHECKED_FIELDS)}, VALUES comma-separated or 'any' "
+        f"(repeatable; others become status=skipped rows; absent values and PNG/JPEG are in scope). Default: {defaults}",
+    )
+    parser.add_argument(
+        "--pseudonymize", action="store_true",
+        help="replace paths, study ids, UIDs and mtimes by keyed values and dates by their year (outputs that leave the site)",
+    )
+    parser.add_argument(
+        "--throwaway-salt", action="store_true",
+        help="run without LUNGRAY_PATIENT_SALT, keying with a random salt for this run only (demo and throwaway data)",
+    )
+
+
 def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="local folder or s3://bucket/prefix, listed recursively")
     parser.add_argument("output", help="output folder or s3:// prefix for the Parquet dataset")
@@ -58,6 +85,7 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
         help="hold out whole cohorts as the test split: files whose relative path matches (repeatable)",
     )
     parser.add_argument("--shard-rows", type=int, default=IngestConfig.shard_rows, help="rows per Parquet shard")
+    add_scope_and_privacy_arguments(parser)
 
 
 def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
@@ -70,6 +98,9 @@ def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
         seed=args.seed,
         holdout=tuple(args.holdout),
         shard_rows=args.shard_rows,
+        scope=Scope.from_settings(args.scope),
+        pseudonymize=args.pseudonymize,
+        throwaway_salt=args.throwaway_salt,
     )
 
 
@@ -96,6 +127,7 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
     parser.add_argument("--explain", action="store_true", help="a Grad-CAM overlay PNG for each flagged study (explain/)")
+    add_scope_and_privacy_arguments(parser)
 
 
 def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
@@ -103,7 +135,8 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
     return ScreenConfig(
         model=args.model, input=args.input, output=args.output, incremental=args.incremental,
         aggregate=args.aggregate, explain=args.explain, batch_size=args.batch_size, actors=args.actors, gpu=args.gpu,
-        max_pixels=args.max_pixels, **optional,
+        max_pixels=args.max_pixels, scope=Scope.from_settings(args.scope),
+        pseudonymize=args.pseudonymize, throwaway_salt=args.throwaway_salt, **optional,
     )
 
 

@@ -2,12 +2,17 @@
 
 Two passes, because a patient-level stratified split needs every patient before any row
 can be labelled with its split:
-1. decode: list -> one row per file (read, decode, preprocess; errors as values) ->
-   `OUTPUT/_staging/` Parquet;
+1. decode: list -> one row per file (read, check scope, decode, preprocess; errors and
+   out-of-scope objects as values) -> `OUTPUT/_staging/` Parquet;
 2. split: read the staging metadata (a few small columns), assign splits by patient
    (images that are byte-identical after preprocessing are kept with each other, so a
    duplicate cannot leak across splits), then stream the ok rows with their split into
-   `OUTPUT/data/`, write `OUTPUT/errors.parquet` and last `OUTPUT/summary.json`.
+   `OUTPUT/data/`, write `OUTPUT/errors.parquet`, `OUTPUT/skipped.parquet` and last
+   `OUTPUT/summary.json`.
+
+With `pseudonymize`, identifying columns are keyed as they are written (data, errors,
+skipped), so the split is the same as without; only the staging of a run that has not
+finished holds the raw values, and the next run removes it.
 
 `summary.json` is written last and marks a complete ingest: a crashed run leaves none,
 and a rerun replaces what it left.
@@ -35,7 +40,9 @@ from lungray.io.base import decode_record
 from lungray.io.decode import DecodeOptions, patient_key
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
 from lungray.io.rows import dataset_of_blocks, rows_table
+from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
+from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,12 @@ class IngestConfig:
     shard_rows: int = 1024
     files_per_task: int = 32
     max_file_bytes: int = 1 << 30
+    scope: Scope = field(default_factory=Scope)
+    pseudonymize: bool = False  # key every identifying column, for outputs that leave the site
+    throwaway_salt: bool = False  # without LUNGRAY_PATIENT_SALT, a random salt for this run (else refused)
+
+    def __post_init__(self) -> None:
+        require_salt(self.throwaway_salt)
 
 
 @dataclass
@@ -86,7 +99,7 @@ def labels_text(spec: SourceSpec) -> str | None:
     return read_bytes(uri).decode("utf-8-sig")
 
 
-def list_sources(specs: tuple[SourceSpec, ...]) -> list[ListedFile]:
+def list_sources(specs: tuple[SourceSpec, ...], salt: str) -> list[ListedFile]:
     """List every source, label each file by its adapter, and hash patient IDs at once."""
     listed: list[ListedFile] = []
     for spec in specs:
@@ -100,17 +113,17 @@ def list_sources(specs: tuple[SourceSpec, ...]) -> list[ListedFile]:
                     source=info.source if info else (spec.dataset or "archive"),
                     label=info.label if info else None,
                     # Namespaced by source: patient "1" of two datasets are different people.
-                    patient_key=patient_key(f"{info.source}/{info.patient_id}") if info and info.patient_id else None,
+                    patient_key=patient_key(f"{info.source}/{info.patient_id}", salt) if info and info.patient_id else None,
                 )
             )
     return listed
 
 
-def decode_block(batch: pa.Table, config: IngestConfig) -> pa.Table:
+def decode_block(batch: pa.Table, config: IngestConfig, salt: str) -> pa.Table:
     """Ray Data map_batches function: listed files -> decoded rows with their labels."""
     table = rows_table(
         batch["uri"].to_pylist(), batch["relpath"].to_pylist(), batch["size"].to_pylist(),
-        config.preprocess, config.decode, config.max_file_bytes,
+        config.preprocess, config.decode, config.max_file_bytes, config.scope, salt,
     )
     # A patient known from the dataset's adapter wins over the DICOM header's PatientID.
     merged_keys = pc.coalesce(batch["patient_key"].combine_chunks(), table["patient_key"].combine_chunks())
@@ -139,9 +152,10 @@ def split_groups(patient_keys: list[str | None], content_hashes: list[str | None
     return [find(node) for node in nodes]
 
 
-def add_split_column(table: pa.Table, split_by_path: dict[str, str]) -> pa.Table:
+def add_split_column(table: pa.Table, split_by_path: dict[str, str], pseudonymizer: Pseudonymizer | None) -> pa.Table:
     splits = [split_by_path[path] for path in table["path"].to_pylist()]
-    return table.drop_columns(["status", "error"]).append_column("split", pa.array(splits, pa.string()))
+    table = table.drop_columns(["status", "error", "skip_reason"]).append_column("split", pa.array(splits, pa.string()))
+    return pseudonymizer.table(table) if pseudonymizer else table
 
 
 def data_fingerprint(meta: pa.Table) -> str:
@@ -162,7 +176,10 @@ def write_table(uri: str, table: pa.Table) -> None:
 
 def read_staging_metadata(staging: str) -> pa.Table:
     fs, path = filesystem_for(staging)
-    columns = ["path", "relpath", "status", "error", "label", "patient_key", "source", "content_hash", "format"]
+    columns = [
+        "path", "relpath", "status", "error", "skip_reason", "label", "patient_key", "source", "content_hash", "format",
+        "modality", "body_part", "view_position",
+    ]
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
@@ -181,8 +198,13 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         raise FileExistsError(f"{output} already holds a finished ingest (summary.json); choose another output")
     delete_dir(staging)
     delete_dir(data_uri)
+    salt = resolve_salt(config.throwaway_salt)
+    pseudonymizer = Pseudonymizer(salt) if config.pseudonymize else None
 
-    listed = list_sources(config.sources)
+    def written(table: pa.Table) -> pa.Table:
+        return pseudonymizer.table(table) if pseudonymizer else table
+
+    listed = list_sources(config.sources, salt)
     if not listed:
         raise ValueError("no files found in the input")
     log.info("listed %d files", len(listed))
@@ -197,7 +219,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         }
     )
     decoded = dataset_of_blocks(listing, config.files_per_task).map_batches(
-        decode_block, fn_kwargs={"config": config}, batch_format="pyarrow", batch_size=None
+        decode_block, fn_kwargs={"config": config, "salt": salt}, batch_format="pyarrow", batch_size=None
     )
     fs, staging_path = filesystem_for(staging)
     decoded.write_parquet(staging_path, filesystem=fs, compression="zstd")
@@ -220,15 +242,20 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
 
     ray.data.read_parquet(staging_path, filesystem=fs).filter(
         expr="status == 'ok'"
-    ).map_batches(add_split_column, fn_kwargs={"split_by_path": split_by_path}, batch_format="pyarrow").write_parquet(
+    ).map_batches(
+        add_split_column, fn_kwargs={"split_by_path": split_by_path, "pseudonymizer": pseudonymizer}, batch_format="pyarrow"
+    ).write_parquet(
         filesystem_for(data_uri)[1],
         filesystem=fs,
         min_rows_per_file=config.shard_rows,
         max_rows_per_file=config.shard_rows,
         compression="zstd",
     )
-    errors = meta.filter(pc.invert(ok_mask)).select(["path", "error", "format", "source"])
-    write_table(join_uri(output, "errors.parquet"), errors)
+    errors = meta.filter(pc.equal(meta["status"], "error")).select(["path", "error", "format", "source"])
+    write_table(join_uri(output, "errors.parquet"), written(errors))
+    skipped = meta.filter(pc.equal(meta["status"], "skipped"))
+    skipped = skipped.select(["path", "skip_reason", "format", "source", "modality", "body_part", "view_position"])
+    write_table(join_uri(output, "skipped.parquet"), written(skipped))
 
     wall = time.time() - started
     summary = {
@@ -238,18 +265,21 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         "by_label": count_by(ok_meta["label"].to_pylist()),
         "by_format": count_by(meta["format"].to_pylist()),
         "errors_by_reason": count_by([str(e).split(":")[0] for e in errors["error"].to_pylist()]),
+        "skipped_by_reason": count_by(skipped["skip_reason"].to_pylist()),
         "splits": split.split_summary(assigned, labels, ok_meta["patient_key"].to_pylist()),
         "preprocess": config.preprocess.to_dict(),
         "decode": {**asdict(config.decode), **decode_record(config.decode)},  # with the decoder version
+        "scope": asdict(config.scope),
+        "pseudonymized": config.pseudonymize,
         "fractions": list(config.fractions),
         "holdout": list(config.holdout),
         "seed": config.seed,
-        "fingerprint": data_fingerprint(ok_meta),
+        "fingerprint": data_fingerprint(written(ok_meta)),
         "sources": [asdict(spec) for spec in config.sources],
         "decode_seconds": round(decode_seconds, 2),
         "wall_seconds": round(wall, 2),
         "images_per_second": round(len(listed) / decode_seconds, 2) if decode_seconds > 0 else None,
-        "layout": {"data": "data/*.parquet", "errors": "errors.parquet"},
+        "layout": {"data": "data/*.parquet", "errors": "errors.parquet", "skipped": "skipped.parquet"},
     }
     delete_dir(staging)
     write_bytes(summary_uri, json.dumps(summary, indent=2).encode())

@@ -1,8 +1,9 @@
 """Connecting to Ray the same way from the CLI, `ray job submit`, and tests.
 
-Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster; on a laptop
-it starts a local Ray sized for the machine. Small machines get a modest object store so
-that a 2-core, few-GB box is not swamped, and progress bars follow the terminal.
+Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster, with whatever
+authentication its operators chose (lungray never touches RAY_AUTH_MODE there); on a
+laptop it starts a local Ray sized for the machine. Small machines get a modest object
+store so that a 2-core, few-GB box is not swamped, and progress bars follow the terminal.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ log = logging.getLogger(__name__)
 
 def init_ray(num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
     """Join RAY_ADDRESS if set, else start a local Ray; a no-op when Ray is already up."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
@@ -57,7 +57,10 @@ def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool
     the processes Ray starts, points them at this one. It is removed from the driver again
     afterwards, since Ray would let it override an explicit address in a later `ray` command.
     A minimal Ray install (a GPU box's wheel kit, say) runs without the dashboard, with a warning.
+    The instance is this process's own and ends with it, so unless the caller chose otherwise
+    its token authentication is off (RAY_AUTH_MODE=disabled; Ray would otherwise print a notice).
     """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not dashboard_installed():
         log.warning("ray[default] is not installed: Ray runs without its dashboard (`ray job submit` and Tune need it)")
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, log_to_driver=log_to_driver)

@@ -332,7 +332,7 @@ def test_failed_decode_row_is_counted_in_its_study(tmp_path: Path) -> None:
     ds = dicom_dataset(film(), bits_stored=12)
     path = tmp_path / "broken.dcm"
     path.write_bytes(dicom_bytes(ds)[:-3000])
-    row, tensor = process_file(str(path), "broken.dcm", path.stat().st_size, PreprocessConfig(), DecodeOptions(), 1 << 30)
+    row, tensor = process_file(str(path), "broken.dcm", path.stat().st_size, PreprocessConfig(), DecodeOptions(), 1 << 30, scope=None, salt=None)
     assert tensor is None and row["status"] == "error"
     assert (row["study_id"], row["sop_uid"]) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
 

@@ -75,7 +75,7 @@ def test_screen_scores_on_gpu_actors_as_the_cpu_would(gpu_ray: None, tmp_path: P
     for row in images:
         if row["status"] != "ok":
             continue
-        _, stored = process_file(row["path"], row["path"], Path(row["path"]).stat().st_size, model.preprocess, DecodeOptions(), 1 << 30)
+        _, stored = process_file(row["path"], row["path"], Path(row["path"]).stat().st_size, model.preprocess, DecodeOptions(), 1 << 30, scope=None, salt=None)
         assert row["prob"] == pytest.approx(model.predict_proba(stored[None])[0], abs=1e-4), row["path"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,13 +13,16 @@ import pytest
 from conftest import SAMPLES, shared_data
 from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
 from pydicom.data import get_testdata_files
+from scope_factory import scope_archive
 
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
+from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
 PLANTED_NAME, PLANTED_ID = "Beeblebrox^Zaphod", "MRN-424242"
+ACCEPT_ALL = Scope(modality=None, body_part=None, view=None)
 
 
 def make_archive(root: Path) -> int:
@@ -76,6 +80,7 @@ def test_ingest_accounts_for_every_file(tmp_path: Path) -> None:
     assert {row["split"] for row in labelled} == {"train", "val", "test"}
     assert summary["preprocess"]["size"] == 64 and len(summary["fingerprint"]) == 64
     assert summary["by_status"] == {"error": 5, "ok": files - 5}
+    assert pq.read_table(output / "skipped.parquet").num_rows == 0  # the planted DICOM is a DX PA chest
 
     planted = next(row for row in rows if row["path"].endswith("planted.dcm"))
     assert planted["format"] == "dicom" and planted["study_id"].startswith("1.2.")
@@ -86,6 +91,23 @@ def test_ingest_accounts_for_every_file(tmp_path: Path) -> None:
 
     with pytest.raises(FileExistsError):
         run_ingest(config)
+
+
+def test_ingest_sets_out_of_scope_objects_aside_with_their_reason(tmp_path: Path) -> None:
+    archive = scope_archive(tmp_path / "in")
+    summary = run_ingest(IngestConfig(sources=(SourceSpec(str(archive)),), output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=64)))
+    data = pq.read_table(tmp_path / "out" / "data", columns=["path", "study_id", "body_part"]).to_pylist()
+    skipped = {Path(row["path"]).name: row for row in pq.read_table(tmp_path / "out" / "skipped.parquet").to_pylist()}
+    assert sorted(Path(row["path"]).name for row in data) == ["film.jpeg", "no-body-part.dcm", "pa.dcm"]
+    assert sorted(skipped) == ["ct-slice.dcm", "knee.dcm", "lat0.dcm", "lat1.dcm", "lateral.dcm"]
+    assert skipped["knee.dcm"]["skip_reason"] == "out of scope: BodyPartExamined KNEE is not one of CHEST,THORAX,LUNG"
+    assert (skipped["ct-slice.dcm"]["modality"], skipped["lat0.dcm"]["view_position"]) == ("CT", "LATERAL")
+    assert pq.read_table(tmp_path / "out" / "errors.parquet").num_rows == 0
+    assert summary["by_status"] == {"ok": 3, "skipped": 5} and summary["files"] == 8
+    assert summary["skipped_by_reason"]["out of scope: ViewPosition LATERAL is not one of PA,AP"] == 2
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["scope"] == {"modality": ["CR", "DX"], "body_part": ["CHEST", "THORAX", "LUNG"], "view": ["PA", "AP"]}
+    assert written["layout"]["skipped"] == "skipped.parquet" and written["pseudonymized"] is False
 
 
 def test_ingest_merges_sources_and_study_ids(tmp_path: Path) -> None:
@@ -154,7 +176,8 @@ def test_whole_pydicom_corpus_passes_with_one_row_per_file(tmp_path: Path) -> No
     for index, path in enumerate(files):
         shutil.copy(path, corpus / f"{index:03d}_{path.name}")
     summary = run_ingest(
-        IngestConfig(sources=(SourceSpec(str(corpus)),), output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=64))
+        # Every modality admitted: the test is of the decoder, on CT, MR, US... as much as on CR.
+        IngestConfig(sources=(SourceSpec(str(corpus)),), output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=64), scope=ACCEPT_ALL)
     )
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
     data_rows = pq.read_table(tmp_path / "out" / "data", columns=["path"]).num_rows

@@ -20,8 +20,10 @@ import pytest
 from conftest import REPO, SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
 from model_factory import untrained_model_dir
+from scope_factory import CHEST_STUDY, LATERALS_STUDY, scope_archive
 from pydicom.data import get_testdata_file
 
+from lungray.io.scope import Scope
 from lungray.screen import commit
 from lungray.screen.pipeline import ActorPlan, ScreenConfig, files_per_task, plan_actors, run_screen
 
@@ -29,8 +31,8 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
 DATE = "2026-11-27"
 PLANTED_NAME, PLANTED_ID = "Prefect^Ford", "MRN-777111"
-IMAGE_COLUMNS = {"path", "study_id", "sop_uid", "status", "error", "prob", "model_id", "scored_date"}
-STUDY_COLUMNS = {"study_id", "n_images", "n_errors", "prob", "flagged", "threshold", "model_id", "scored_date"}
+IMAGE_COLUMNS = {"path", "study_id", "sop_uid", "status", "error", "skip_reason", "prob", "model_id", "scored_date"}
+STUDY_COLUMNS = {"study_id", "n_images", "n_errors", "n_skipped", "prob", "flagged", "threshold", "model_id", "scored_date"}
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +84,11 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     assert IMAGE_COLUMNS <= set(images.column_names)
     assert sorted(images["path"].to_pylist()) == listed(archive)
     rows = {Path(row["path"]).name: row for row in images.to_pylist()}
-    for junk in ("empty.dcm", "truncated.dcm", "report-sr.dcm", "random.bin", "notes.txt", "bomb.dcm", "bomb.png"):
+    for junk in ("empty.dcm", "truncated.dcm", "random.bin", "notes.txt", "bomb.dcm", "bomb.png"):
         assert rows[junk]["status"] == "error" and rows[junk]["error"] and rows[junk]["prob"] is None, junk
-    assert "no pixel data" in rows["report-sr.dcm"]["error"] and "60000x60000" in rows["bomb.dcm"]["error"]
+    assert "60000x60000" in rows["bomb.dcm"]["error"]
+    sr = rows["report-sr.dcm"]  # a structured report is no radiograph: out of scope by its Modality
+    assert (sr["status"], sr["skip_reason"], sr["error"], sr["prob"]) == ("skipped", "out of scope: Modality SR is not one of CR,DX", None, None)
     ok_rows = [row for row in rows.values() if row["status"] == "ok"]
     assert len(ok_rows) == 14 and all(0.0 <= row["prob"] <= 1.0 and row["error"] is None for row in ok_rows)
     assert rows["im0.dcm"]["sop_uid"] and rows["im0.dcm"]["study_id"] == "1.2.826.0.1.3680043.99.1"
@@ -94,21 +98,64 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     studies = pq.read_table(output / "studies").to_pylist()
     assert STUDY_COLUMNS <= set(studies[0])
     by_study = {row["study_id"]: row for row in studies}
-    # A DICOM file that fails to decode counts in its header's study, the rest of the junk in its folder's.
-    header_studies = {junk: pydicom.dcmread(archive / "junk" / junk, stop_before_pixels=True).StudyInstanceUID for junk in ("truncated.dcm", "report-sr.dcm", "bomb.dcm")}
+    # A DICOM file that fails to decode counts in its header's study, the rest of the junk in its folder's;
+    # an out-of-scope object (the SR) keeps its header's study too.
+    header_studies = {junk: pydicom.dcmread(archive / "junk" / junk, stop_before_pixels=True).StudyInstanceUID for junk in ("truncated.dcm", "bomb.dcm")}
     assert all(rows[junk]["study_id"] == study for junk, study in header_studies.items())
-    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk", *header_studies.values()}
+    sr_study = pydicom.dcmread(get_testdata_file("test-SR.dcm")).StudyInstanceUID
+    assert rows["report-sr.dcm"]["study_id"] == sr_study
+    assert set(by_study) == {"study-normal", "study-pneumonia", "1.2.826.0.1.3680043.99.1", "junk", sr_study, *header_studies.values()}
     assert all(by_study[study]["n_errors"] == 1 for study in header_studies.values())
     normal = by_study["study-normal"]
     normal_probs = [row["prob"] for row in ok_rows if row["study_id"] == "study-normal"]
     assert normal["n_images"] == 6 and normal["n_errors"] == 0 and normal["prob"] == pytest.approx(max(normal_probs))
     assert normal["flagged"] == (normal["prob"] >= 0.5) and normal["threshold"] == 0.5
+    assert normal["n_skipped"] == 0
     assert by_study["junk"]["n_errors"] == 4 and by_study["junk"]["prob"] is None and not by_study["junk"]["flagged"]
+    assert (by_study[sr_study]["n_images"], by_study[sr_study]["n_skipped"], by_study[sr_study]["flagged"]) == (1, 1, False)
 
     run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
-    assert run["by_status"] == {"ok": 14, "error": 7} and run["files_listed"] == 21
+    assert run["by_status"] == {"ok": 14, "error": 6, "skipped": 1} and run["files_listed"] == 21
+    assert run["config"]["scope"] == {"modality": ["CR", "DX"], "body_part": ["CHEST", "THORAX", "LUNG"], "view": ["PA", "AP"]}
     assert run["studies_flagged"] == sum(row["flagged"] for row in studies)
     assert not list((output / "_staging").glob("*"))
+
+
+def test_out_of_scope_objects_are_skipped_rows_never_scored_and_counted_per_study(tmp_path: Path) -> None:
+    flag_everything = untrained_model_dir(tmp_path / "model", threshold=0.0)
+    archive = scope_archive(tmp_path / "archive")
+    summary = run_screen(ScreenConfig(model=str(flag_everything), input=str(archive), output=str(tmp_path / "out"), date=DATE))
+
+    rows = {Path(row["path"]).name: row for row in images_table(tmp_path / "out").to_pylist()}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "pa.dcm": "ok", "no-body-part.dcm": "ok", "film.jpeg": "ok",
+        "lateral.dcm": "skipped", "knee.dcm": "skipped", "ct-slice.dcm": "skipped", "lat0.dcm": "skipped", "lat1.dcm": "skipped",
+    }
+    assert rows["lateral.dcm"]["skip_reason"] == "out of scope: ViewPosition LL is not one of PA,AP"
+    assert rows["knee.dcm"]["skip_reason"] == "out of scope: BodyPartExamined KNEE is not one of CHEST,THORAX,LUNG"
+    assert rows["ct-slice.dcm"]["skip_reason"] == "out of scope: Modality CT is not one of CR,DX"
+    for row in rows.values():
+        skipped = row["status"] == "skipped"
+        assert (row["prob"] is None) == skipped and (row["skip_reason"] is not None) == skipped and row["error"] is None
+    assert rows["knee.dcm"]["study_id"] == CHEST_STUDY and rows["ct-slice.dcm"]["sop_uid"]
+
+    studies = {row["study_id"]: row for row in pq.read_table(tmp_path / "out" / "studies").to_pylist()}
+    chest = studies[CHEST_STUDY]
+    assert (chest["n_images"], chest["n_errors"], chest["n_skipped"], chest["flagged"]) == (4, 0, 2, True)
+    assert chest["prob"] == pytest.approx(max(rows[name]["prob"] for name in ("pa.dcm", "no-body-part.dcm")))
+    laterals = studies[LATERALS_STUDY]
+    assert (laterals["n_skipped"], laterals["prob"], laterals["flagged"]) == (2, None, False)  # never flagged at threshold 0
+    ct_study = studies[rows["ct-slice.dcm"]["study_id"]]
+    assert (ct_study["n_images"], ct_study["n_skipped"], ct_study["flagged"]) == (1, 1, False)
+    assert summary["by_status"] == {"ok": 3, "error": 0, "skipped": 5} and summary["studies_flagged"] == 2
+
+    # The accepted values are settings: laterals and any body part admitted, the CT still out.
+    wider = Scope.from_settings(["view=PA,AP,LL,LATERAL", "body_part=any"])
+    summary = run_screen(ScreenConfig(model=str(flag_everything), input=str(archive), output=str(tmp_path / "wider"), date=DATE, scope=wider))
+    statuses = {Path(row["path"]).name: row["status"] for row in images_table(tmp_path / "wider").to_pylist()}
+    assert [name for name, status in statuses.items() if status == "skipped"] == ["ct-slice.dcm"]
+    run = json.loads((tmp_path / "wider" / "runs" / f"{summary['run_id']}.json").read_text())
+    assert run["config"]["scope"] == {"modality": ["CR", "DX"], "body_part": None, "view": ["PA", "AP", "LL", "LATERAL"]}
 
 
 def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_dir: Path) -> None:
@@ -144,7 +191,8 @@ def test_rerun_on_the_same_date_replaces_instead_of_duplicating(tmp_path: Path, 
     run_screen(config)
     images = images_table(output)
     assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
-    assert len(pq.read_table(output / "studies")) == 4
+    # 4 folder studies, the SR's own study and the header studies of the truncated and bomb DICOMs
+    assert len(pq.read_table(output / "studies")) == 7
     assert len(list((output / "runs").glob("*.json"))) == 2
 
 
@@ -251,7 +299,7 @@ def test_s3_archive_in_and_outputs_out(tmp_path: Path, model_dir: Path, s3_bucke
     fs = pafs.S3FileSystem(endpoint_override=client.meta.endpoint_url.split("://")[1], scheme="http", region="us-east-1", access_key="testing", secret_key="testing")
     images = pq.read_table(f"{s3_bucket}/screen/images", filesystem=fs)
     assert images.num_rows == 21 and all(path.startswith(f"s3://{s3_bucket}/archive/") for path in images["path"].to_pylist())
-    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 4
+    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 7  # as on a local archive (see the rerun test)
     assert run_screen(config)["files_scored"] == 0
     keys = [obj["Key"] for obj in client.list_objects_v2(Bucket=s3_bucket, Prefix="screen/")["Contents"]]
     assert sum(key.startswith("screen/runs/") and key.endswith(".json") for key in keys) == 2

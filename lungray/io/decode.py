@@ -10,9 +10,7 @@ with pixel padding comes with `Decoded.mask` (False on padding), which
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import os
 import posixpath
 import warnings
 from typing import Any
@@ -22,22 +20,21 @@ from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
 from lungray.io.base import DecodeError, Decoded, DecodeOptions, rgb_to_gray
+from lungray.privacy import keyed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
-DEFAULT_SALT_ENV = "LUNGRAY_PATIENT_SALT"
-DEFAULT_SALT = "lungray-default-salt"
 
 # PIL's own bomb check would raise or warn inconsistently; lungray applies its own limit.
 Image.MAX_IMAGE_PIXELS = None
 
 
-def patient_key(patient_id: str | None, salt: str | None = None) -> str | None:
-    """Salted SHA-256 of a patient identifier: stable within a site, useless outside it."""
-    if patient_id is None or str(patient_id).strip() == "":
+def patient_key(patient_id: str | None, salt: str | None) -> str | None:
+    """HMAC-SHA256 of a patient identifier under the site's salt: stable within a site, useless
+    outside it. Without a salt there is no key (None): never one under a public default."""
+    if patient_id is None or str(patient_id).strip() == "" or not salt:
         return None
-    salt = salt if salt is not None else os.environ.get(DEFAULT_SALT_ENV, DEFAULT_SALT)
-    return hashlib.sha256(f"{salt}\x00{str(patient_id).strip()}".encode()).hexdigest()[:32]
+    return keyed("patient", str(patient_id).strip(), salt)
 
 
 def study_from_relpath(relpath: str) -> str:

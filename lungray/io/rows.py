@@ -1,13 +1,16 @@
-"""One listed file -> one row: read, decode, preprocess, with errors as values.
+"""One listed file -> one row: read, check scope, decode, preprocess, with errors as values.
 
 Ingest and screening both build their Ray Data blocks with `rows_table`, so a file is
 read, decoded and preprocessed the same way wherever it is scored, and every file
-yields exactly one row whatever goes wrong with it.
+yields exactly one row whatever goes wrong with it: `ok`, `error` (with `error`) or
+`skipped` (out of scope by its header, with `skip_reason`; its pixels are never decoded).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +19,9 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from lungray.io.decode import DecodeOptions, decode_bytes
+from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_format, study_from_relpath
 from lungray.io.listing import read_bytes
+from lungray.io.scope import Scope, skip_reason
 from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
 
 META_SCHEMA = pa.schema(
@@ -25,6 +29,7 @@ META_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("skip_reason", pa.string()),
         ("study_id", pa.string()),
         ("series_uid", pa.string()),
         ("sop_uid", pa.string()),
@@ -45,6 +50,21 @@ META_SCHEMA = pa.schema(
 )
 
 
+def dicom_header(data: bytes, salt: str | None) -> dict[str, Any]:
+    """The header fields of a DICOM file (about a millisecond, no pixel decode); {} for PNG/JPEG
+    and for bytes that are no DICOM, which the decoder then reports as errors."""
+    if sniff_format(data) not in ("dicom", "unknown"):
+        return {}
+    from lungray.io import dicom  # as in decode_bytes: PNG-only users never import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dicom.header_metadata(dicom.read_dataset(data), functools.partial(patient_key, salt=salt))
+        except Exception:  # noqa: BLE001 - no readable header: the decode reports why, as an error row
+            return {}
+
+
 def process_file(
     uri: str,
     relpath: str,
@@ -52,8 +72,14 @@ def process_file(
     preprocess_config: PreprocessConfig,
     decode_options: DecodeOptions,
     max_file_bytes: int,
+    scope: Scope | None,
+    salt: str | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """(metadata row, stored tensor or None). Never raises."""
+    """(metadata row, stored tensor or None). Never raises.
+
+    `scope` None scores whatever decodes (a file already known to be in scope); `salt` None
+    leaves `patient_key` empty, for callers that write no patient key.
+    """
     row: dict[str, Any] = {"path": uri, "status": "error"}
     if size > max_file_bytes:
         row["error"] = f"file too large: {size} bytes exceeds the limit of {max_file_bytes}"
@@ -63,7 +89,14 @@ def process_file(
     except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
         row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
         return row, None
-    decoded = decode_bytes(data, relpath, decode_options)
+    if scope is not None:
+        header = dicom_header(data, salt)
+        reason = skip_reason(header, scope)
+        if reason is not None:
+            row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
+            row.update(status="skipped", skip_reason=reason, study_id=header.get("study_id") or study_from_relpath(relpath))
+            return row, None
+    decoded = decode_bytes(data, relpath, decode_options, salt=salt)
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
         row["error"] = decoded.error
@@ -85,17 +118,19 @@ def rows_table(
     preprocess_config: PreprocessConfig,
     decode_options: DecodeOptions,
     max_file_bytes: int,
+    scope: Scope,
+    salt: str | None,
 ) -> pa.Table:
     """A block of files -> an Arrow table: META_SCHEMA columns plus an `image` tensor column.
 
-    Error rows carry an all-zero image so that the tensor column keeps one fixed shape;
-    `status` says which rows are real.
+    Error and skipped rows carry an all-zero image so that the tensor column keeps one fixed
+    shape; `status` says which rows are real.
     """
     shape = (preprocess_config.size, preprocess_config.size)
     blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
     rows, images = [], []
     for uri, relpath, size in zip(uris, relpaths, sizes):
-        row, tensor = process_file(uri, relpath, int(size), preprocess_config, decode_options, max_file_bytes)
+        row, tensor = process_file(uri, relpath, int(size), preprocess_config, decode_options, max_file_bytes, scope, salt)
         rows.append(row)
         images.append(blank if tensor is None else tensor)
     table = pa.Table.from_pylist(rows, schema=META_SCHEMA)

@@ -38,7 +38,7 @@ def driving_images(images: pa.Table, flagged_studies: list[str]) -> dict[str, di
 
 def explain(row: dict, model: ModelDir, decode: DecodeOptions, max_file_bytes: int) -> bytes | None:
     """The overlay PNG of one image, or None if it can no longer be read."""
-    _, stored = process_file(row["path"], row["path"], row["size"], model.preprocess, decode, max_file_bytes)
+    _, stored = process_file(row["path"], row["path"], row["size"], model.preprocess, decode, max_file_bytes, scope=None, salt=None)
     if stored is None:
         return None
     image = torch.from_numpy(to_float(stored))[None, None]

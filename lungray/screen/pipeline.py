@@ -1,11 +1,12 @@
 """Nightly screening: an archive in, per-image and per-study predictions out, nothing lost.
 
 list -> (incremental: drop files this model already scored at the same size and mtime)
--> CPU decode tasks (the ingest's read/decode/preprocess, driven by the model's recorded
-decode options and preprocessing; a model whose decode this lungray cannot reproduce is
-refused before anything is read) -> model actors (GPU when there are GPUs) -> small
-result rows streamed to the driver -> one images and one studies Parquet file per date,
-published atomically with the run summary (see `lungray.screen.commit`).
+-> CPU decode tasks (the ingest's read/scope check/decode/preprocess, driven by the model's
+recorded decode options and preprocessing; a model whose decode this lungray cannot
+reproduce is refused before anything is read) -> model actors (GPU when there are GPUs)
+-> small result rows streamed to the driver -> (`pseudonymize`: identifying columns keyed)
+-> one images and one studies Parquet file per date, published atomically with the run
+summary (see `lungray.screen.commit`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from lungray import __version__
 from lungray.io.base import DecodeOptions, decode_record, options_from_record
 from lungray.io.listing import FileEntry, join_uri, list_files
 from lungray.io.rows import dataset_of_blocks
+from lungray.io.scope import Scope
 from lungray.modeldir import load_model_dir, read_meta
 from lungray.preprocess import PreprocessConfig
+from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 from lungray.screen import commit
 from lungray.screen.decode import SCREEN_COLUMNS, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
@@ -65,8 +68,12 @@ class ScreenConfig:
     files_per_task: int | None = None  # default: `files_per_task()`
     max_pixels: int = DecodeOptions.max_pixels  # decompression bomb limit; the other decode options are the model's
     max_file_bytes: int = 1 << 30
+    scope: Scope = field(default_factory=Scope)
+    pseudonymize: bool = False  # key every identifying column, for outputs that leave the site
+    throwaway_salt: bool = False  # without LUNGRAY_PATIENT_SALT, a random salt for this run (else refused)
 
     def __post_init__(self) -> None:
+        require_salt(self.throwaway_salt)
         dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
         for name in ("actors", "batch_size", "files_per_task"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -130,7 +137,7 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
     per_task = config.files_per_task or files_per_task(len(entries), cluster.get("CPU", 1.0))
     decoded = dataset_of_blocks(listing, per_task).map_batches(
         decode_for_screening,
-        fn_kwargs={"preprocess": preprocess, "decode": decode, "max_file_bytes": config.max_file_bytes},
+        fn_kwargs={"preprocess": preprocess, "decode": decode, "max_file_bytes": config.max_file_bytes, "scope": config.scope},
         batch_format="pyarrow",
         batch_size=None,
     )
@@ -154,17 +161,37 @@ def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
         raise RuntimeError(f"screening produced {len(paths)} rows ({len(set(paths))} distinct) for {len(entries)} files")
 
 
+def as_written(entry: FileEntry, pseudonymizer: Pseudonymizer | None) -> tuple[str, int, int | None]:
+    """A listed file's (path, size, mtime_ns) as the images table holds them, the incremental
+    ledger's key: keyed when pseudonymized."""
+    if pseudonymizer is None:
+        return entry.uri, entry.size, entry.mtime_ns
+    return pseudonymizer.key("path", entry.uri), entry.size, pseudonymizer.mtime(entry.mtime_ns)
+
+
 def add_overlays(
-    studies: pa.Table, images: pa.Table, config: ScreenConfig, decode: DecodeOptions, model_path: Path, store: commit.Store, staging: str, moves: dict[str, str]
+    studies: pa.Table,
+    images: pa.Table,
+    config: ScreenConfig,
+    decode: DecodeOptions,
+    model_path: Path,
+    store: commit.Store,
+    staging: str,
+    moves: dict[str, str],
+    listed_paths: dict[str, str],
 ) -> pa.Table:
-    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`."""
+    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`.
+
+    `listed_paths` maps the `path` written in the images table (keyed when pseudonymized)
+    to the file to read.
+    """
     flagged = [study for study, is_flagged in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist()) if is_flagged]
     if not flagged:
         return studies
     model = load_model_dir(model_path)
     paths: dict[str, str] = {}
     for study, row in driving_images(images, flagged).items():
-        png = explain(row, model, decode, config.max_file_bytes)
+        png = explain({**row, "path": listed_paths.get(row["path"], row["path"])}, model, decode, config.max_file_bytes)
         if png is None:
             continue
         name = overlay_name(study)
@@ -187,12 +214,14 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     decode = replace(options_from_record(meta.get("decode"), f"model {config.model}"), max_pixels=config.max_pixels)
     model_id, threshold = meta["model_id"], float(meta["threshold"])
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
+    pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
 
     entries = list_files(config.input)
+    written = {entry.uri: as_written(entry, pseudonymizer) for entry in entries}
     history = read_all_images(store, model_id)
     if config.incremental:
         seen = already_scored(history)
-        to_score = [entry for entry in entries if (entry.uri, entry.size, entry.mtime_ns) not in seen]
+        to_score = [entry for entry in entries if written[entry.uri] not in seen]
     else:
         to_score = entries
     log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
@@ -201,6 +230,8 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     scored = score_files(to_score, config, preprocess, decode) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
     scoring_seconds = time.time() - scoring_started
     check_complete(scored, to_score)
+    if pseudonymizer:
+        scored = pseudonymizer.table(scored)
     new_images = (
         scored.append_column("model_id", pa.array([model_id] * scored.num_rows, pa.string()))
         .append_column("run_id", pa.array([run_id] * scored.num_rows, pa.string()))
@@ -213,7 +244,8 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     staging = commit.staging_dir(store, run_id)
     moves: dict[str, str] = {}
     if config.explain:
-        new_studies = add_overlays(new_studies, current_images, config, decode, model_path, store, staging, moves)
+        listed_paths = {path: uri for uri, (path, _, _) in written.items()}
+        new_studies = add_overlays(new_studies, current_images, config, decode, model_path, store, staging, moves, listed_paths)
 
     statuses = new_images["status"].to_pylist()
     summary = {
@@ -226,7 +258,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         "files_listed": len(entries),
         "files_skipped": len(entries) - len(to_score),
         "files_scored": len(to_score),
-        "by_status": {"ok": statuses.count("ok"), "error": statuses.count("error")},
+        "by_status": {status: statuses.count(status) for status in ("ok", "error", "skipped")},
         "studies_written": new_studies.num_rows,
         "studies_flagged": int(pc.sum(new_studies["flagged"]).as_py() or 0),
         "threshold": threshold,

@@ -24,6 +24,7 @@ IMAGE_SCHEMA = pa.schema(
         ("sop_uid", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("skip_reason", pa.string()),
         ("prob", pa.float64()),
         ("model_id", pa.string()),
         ("size", pa.int64()),
@@ -36,6 +37,7 @@ STUDY_SCHEMA = pa.schema(
         ("study_id", pa.string()),
         ("n_images", pa.int32()),
         ("n_errors", pa.int32()),
+        ("n_skipped", pa.int32()),
         ("prob", pa.float64()),
         ("flagged", pa.bool_()),
         ("threshold", pa.float64()),
@@ -96,7 +98,7 @@ def latest_per_path(history: pa.Table, new_rows: pa.Table) -> pa.Table:
 def aggregate_studies(
     images: pa.Table, study_ids: set[str], threshold: float, aggregate: str, model_id: str, run_id: str
 ) -> pa.Table:
-    """One row per study in `study_ids`, over all of its images in `images`."""
+    """One row per study in `study_ids`, over all of its images in `images` (only `ok` ones score)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     groups: dict[str, list[tuple[str, float | None]]] = {}
@@ -111,7 +113,8 @@ def aggregate_studies(
             {
                 "study_id": study,
                 "n_images": len(groups[study]),
-                "n_errors": sum(1 for status, _ in groups[study] if status != "ok"),
+                "n_errors": sum(1 for status, _ in groups[study] if status == "error"),
+                "n_skipped": sum(1 for status, _ in groups[study] if status == "skipped"),
                 "prob": study_prob,
                 "flagged": study_prob is not None and study_prob >= threshold,
                 "threshold": threshold,

@@ -1,0 +1,214 @@
+"""Privacy that fails closed: no salt no run, HMAC keys, `--pseudonymize`, Ray auth left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, SAMPLES
+from dicom_factory import dicom_bytes, dicom_dataset
+from model_factory import untrained_model_dir
+
+from lungray import raysession
+from lungray.ingest import IngestConfig, SourceSpec
+from lungray.io.decode import patient_key
+from lungray.privacy import SALT_ENV, MissingSaltError, Pseudonymizer, resolve_salt, scrub_path
+from lungray.screen.pipeline import ScreenConfig
+
+PLANTED_FOLDER = "DOE_JANE_12345678"
+PLANTED_STUDY_UID = "1.2.826.0.1.3680043.99.424242"
+PLANTED_DATE = "19870412"
+
+
+def test_patient_keys_are_hmac_sha256_under_the_site_salt() -> None:
+    expected = hmac.new(b"site-secret", b"patient\x0012345678", hashlib.sha256).hexdigest()[:32]
+    assert patient_key("12345678", "site-secret") == expected
+    assert patient_key(" 12345678 ", "site-secret") == expected
+    assert patient_key("12345678", "other-site") != expected
+    assert patient_key("12345678", None) is None  # no salt, no key: never one under a public default
+    assert patient_key("", "site-secret") is None
+
+
+def test_without_a_salt_ingest_and_screen_refuse_unless_told_the_data_is_throwaway(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SALT_ENV, raising=False)
+    with pytest.raises(MissingSaltError, match=SALT_ENV):
+        IngestConfig(sources=(SourceSpec("in"),), output="out")
+    with pytest.raises(MissingSaltError, match="--throwaway-salt"):
+        ScreenConfig(model="m", input="i", output="o")
+    IngestConfig(sources=(SourceSpec("in"),), output="out", throwaway_salt=True)
+    ScreenConfig(model="m", input="i", output="o", throwaway_salt=True)
+    first, second = resolve_salt(throwaway=True), resolve_salt(throwaway=True)
+    assert first != second and len(first) == 64  # random for each run, so no key can be reversed
+    monkeypatch.setenv(SALT_ENV, "site-secret")
+    assert resolve_salt(throwaway=True) == "site-secret"  # the site's salt wins when there is one
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [["ingest", "IN", "OUT"], ["screen", "--model", "M", "--input", "IN", "--output", "OUT"]])
+def test_the_cli_refuses_to_run_without_a_salt_with_exit_code_2(tmp_path: Path, command: list[str]) -> None:
+    env = {key: value for key, value in os.environ.items() if key != SALT_ENV}
+    done = subprocess.run([sys.executable, "-m", "lungray.cli", *command], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{SALT_ENV} is not set" in done.stderr and "--throwaway-salt" in done.stderr
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_pseudonymizer_keys_identifying_columns_truncates_dates_and_scrubs_errors() -> None:
+    path = f"/archive/{PLANTED_FOLDER}/{PLANTED_FOLDER}_pa.dcm"
+    table = pa.table(
+        {
+            "path": [path, "/archive/b.png"],
+            "relpath": [f"{PLANTED_FOLDER}/{PLANTED_FOLDER}_pa.dcm", "b.png"],
+            "study_id": [PLANTED_STUDY_UID, "."],
+            "sop_uid": ["1.2.3.4", None],
+            "study_date": [PLANTED_DATE, None],
+            "mtime_ns": pa.array([1_700_000_000_000_000_000, 5], pa.int64()),
+            "error": [f"could not read file: PermissionError: [Errno 13] Permission denied: '{path}' ({PLANTED_FOLDER}_pa)", None],
+            "label": [1, 0],
+        }
+    )
+    out = Pseudonymizer("site-secret").table(table).to_pylist()
+    assert out[0]["path"] == hmac.new(b"site-secret", f"path\x00{path}".encode(), hashlib.sha256).hexdigest()[:32]
+    assert out[0]["relpath"] != out[0]["path"] and len(out[0]["relpath"]) == 32  # every kind keyed on its own
+    assert out[1]["study_id"] != "." and out[1]["sop_uid"] is None
+    assert out[0]["study_date"] == "1987" and out[1]["study_date"] is None
+    assert out[0]["mtime_ns"] != 1_700_000_000_000_000_000 and out[0]["mtime_ns"] >= 0
+    assert out[0]["error"].startswith("could not read file: PermissionError") and PLANTED_FOLDER not in out[0]["error"]
+    assert [row["label"] for row in out] == [1, 0]
+    again = Pseudonymizer("site-secret").table(table).to_pylist()
+    assert again == out  # deterministic: the incremental ledger and study grouping still work
+    assert Pseudonymizer("other-site").table(table).to_pylist()[0]["path"] != out[0]["path"]
+
+
+def test_scrub_path_leaves_words_that_merely_contain_a_folder_name() -> None:
+    assert scrub_path("cannot open tmp file: attempt 2", "/tmp/x.dcm") == "cannot open <path> file: attempt 2"
+    assert scrub_path(None, "/a/b") is None
+
+
+def test_init_ray_leaves_the_auth_settings_of_a_cluster_it_joins_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://cluster.example:10001")
+    monkeypatch.setattr(raysession.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(raysession.ray, "init", lambda **kwargs: calls.append((kwargs, os.environ.get("RAY_AUTH_MODE"))))
+    monkeypatch.setattr(raysession.ray, "cluster_resources", lambda: {})
+    raysession.init_ray()
+    assert calls == [({"address": "ray://cluster.example:10001", "log_to_driver": True}, None)]
+    assert "RAY_AUTH_MODE" not in os.environ
+
+    calls.clear()
+    monkeypatch.setattr(raysession, "dashboard_installed", lambda: False)
+    raysession.start_local_ray(num_cpus=1, object_store_memory=100_000_000)  # a Ray of our own: auth off by default
+    assert calls[0][1] == "disabled"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    raysession.start_local_ray(num_cpus=1, object_store_memory=100_000_000)
+    assert calls[1][1] == "token"  # unless the caller chose
+
+
+def text_of(path: Path) -> str:
+    """Everything a reader can get out of a file: Parquet decoded (compression hides raw bytes), else its bytes."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        readable = table.drop_columns([name for name in table.column_names if name == "image"])
+        return json.dumps(readable.to_pylist(), default=str)
+    return path.read_bytes().decode("latin-1")
+
+
+def planted_values_in(root: Path, needles: list[str]) -> dict[str, list[str]]:
+    """{file: needles found} for every file under root."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_socket():
+            text = text_of(path)
+            hits = [needle for needle in needles if needle in text]
+            if hits:
+                found[str(path)] = hits
+    return found
+
+
+def test_the_planted_value_search_finds_a_value_inside_compressed_parquet(tmp_path: Path) -> None:
+    """The detector the pseudonymization test relies on can fail: it reads Parquet decoded, so no encoding or
+    compression of a page can hide a value from it."""
+    path = f"/archive/{PLANTED_FOLDER}/x.dcm"
+    pq.write_table(pa.table({"path": [path] * 50, "n": list(range(50))}), tmp_path / "t.parquet", compression="zstd")
+    assert planted_values_in(tmp_path, [PLANTED_FOLDER, "JANE"]) == {str(tmp_path / "t.parquet"): [PLANTED_FOLDER, "JANE"]}
+
+
+def planted_archive(root: Path) -> tuple[Path, list[str]]:
+    """A study whose folder, file names and headers carry a patient's name and MRN; returns what must not leak."""
+    study = root / PLANTED_FOLDER
+    study.mkdir(parents=True)
+    image = (np.arange(96 * 96, dtype=np.uint32).reshape(96, 96) % 241).astype(np.uint8)
+    uids = [PLANTED_STUDY_UID]
+    for name, view in (("pa", "PA"), ("ap", "AP"), ("lateral", "LL")):
+        ds = dicom_dataset(
+            image, patient_id="12345678", patient_name="DOE^JANE", StudyInstanceUID=PLANTED_STUDY_UID, StudyDate=PLANTED_DATE,
+            ViewPosition=view, AccessionNumber="ACC12345678",
+        )
+        uids += [ds.SOPInstanceUID, ds.SeriesInstanceUID]
+        (study / f"{PLANTED_FOLDER}_{name}.dcm").write_bytes(dicom_bytes(ds))
+    (study / f"{PLANTED_FOLDER}_broken.dcm").write_bytes(dicom_bytes(dicom_dataset(image, patient_id="12345678", patient_name="DOE^JANE"))[:-3000])
+    shutil.copy(next((SAMPLES / "kermany-mini" / "NORMAL").glob("*.jpeg")), study / f"JANE_DOE_{12345678}.jpeg")
+    return root, ["DOE", "JANE", "12345678", PLANTED_DATE, *uids]
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """A short temp folder for the subprocesses' own Ray (its sockets must fit in 107 bytes), with its logs."""
+    path = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pseudonymized_ingest_and_screen_leave_no_planted_name_mrn_uid_or_date_anywhere(tmp_path: Path, ray_tmpdir: Path) -> None:
+    archive, planted = planted_archive(tmp_path / "archive")
+    assert planted_values_in(archive, planted)  # the search does find them where they are
+    model = untrained_model_dir(tmp_path / "model", threshold=0.0)  # flags every study: overlays are written too
+    output = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "lungray.cli", "--verbose"]
+    runs = [
+        [*cli, "ingest", str(archive), str(output / "ingested"), "--size", "64", "--pseudonymize"],
+        [*cli, "screen", "--model", str(model), "--input", str(archive), "--output", str(output / "screen"), "--date", "2026-11-27", "--pseudonymize", "--explain"],
+        [*cli, "screen", "--model", str(model), "--input", str(archive), "--output", str(output / "screen"), "--date", "2026-11-28", "--pseudonymize", "--incremental"],
+    ]
+    logs, last_stdout = [], ""
+    for command in runs:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs.append(done.stdout + done.stderr)
+        last_stdout = done.stdout
+
+    assert json.JSONDecoder().raw_decode(last_stdout)[0]["files_scored"] == 0  # keyed ledger: nothing scored twice
+    summary = json.loads((output / "ingested" / "summary.json").read_text())
+    assert summary["pseudonymized"] and summary["by_status"] == {"error": 1, "ok": 3, "skipped": 1}
+    data = pq.read_table(output / "ingested" / "data").drop_columns(["image"]).to_pylist()
+    assert {row["study_date"] for row in data if row["format"] == "dicom"} == {"1987"}
+    assert len({row["study_id"] for row in data if row["format"] == "dicom"}) == 1  # still one study, under its key
+    images = pq.read_table(output / "screen" / "images").to_pylist()
+    assert sorted(row["status"] for row in images) == ["error", "ok", "ok", "ok", "skipped"]
+    studies = pq.read_table(output / "screen" / "studies" / "scored_date=2026-11-27").to_pylist()
+    dicom_study = next(row for row in studies if row["n_skipped"] == 1)
+    assert dicom_study["n_images"] == 3 and dicom_study["flagged"] and dicom_study["explain_path"] and Path(dicom_study["explain_path"]).is_file()
+
+    assert planted_values_in(output, planted) == {}
+    for log in logs:
+        assert [value for value in planted if value in log] == []
+    ray_logs = [folder for folder in ray_tmpdir.glob("ray/session_*/logs") if not folder.parent.is_symlink()]
+    assert len(ray_logs) == 3, ray_logs
+    for folder in ray_logs:
+        assert planted_values_in(folder, planted) == {}
