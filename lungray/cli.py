@@ -17,6 +17,8 @@ from lungray.raysession import init_ray
 from lungray.report.compare import add_compare_arguments, compare_config_from_args, run_compare
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
+from lungray.site.adapt import AdaptConfig, adapt
+from lungray.site.calibrate import CalibrateConfig, calibrate
 from lungray.sources import DATASETS
 from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
 from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args
@@ -150,6 +152,75 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """What calibrate and adapt share: the parent model, the site's ingest, the output, the site's name."""
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to derive from")
+    parser.add_argument("--data", required=True, help="the site's sample, as written by `lungray ingest` (every split is used)")
+    parser.add_argument("--output", required=True, help="model directory to write (must not hold one)")
+    parser.add_argument("--site", default=None, help="the site's name in the lineage (default: the --data folder's name)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient folds, the bootstrap and fine-tuning")
+
+
+def add_operating_point_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=CalibrateConfig.min_sensitivity,
+        help="the threshold is the most specific one reaching this sensitivity on the site's sample",
+    )
+    parser.add_argument("--folds", type=int, default=CalibrateConfig.folds, help="patient folds of the cross-validated estimate")
+    parser.add_argument("--n-boot", type=int, default=CalibrateConfig.n_boot, help="patient-bootstrap resamples of the CIs")
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_site_arguments(parser)
+    add_operating_point_arguments(parser)
+
+
+def calibrate_config_from_args(args: argparse.Namespace) -> CalibrateConfig:
+    return CalibrateConfig(
+        model_dir=args.model_dir, data=args.data, output=args.output, min_sensitivity=args.min_sensitivity,
+        site=args.site, folds=args.folds, n_boot=args.n_boot, seed=args.seed,
+    )
+
+
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    add_site_arguments(parser)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--unlabelled", action="store_true", help="re-estimate BatchNorm statistics on the site's films (reads no label)")
+    mode.add_argument("--labelled", action="store_true", help="fine-tune on part of the labelled sample; the rest sets the threshold")
+    parser.add_argument("--batch-size", type=int, default=AdaptConfig.batch_size)
+    parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs, help="fine-tuning epochs (--labelled)")
+    parser.add_argument("--lr", type=float, default=AdaptConfig.learning_rate, help="fine-tuning learning rate (--labelled)")
+    parser.add_argument(
+        "--holdout-fraction", type=float, default=AdaptConfig.holdout_fraction,
+        help="share of the site's patients kept out of fine-tuning to choose the threshold (--labelled)",
+    )
+    add_operating_point_arguments(parser)
+
+
+def adapt_config_from_args(args: argparse.Namespace) -> AdaptConfig:
+    return AdaptConfig(
+        model_dir=args.model_dir, data=args.data, output=args.output, labelled=args.labelled, site=args.site,
+        batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr, holdout_fraction=args.holdout_fraction,
+        min_sensitivity=args.min_sensitivity, folds=args.folds, n_boot=args.n_boot, seed=args.seed,
+    )
+
+
+def print_site_step(step: dict[str, object]) -> int:
+    """The lineage step as JSON on stdout, its warnings also on stderr."""
+    print(json.dumps(step, indent=2))
+    for warning in step.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    return print_site_step(calibrate(calibrate_config_from_args(args)))
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    return print_site_step(adapt(adapt_config_from_args(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -162,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("ensemble", "average model directories (+ test-time augmentation) into one, thresholded on val", add_ensemble_arguments, cmd_ensemble),
         ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
         ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),
+        ("calibrate", "a site's threshold and temperature from its labelled sample, cross-validated", add_calibrate_arguments, cmd_calibrate),
+        ("adapt", "adapt a model to a site: BatchNorm statistics (--unlabelled) or fine-tuning (--labelled)", add_adapt_arguments, cmd_adapt),
     )
     for name, help_text, add_arguments, run in subcommands:
         subparser = commands.add_parser(name, help=help_text)
