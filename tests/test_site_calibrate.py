@@ -103,9 +103,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def site_arrays(data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, patients) of every row in path order, read independently of lungray."""
+    """(images, labels (-1 when null), patients) of every row in path order, read independently of lungray."""
     table = pq.read_table(data / "data").sort_by("path")
-    return table["image"].combine_chunks().to_numpy(), table["label"].to_numpy().astype(np.int64), np.array(table["patient_key"].to_pylist())
+    return table["image"].combine_chunks().to_numpy(), table["label"].fill_null(-1).to_numpy().astype(np.int64), np.array(table["patient_key"].to_pylist())
 
 
 def brute_force_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

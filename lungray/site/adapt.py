@@ -37,7 +37,7 @@ from lungray.metrics import THRESHOLD_RULE, bootstrap_ci
 from lungray.modeldir import ModelDir, load_model_dir, model_input
 from lungray.site.calibrate import calibration_record
 from lungray.site.data import SiteSample, read_site_sample
-from lungray.site.lineage import save_derived, site_name
+from lungray.site.lineage import save_derived, site_name, written_step
 from lungray.train.augment import AugmentConfig, augment_batch
 
 
@@ -148,7 +148,7 @@ def fine_tune(model: nn.Module, images: np.ndarray, labels: np.ndarray, config: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * chosen.size
+            loss_sum += float(loss.detach()) * chosen.size
             seen += chosen.size
         history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1)})
     model.eval()
@@ -187,7 +187,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
                 "threshold": "the parent's: no labels to re-choose it (run calibrate on a labelled sample)"}
         output = save_derived(config.output, parent, model.state_dict(), step,
                               threshold=parent.threshold, threshold_policy=parent.meta.get("threshold_policy"))
-        return {"model_dir": str(Path(output)), "model_id": load_model_dir(output).model_id, **step}
+        return written_step(output)
 
     fit, held_out = holdout_split(sample, config.holdout_fraction, config.seed)
     holdout = SiteSample(sample.data, sample.fingerprint, sample.images[held_out], sample.labels[held_out], sample.patients[held_out])
@@ -218,4 +218,4 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{site} (held-out patients)"}
     output = save_derived(config.output, parent, model.state_dict(), step,
                           threshold=step["threshold"], temperature=step["temperature"], threshold_policy=policy)
-    return {"model_dir": str(Path(output)), "model_id": load_model_dir(output).model_id, **step}
+    return written_step(output)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lungray.metrics import THRESHOLD_RULE, binary_metrics, bootstrap_ci, calibration_curve_data, choose_threshold, metrics_with_ci, predict_labels
 from lungray.modeldir import load_model_dir, proba_from_logits
 from lungray.site.data import read_site_sample
-from lungray.site.lineage import save_derived, site_name
+from lungray.site.lineage import save_derived, site_name, written_step
 from lungray.site.temperature import fit_temperature
 
 CONFIDENCE = 0.95  # of the small-sample rule and of every interval
@@ -195,4 +194,4 @@ def calibrate(config: CalibrateConfig) -> dict[str, Any]:
         config.output, parent, parent.model.state_dict(), step,
         threshold=record["threshold"], temperature=record["temperature"], threshold_policy=policy,
     )
-    return {"model_dir": str(Path(output)), "model_id": load_model_dir(output).model_id, **step}
+    return written_step(output)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lungray.modeldir import FORMAT_KEYS, META_FILE, ModelDir, save_model_dir
+from lungray.modeldir import FORMAT_KEYS, META_FILE, ModelDir, read_meta, save_model_dir
 
 #: Parent fields that describe the parent's operating point, not the derived model's.
 PARENT_OPERATING_POINT = ("threshold_policy", "val_metrics")
@@ -45,3 +45,9 @@ def save_derived(
     record = {"parent_model_id": parent.model_id, **step}
     meta = {**inherited, **fields, "lineage": [*parent.meta.get("lineage", []), record]}
     return save_model_dir(output, state_dict, meta)
+
+
+def written_step(output: str | os.PathLike[str]) -> dict[str, Any]:
+    """What calibrate and adapt print: the directory, its model id and the lineage step as model.json holds it."""
+    meta = read_meta(output)
+    return {"model_dir": str(output), "model_id": meta["model_id"], **meta["lineage"][-1]}
