@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lungray.ensemble import add_ensemble_arguments, ensemble_from_args, summarize
 from lungray.evaluate import add_evaluate_arguments, evaluate
@@ -19,6 +20,7 @@ from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
 from lungray.site.adapt import AdaptConfig, adapt
 from lungray.site.calibrate import CalibrateConfig, calibrate
+from lungray.site.invariance import measure_invariance
 from lungray.sources import DATASETS
 from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
 from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args
@@ -221,6 +223,22 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return print_site_step(adapt(adapt_config_from_args(args)))
 
 
+def add_invariance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to measure")
+    parser.add_argument("--input", required=True, help="folder (or s3:// prefix) of films, decoded as screening decodes them")
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="how to label INPUT, as for ingest (default: unlabelled)")
+    parser.add_argument("--labels", default=None, help="labels CSV for --dataset csv / chestxray14")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+
+
+def cmd_invariance(args: argparse.Namespace) -> int:
+    report = json.dumps(measure_invariance(args.model_dir, args.input, args.dataset, args.labels), indent=2)
+    if args.output:
+        Path(args.output).write_text(report + "\n")
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -234,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
         ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),
         ("calibrate", "a site's threshold and temperature from its labelled sample, cross-validated", add_calibrate_arguments, cmd_calibrate),
+        ("invariance", "how far probabilities move under a border, SIGMOID window, gamma and crop (JSON)", add_invariance_arguments, cmd_invariance),
         ("adapt", "adapt a model to a site: BatchNorm statistics (--unlabelled) or fine-tuning (--labelled)", add_adapt_arguments, cmd_adapt),
     )
     for name, help_text, add_arguments, run in subcommands:
