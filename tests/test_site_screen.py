@@ -1,0 +1,61 @@
+"""Screening, evaluation and comparison accept calibrated and adapted model directories as they are."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SAMPLES
+from test_site_calibrate import SIZE, centred_model_dir, site_arrays, trained_model_dir, write_site_sample
+
+from lungray.evaluate import evaluate
+from lungray.io.decode import decode_bytes
+from lungray.modeldir import load_model_dir
+from lungray.preprocess import preprocess
+from lungray.report.compare import CompareConfig, run_compare
+from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.site.adapt import AdaptConfig, adapt
+from lungray.site.calibrate import CalibrateConfig, calibrate
+
+torch.set_num_threads(1)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(900)]
+
+
+def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_statistics(tmp_path: Path) -> None:
+    site = write_site_sample(tmp_path / "site-b", n_normal=24, n_abnormal=24)
+    images, labels, _ = site_arrays(site)
+    parent_dir = centred_model_dir(tmp_path / "parent", trained_model_dir(tmp_path / "trained"), images, scale=4.0)
+    calibrate(CalibrateConfig(model_dir=str(parent_dir), data=str(site), output=str(tmp_path / "calibrated"), min_sensitivity=0.9, n_boot=20, folds=3))
+    adapt(AdaptConfig(model_dir=str(parent_dir), data=str(site), output=str(tmp_path / "adapted"), labelled=False))
+    parent, calibrated, adapted = (load_model_dir(tmp_path / name) for name in ("parent", "calibrated", "adapted"))
+    assert calibrated.temperature != pytest.approx(1.0, abs=0.05)
+
+    archive = tmp_path / "archive"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (archive / label).mkdir(parents=True)
+        for path in sorted((SAMPLES / "kermany-mini" / label).glob("*.jpeg"))[:4]:
+            shutil.copy(path, archive / label / path.name)
+    films = sorted(str(path) for path in archive.rglob("*.jpeg"))
+    stored = np.stack([preprocess(decode_bytes(Path(path).read_bytes(), path).image, parent.preprocess) for path in films])
+    for derived, name in ((calibrated, "calibrated"), (adapted, "adapted")):
+        output = tmp_path / f"screen-{name}"
+        run_screen(ScreenConfig(model=str(derived.path), input=str(archive), output=str(output), date="2026-12-01"))
+        rows = sorted(pq.read_table(output / "images").to_pylist(), key=lambda row: row["path"])
+        assert [row["path"] for row in rows] == films and {row["model_id"] for row in rows} == {derived.model_id}
+        screened = np.array([row["prob"] for row in rows])
+        np.testing.assert_allclose(screened, derived.predict_proba(stored), rtol=1e-4, atol=1e-5)
+        assert np.abs(screened - parent.predict_proba(stored)).max() > 1e-3  # the derivation changed the scores
+        studies = pq.read_table(output / "studies").to_pylist()
+        assert {row["threshold"] for row in studies} == {derived.threshold}
+
+    # evaluate and compare score the site's images through the same temperature (its test split here).
+    test_rows = np.array([index % 3 == 0 for index in range(len(labels))])
+    assert evaluate(str(calibrated.path), str(site), "test")["n"] == int(test_rows.sum())
+    metrics = run_compare(CompareConfig(model_dirs=(str(parent.path), str(calibrated.path), str(adapted.path)), data=str(site), output=str(tmp_path / "report"), n_boot=20, gradcam_examples=0))
+    by_id = {entry["model_id"]: entry for entry in metrics["models"]}
+    assert set(by_id) == {parent.model_id, calibrated.model_id, adapted.model_id}
