@@ -129,6 +129,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         Heading("Paired tests"),
         pairs_table(results) if results["pairs"] else Paragraph("Only one model was given: there is nothing to pair."),
         *source_blocks(results),
+        *lineage_blocks(models),
         Heading("Efficiency"),
         efficiency_table(models),
         Paragraph(
@@ -309,6 +310,25 @@ def source_blocks(results: dict[str, Any]) -> list[Block]:
         Table(("model", "trained on", *(f"AUROC on {source}" for source in by_source)), tuple(cross_rows)),
         *([Paragraph(" ".join(unknown), lead="Training source not known.")] if unknown else []),
     ]
+
+
+def lineage_blocks(models: Sequence[dict[str, Any]]) -> list[Block]:
+    """Which models were derived for a site (calibrate / adapt), from what, and whether on these images."""
+    lines = []
+    for model in models:
+        for step in model.get("lineage") or []:
+            labels = "with its labels" if step["labels_used"] else "without labels"
+            line = f"{model['name']}: {step['step']} for site {step['site']} on {step['n_images']} images {labels}, from {step['parent_model_id']}."
+            if step["fitted_on_this_data"]:
+                line += " Fitted on this report's data: its figures here are in-sample for this step."
+            if step["cross_validation"]:
+                cv = step["cross_validation"]
+                line += (
+                    f" Cross-validated over the site's patients ({cv['folds']} folds): sensitivity "
+                    f"{fmt_estimate(cv['recall'], fmt_rate)}, specificity {fmt_estimate(cv['specificity'], fmt_rate)}."
+                )
+            lines.append(line)
+    return [Heading("Site adaptation"), Bullets(tuple(lines))] if lines else []
 
 
 def threads(count: int) -> str:
