@@ -9,21 +9,23 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lungray.ensemble import add_ensemble_arguments, ensemble_from_args, summarize
-from lungray.evaluate import add_evaluate_arguments, evaluate
+from lungray.ensemble import build_ensemble_dir, summarize
+from lungray.evaluate import evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
-from lungray.report.compare import add_compare_arguments, compare_config_from_args, run_compare
+from lungray.models.ensemble import TTA_VIEWS
+from lungray.report.compare import CompareConfig, run_compare
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
 from lungray.site.adapt import AdaptConfig, adapt
 from lungray.site.calibrate import CalibrateConfig, calibrate
 from lungray.site.invariance import measure_invariance
 from lungray.sources import DATASETS
-from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
-from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args
+from lungray.split import SPLITS
+from lungray.train.trainer import add_min_sensitivity_argument, add_train_arguments, run_training, train_config_from_args
+from lungray.tune import METRIC_MODES, SCHEDULERS, SweepConfig, load_space, run_tune
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -74,6 +76,78 @@ def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
         seed=args.seed,
         holdout=tuple(args.holdout),
         shard_rows=args.shard_rows,
+    )
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray evaluate` / jobs/evaluate.py arguments."""
+    parser.add_argument("model_dir", help="model directory written by `lungray train`")
+    parser.add_argument("data", help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")
+
+
+def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray ensemble` arguments."""
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="trained model directories (e.g. a CNN and a CNN-LSTM)")
+    parser.add_argument("--data", required=True, help="the ingest the members were trained on; its val split sets the threshold")
+    parser.add_argument("--output", required=True, help="model directory to write")
+    parser.add_argument("--tta", choices=tuple(TTA_VIEWS), default="none", help="test-time views averaged with the members")
+    add_min_sensitivity_argument(parser)
+
+
+def ensemble_from_args(args: argparse.Namespace) -> Path:
+    return build_ensemble_dir(args.model_dirs, args.data, args.output, args.tta, args.min_sensitivity)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray compare` / jobs/compare.py arguments."""
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
+    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
+    parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
+    parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
+    parser.add_argument("--seed", type=int, default=CompareConfig.seed, help="bootstrap seed")
+    parser.add_argument(
+        "--gradcam-examples", type=int, default=CompareConfig.gradcam_examples,
+        help="Grad-CAM overlays per model of each of true positives, false positives, false negatives",
+    )
+    parser.add_argument("--batch-size", type=int, default=CompareConfig.batch_size, help="inference batch for the timed pass")
+    parser.add_argument("--device", default=CompareConfig.device, help="torch device to score and time on (default: cpu)")
+
+
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    return CompareConfig(
+        model_dirs=tuple(args.model_dirs), data=args.data, output=args.output, split=args.split,
+        n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
+        device=args.device,
+    )
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray tune` / jobs/tune.py arguments."""
+    parser.add_argument("--space", required=True, help="search-space YAML (see tune_spaces/README.md)")
+    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--samples", type=int, required=True, help="trials to sample (times the grid size, if any)")
+    parser.add_argument("--output", required=True, help="folder for results, best/ and tune.png; rerun to resume")
+    parser.add_argument("--storage", default=None, help="where Tune keeps the sweep and checkpoints (folder or s3://); default OUTPUT/_ray")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=SweepConfig.scheduler, help="asha stops trailing trials early")
+    parser.add_argument("--metric", choices=tuple(METRIC_MODES), default=SweepConfig.metric, help="ranks trials")
+    parser.add_argument("--grace-period", type=int, default=SweepConfig.grace_period, help="epochs before ASHA may stop a trial")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
+    parser.add_argument("--workers", type=int, default=SweepConfig.workers, help="data-parallel workers per trial")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: a whole CPU, or the cluster's share for --max-concurrent trials")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default and cap: what the cluster fits)")
+    parser.add_argument("--seed", type=int, default=SweepConfig.seed)
+    parser.add_argument("--min-sensitivity", type=float, default=SweepConfig.min_sensitivity, help="threshold rule of the exported model")
+
+
+def tune_config_from_args(args: argparse.Namespace) -> SweepConfig:
+    return SweepConfig(
+        space=load_space(args.space), data=args.data, output=args.output, samples=args.samples, storage=args.storage,
+        scheduler=args.scheduler, metric=args.metric, grace_period=args.grace_period, epochs=args.epochs,
+        workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent, seed=args.seed, min_sensitivity=args.min_sensitivity,
     )
 
 

@@ -16,7 +16,6 @@ so a failed run never leaves half a report.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -272,8 +271,37 @@ def model_results(
             "inference_batch_size": config.batch_size,
         },
         "training_sources": training_sources(meta, summary),
+        "lineage": lineage_summary(meta, summary),
         "history": meta.get("history", []),
     }
+
+
+def lineage_summary(meta: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The site steps a model was derived by (`lungray calibrate` / `adapt`), oldest first.
+
+    `fitted_on_this_data` marks a step whose sample is this report's data: its threshold,
+    temperature or weights were chosen on these very images, so the figures here are
+    in-sample for it; the step's own cross-validated figures (model.json) are the honest ones.
+    """
+    return [
+        {
+            "step": step["step"],
+            "site": step.get("site"),
+            "parent_model_id": step.get("parent_model_id"),
+            "n_images": step.get("n_images"),
+            "labels_used": step.get("labels_used"),
+            "fitted_on_this_data": step.get("data_fingerprint") == summary["fingerprint"],
+            "cross_validation": _cv_rates(step.get("cross_validation")),
+        }
+        for step in meta.get("lineage", [])
+    ]
+
+
+def _cv_rates(cross_validation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pooled held-out sensitivity and specificity a calibrating step recorded, with their CIs."""
+    if not cross_validation:
+        return None
+    return {"folds": cross_validation["folds"], "recall": cross_validation["recall"], "specificity": cross_validation["specificity"]}
 
 
 def operating_points(labels: np.ndarray, prob: np.ndarray, resampling: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -441,27 +469,3 @@ def json_ready(value: Any) -> Any:
 def _created(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray compare` / jobs/compare.py arguments."""
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
-    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
-    parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
-    parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
-    parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
-    parser.add_argument("--seed", type=int, default=CompareConfig.seed, help="bootstrap seed")
-    parser.add_argument(
-        "--gradcam-examples", type=int, default=CompareConfig.gradcam_examples,
-        help="Grad-CAM overlays per model of each of true positives, false positives, false negatives",
-    )
-    parser.add_argument("--batch-size", type=int, default=CompareConfig.batch_size, help="inference batch for the timed pass")
-    parser.add_argument("--device", default=CompareConfig.device, help="torch device to score and time on (default: cpu)")
-
-
-def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
-    return CompareConfig(
-        model_dirs=tuple(args.model_dirs), data=args.data, output=args.output, split=args.split,
-        n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
-        device=args.device,
-    )
