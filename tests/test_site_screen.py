@@ -59,7 +59,8 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     metrics = run_compare(CompareConfig(model_dirs=(str(parent.path), str(calibrated.path), str(adapted.path)), data=str(site), output=str(tmp_path / "report"), n_boot=20, gradcam_examples=0))
     by_id = {entry["model_id"]: entry for entry in metrics["models"]}
     assert set(by_id) == {parent.model_id, calibrated.model_id, adapted.model_id}
-    assert by_id[parent.model_id]["lineage"] == []
+    assert by_id[parent.model_id]["lineage"] == [] and by_id[parent.model_id]["name"] == "CNN"
+    assert by_id[calibrated.model_id]["name"] == "CNN + calibrate site-b" and by_id[adapted.model_id]["name"] == "CNN + adapt-unlabelled site-b"
     (step,) = by_id[calibrated.model_id]["lineage"]
     assert step["step"] == "calibrate" and step["parent_model_id"] == parent.model_id and step["fitted_on_this_data"]
     assert step["cross_validation"]["folds"] == 3 and by_id[adapted.model_id]["lineage"][0]["labels_used"] is False

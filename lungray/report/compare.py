@@ -201,12 +201,13 @@ def read_cases(data: str, split: str) -> Cases:
 
 
 def display_names(models: Sequence[ModelDir]) -> list[str]:
-    """"CNN", "CNN-LSTM", "Ensemble"; the model id is added where two models share an architecture."""
-    archs = [model.meta["architecture"]["arch"] for model in models]
-    return [
-        ARCH_NAMES[arch] if archs.count(arch) == 1 else f"{ARCH_NAMES[arch]} {model.model_id}"
-        for arch, model in zip(archs, models)
+    """"CNN", "CNN-LSTM", "Ensemble", with each site step ("CNN + calibrate B"); the model id is added
+    where two models would still share a name."""
+    bases = [
+        " + ".join([ARCH_NAMES[model.meta["architecture"]["arch"]], *(f"{step['step']} {step.get('site')}" for step in model.meta.get("lineage", []))])
+        for model in models
     ]
+    return [base if bases.count(base) == 1 else f"{base} {model.model_id}" for base, model in zip(bases, models)]
 
 
 def timed_scores(model: ModelDir, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
