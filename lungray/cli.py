@@ -16,7 +16,7 @@ from lungray.io.decode import DecodeOptions
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
 from lungray.models.ensemble import TTA_VIEWS
-from lungray.report.compare import CompareConfig, run_compare
+from lungray.report.compare import CompareConfig, run_compare, run_compare_across
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
 from lungray.site.adapt import AdaptConfig, adapt
@@ -102,7 +102,10 @@ def ensemble_from_args(args: argparse.Namespace) -> Path:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     """The `lungray compare` / jobs/compare.py arguments."""
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
-    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument(
+        "--data", required=True, action="append",
+        help="ingested dataset folder (or s3:// prefix); repeat it (e.g. home and a site) for one report per data set and a summary",
+    )
     parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
     parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
     parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
@@ -117,7 +120,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(
-        model_dirs=tuple(args.model_dirs), data=args.data, output=args.output, split=args.split,
+        model_dirs=tuple(args.model_dirs), data=args.data[0], output=args.output, split=args.split,
         n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
         device=args.device,
     )
@@ -223,6 +226,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     config = compare_config_from_args(args)
     init_ray(progress_bars=False)
+    if len(args.data) > 1:
+        run_compare_across(config, args.data)
+        print(f"summary: {config.output}/summary.md (and summary.json); one report per data set in {config.output}/<data folder name>/")
+        return 0
     run_compare(config)
     print(f"report: {config.output}/report.html (also report.md, metrics.json, predictions.parquet, figures/)")
     return 0

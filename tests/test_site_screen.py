@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lungray.evaluate import evaluate
 from lungray.io.decode import decode_bytes
 from lungray.modeldir import load_model_dir
 from lungray.preprocess import preprocess
-from lungray.report.compare import CompareConfig, run_compare
+from lungray.cli import main
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.site.adapt import AdaptConfig, adapt
 from lungray.site.calibrate import CalibrateConfig, calibrate
@@ -56,7 +57,15 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     # evaluate and compare score the site's images through the same temperature (its test split here).
     test_rows = np.array([index % 3 == 0 for index in range(len(labels))])
     assert evaluate(str(calibrated.path), str(site), "test")["n"] == int(test_rows.sum())
-    metrics = run_compare(CompareConfig(model_dirs=(str(parent.path), str(calibrated.path), str(adapted.path)), data=str(site), output=str(tmp_path / "report"), n_boot=20, gradcam_examples=0))
+    home = write_site_sample(tmp_path / "home", n_normal=12, n_abnormal=12, seed=5)
+    models = [str(parent.path), str(calibrated.path), str(adapted.path)]
+    assert main(["compare", *models, "--data", str(site), "--data", str(home), "--output", str(tmp_path / "report"), "--n-boot", "20", "--gradcam-examples", "0"]) == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [(row["data_set"], row["model_id"]) for row in summary["rows"]] == [(name, m) for name in ("site-b", "home") for m in (parent.model_id, calibrated.model_id, adapted.model_id)]
+    assert [row["fitted_on_this_data"] for row in summary["rows"]] == [False, True, True, False, False, False]
+    assert "| CNN + calibrate site-b | site-b |" in (tmp_path / "report" / "summary.md").read_text()
+    metrics = json.loads((tmp_path / "report" / "site-b" / "metrics.json").read_text())
+    assert (tmp_path / "report" / "home" / "report.md").exists()
     by_id = {entry["model_id"]: entry for entry in metrics["models"]}
     assert set(by_id) == {parent.model_id, calibrated.model_id, adapted.model_id}
     assert by_id[parent.model_id]["lineage"] == [] and by_id[parent.model_id]["name"] == "CNN"
@@ -64,5 +73,5 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     (step,) = by_id[calibrated.model_id]["lineage"]
     assert step["step"] == "calibrate" and step["parent_model_id"] == parent.model_id and step["fitted_on_this_data"]
     assert step["cross_validation"]["folds"] == 3 and by_id[adapted.model_id]["lineage"][0]["labels_used"] is False
-    report = (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "site-b" / "report.md").read_text()
     assert "## Site adaptation" in report and "in-sample for this step" in report and "Cross-validated over the site's patients" in report

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from lungray.models import count_parameters
 from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
-from lungray.report.render import write_report
+from lungray.report.render import across_markdown, write_report
 from lungray.split import SPLITS
 
 ALPHA = 0.05  # 95% intervals
@@ -152,6 +152,48 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return results
+
+
+def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str, Any]:
+    """The same models on several data sets (e.g. home and a site): one report per data set, and a summary.
+
+    `OUTPUT/<data folder name>/` holds each data set's full report; `OUTPUT/summary.json`
+    and `summary.md` set every model's AUROC and its calls at the stored threshold side by
+    side across the data sets, with their CIs and the lineage's in-sample warning. The
+    whole folder is staged and renamed into place like a single report.
+    """
+    output = Path(config.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; choose another output")
+    names = [Path(str(data).rstrip("/")).name for data in datas]
+    names = [name if names.count(name) == 1 else f"{index}-{name}" for index, name in enumerate(names)]
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    try:
+        reports = {name: run_compare(replace(config, data=data, output=str(staging / name))) for name, data in zip(names, datas)}
+        summary = {
+            "data_sets": {name: report["data"] for name, report in reports.items()},
+            "rows": [
+                {
+                    "data_set": name,
+                    "model_id": model["model_id"],
+                    "name": model["name"],
+                    "threshold": model["threshold"],
+                    **{key: model["metrics"][key] for key in ("auroc", "recall", "specificity")},
+                    "fitted_on_this_data": any(step["fitted_on_this_data"] for step in model["lineage"]),
+                }
+                for name, report in reports.items()
+                for model in report["models"]
+            ],
+        }
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        (staging / "summary.md").write_text(across_markdown(summary))
+        if output.exists():
+            output.rmdir()
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
 
 
 def load_models(model_dirs: Sequence[str], data: str, summary: dict[str, Any], device: str) -> list[ModelDir]:

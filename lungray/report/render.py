@@ -104,6 +104,31 @@ def write_report(results: dict[str, Any], directory: Path) -> None:
     (directory / "report.html").write_text(to_html(blocks, directory))
 
 
+def across_markdown(summary: dict[str, Any]) -> str:
+    """summary.md of `run_compare_across`: each model on each data set, with CIs."""
+    rows = tuple(
+        (
+            row["name"],
+            row["data_set"],
+            fmt_estimate(row["auroc"], fmt_auc),
+            fmt_estimate(row["recall"], fmt_rate),
+            fmt_estimate(row["specificity"], fmt_rate),
+            "yes: in-sample" if row["fitted_on_this_data"] else "no",
+        )
+        for row in summary["rows"]
+    )
+    sizes = "; ".join(
+        f"{name}: {data['split']} split of {data['path']}, {data['n_images']} images ({data['n_abnormal']} abnormal)"
+        for name, data in summary["data_sets"].items()
+    )
+    return to_markdown([
+        Heading("The models across data sets", level=1),
+        Paragraph(f"Data sets: {sizes}. Each has its full report in the folder of its name."),
+        Table(("model", "data set", "AUROC (95% CI)", "sensitivity at stored threshold", "specificity at stored threshold", "fitted on these images"), rows),
+        Paragraph("A model fitted on a data set by calibrate or adapt is in-sample there; its cross-validated figures are in its report's Site adaptation section."),
+    ])
+
+
 def report_blocks(results: dict[str, Any]) -> list[Block]:
     """The whole report: answer, published vs ours, metrics, paired tests, sources, efficiency, figures, method."""
     models = results["models"]
