@@ -37,7 +37,7 @@ from lungray.metrics import THRESHOLD_RULE, bootstrap_ci
 from lungray.modeldir import ModelDir, load_model_dir, model_input
 from lungray.site.calibrate import calibration_record
 from lungray.site.data import SiteSample, read_site_sample
-from lungray.site.lineage import save_derived, site_name, written_step
+from lungray.site.lineage import check_free, save_derived, site_name, written_step
 from lungray.train.augment import AugmentConfig, augment_batch
 
 
@@ -174,27 +174,42 @@ def _auroc_with_ci(labels: np.ndarray, logits: np.ndarray, patients: np.ndarray,
 
 def adapt(config: AdaptConfig) -> dict[str, Any]:
     """Write the adapted model directory; returns the lineage step written (the CLI's JSON)."""
+    check_free(config.output)
     parent = load_model_dir(config.model_dir)
     sample = read_site_sample(config.data, parent, labelled=config.labelled)
-    model = copy.deepcopy(parent.model)
     site = site_name(config.site, config.data)
-    if not config.labelled:
-        n_layers = adapt_batchnorm(model, sample.images, config.batch_size)
-        if n_layers == 0:
-            raise ValueError(f"{config.model_dir} has no BatchNorm layer to adapt")
-        step = {"step": "adapt-unlabelled", "method": "AdaBN (BatchNorm statistics re-estimated)", "site": site,
-                **sample.describe(), "batchnorm_layers": n_layers,
-                "threshold": "the parent's: no labels to re-choose it (run calibrate on a labelled sample)"}
-        output = save_derived(config.output, parent, model.state_dict(), step,
-                              threshold=parent.threshold, threshold_policy=parent.meta.get("threshold_policy"))
-        return written_step(output)
+    output = (adapt_labelled if config.labelled else adapt_unlabelled)(parent, sample, site, config)
+    return written_step(output)
 
+
+def adapt_unlabelled(parent: ModelDir, sample: SiteSample, site: str, config: AdaptConfig) -> Path:
+    """AdaBN on a copy of the parent; its threshold (and any temperature) are kept, as nothing can re-choose them."""
+    model = copy.deepcopy(parent.model)
+    n_layers = adapt_batchnorm(model, sample.images, config.batch_size)
+    if n_layers == 0:
+        raise ValueError(f"{config.model_dir} has no BatchNorm layer to adapt")
+    step = {
+        "step": "adapt-unlabelled",
+        "method": "AdaBN (BatchNorm statistics re-estimated)",
+        "site": site,
+        **sample.describe(),
+        "batchnorm_layers": n_layers,
+        "threshold": "the parent's: no labels to re-choose it (run calibrate on a labelled sample)",
+    }
+    return save_derived(
+        config.output, parent, model.state_dict(), step, threshold=parent.threshold, threshold_policy=parent.meta.get("threshold_policy")
+    )
+
+
+def adapt_labelled(parent: ModelDir, sample: SiteSample, site: str, config: AdaptConfig) -> Path:
+    """Fine-tune a copy of the parent on part of the patients; threshold and temperature from the rest."""
+    assert sample.labels is not None
     fit, held_out = holdout_split(sample, config.holdout_fraction, config.seed)
     holdout = SiteSample(sample.data, sample.fingerprint, sample.images[held_out], sample.labels[held_out], sample.patients[held_out])
     parent_logits = parent.predict_logits(holdout.images)
+    model = copy.deepcopy(parent.model)
     history = fine_tune(model, sample.images[fit], sample.labels[fit], config)
-    tuned = ModelDir(path=Path(config.output), model=model, meta=parent.meta)
-    logits = tuned.predict_logits(holdout.images)
+    logits = ModelDir(path=Path(config.output), model=model, meta=parent.meta).predict_logits(holdout.images)
     step = {
         "step": "adapt-labelled",
         "method": "fine-tuning on part of the labelled sample; threshold and temperature on the held-out patients",
@@ -216,6 +231,6 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         ),
     }
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{site} (held-out patients)"}
-    output = save_derived(config.output, parent, model.state_dict(), step,
-                          threshold=step["threshold"], temperature=step["temperature"], threshold_policy=policy)
-    return written_step(output)
+    return save_derived(
+        config.output, parent, model.state_dict(), step, threshold=step["threshold"], temperature=step["temperature"], threshold_policy=policy
+    )

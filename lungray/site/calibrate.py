@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lungray.metrics import THRESHOLD_RULE, binary_metrics, bootstrap_ci, calibration_curve_data, choose_threshold, metrics_with_ci, predict_labels
 from lungray.modeldir import load_model_dir, proba_from_logits
 from lungray.site.data import read_site_sample
-from lungray.site.lineage import save_derived, site_name, written_step
+from lungray.site.lineage import check_free, save_derived, site_name, written_step
 from lungray.site.temperature import fit_temperature
 
 CONFIDENCE = 0.95  # of the small-sample rule and of every interval
@@ -175,6 +175,7 @@ def calibration_record(
 
 def calibrate(config: CalibrateConfig) -> dict[str, Any]:
     """Write the calibrated model directory to `config.output`; returns the lineage step written (the CLI's JSON)."""
+    check_free(config.output)
     parent = load_model_dir(config.model_dir)
     sample = read_site_sample(config.data, parent, labelled=True)
     assert sample.labels is not None

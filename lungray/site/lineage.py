@@ -28,6 +28,12 @@ def site_name(site: str | None, data: str) -> str:
     return site or Path(str(data).rstrip("/")).name
 
 
+def check_free(output: str | os.PathLike[str]) -> None:
+    """Refuse an `output` that already holds a model directory: a derived one never overwrites."""
+    if (Path(output) / META_FILE).exists():
+        raise FileExistsError(f"{output} already holds a model directory; choose another output")
+
+
 def save_derived(
     output: str | os.PathLike[str],
     parent: ModelDir,
@@ -35,12 +41,8 @@ def save_derived(
     step: Mapping[str, Any],
     **fields: Any,
 ) -> Path:
-    """Write the derived model directory: the parent's meta, `fields` over it, `step` appended to its lineage.
-
-    An existing model directory at `output` is refused, never overwritten.
-    """
-    if (Path(output) / META_FILE).exists():
-        raise FileExistsError(f"{output} already holds a model directory; choose another output")
+    """Write the derived model directory: the parent's meta, `fields` over it, `step` appended to its lineage."""
+    check_free(output)
     inherited = {key: value for key, value in parent.meta.items() if key not in FORMAT_KEYS and key not in PARENT_OPERATING_POINT}
     record = {"parent_model_id": parent.model_id, **step}
     meta = {**inherited, **fields, "lineage": [*parent.meta.get("lineage", []), record]}
