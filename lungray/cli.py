@@ -306,7 +306,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def add_invariance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to measure")
-    parser.add_argument("--input", required=True, help="folder (or s3:// prefix) of films, decoded as screening decodes them")
+    parser.add_argument(
+        "--input", required=True,
+        help="folder (or s3:// prefix) of films, decoded as screening decodes them; or an ingest (its stored images are perturbed)",
+    )
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="how to label INPUT, as for ingest (default: unlabelled)")
     parser.add_argument("--labels", default=None, help="labels CSV for --dataset csv / chestxray14")
     parser.add_argument("--output", default=None, help="also write the JSON report to this file")

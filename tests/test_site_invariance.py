@@ -13,7 +13,7 @@ from conftest import SAMPLES
 from pydicom.pixels import apply_voi_lut
 from pydicom.dataset import Dataset
 from test_modeldir import make_model_dir
-from test_site_calibrate import trained_model_dir
+from test_site_calibrate import trained_model_dir, write_site_sample
 
 from lungray.cli import main
 from lungray.modeldir import load_model_dir, save_model_dir
@@ -95,3 +95,12 @@ def test_a_trained_model_moves_under_a_border_and_never_under_identity(tmp_path:
         assert entry["by_label"]["normal"]["n"] + entry["by_label"]["abnormal"]["n"] == entry["n"] == 6
         assert max(entry["by_label"]["normal"]["max_abs_dprob"], entry["by_label"]["abnormal"]["max_abs_dprob"]) == entry["max_abs_dprob"]
     assert "person" not in output.read_text() and "IM-" not in output.read_text()  # no file names (they carry patient numbers)
+
+
+def test_an_ingest_is_measured_on_its_stored_images(tmp_path: Path) -> None:
+    data = write_site_sample(tmp_path / "site", n_normal=3, n_abnormal=2, labelled=True)
+    report = measure_invariance(str(constant_model_dir(tmp_path, "cnn")), str(data))
+    assert report["input"].startswith("ingest") and report["n_films"] == 5 and report["films_by_label"] == {"normal": 3, "abnormal": 2}
+    assert all(entry["max_abs_dprob"] < 1e-6 for entry in report["perturbations"].values())
+    moving = measure_invariance(str(trained_model_dir(tmp_path / "trained", size=SIZE, steps=30)), str(data))
+    assert moving["perturbations"]["identity"]["max_abs_dprob"] == 0.0 and moving["perturbations"]["border"]["max_abs_dprob"] > 1e-3

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from lungray.evaluate import check_preprocessing
@@ -44,6 +45,14 @@ class SiteSample:
         return record
 
 
+def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:
+    """`columns` of every row of the ingest at `data`, whatever its split, in path order."""
+    filesystem, path = filesystem_for(join_uri(data, "data"))
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    table = dataset.to_table(columns=list(dict.fromkeys([*columns, "path"])), filter=pads.field("label").is_valid() if labelled_only else None)
+    return table.take(np.argsort(np.asarray(table["path"].to_pylist(), dtype=object), kind="stable"))
+
+
 def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
     """All rows of the ingest at `data` (all splits), checked against the model's preprocessing.
 
@@ -53,13 +62,9 @@ def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
     """
     summary = load_summary(data)
     check_preprocessing(model, summary, data)
-    filesystem, path = filesystem_for(join_uri(data, "data"))
-    columns = ["image", "patient_key", "path"] + (["label"] if labelled else [])
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    table = dataset.to_table(columns=columns, filter=pads.field("label").is_valid() if labelled else None)
+    table = read_ingest_rows(data, ["image", "patient_key", "path"] + (["label"] if labelled else []), labelled_only=labelled)
     if table.num_rows == 0:
         raise ValueError(f"{data} holds no {'labelled ' if labelled else ''}images")
-    table = table.take(np.argsort(np.asarray(table["path"].to_pylist(), dtype=object), kind="stable"))
     images = table["image"].combine_chunks().to_numpy()
     paths = table["path"].to_pylist()
     patients = np.array([key if key is not None else f"image:{p}" for key, p in zip(table["patient_key"].to_pylist(), paths)], dtype=object)

@@ -21,7 +21,7 @@ zero: the same film scored twice.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +32,11 @@ from pydicom.pixels import apply_windowing
 
 from lungray.ingest import SourceSpec, list_sources
 from lungray.io.decode import DecodeOptions, decode_bytes
-from lungray.io.listing import read_bytes
+from lungray.io.listing import exists, join_uri, read_bytes
 from lungray.metrics import predict_labels
 from lungray.modeldir import load_model_dir
-from lungray.preprocess import preprocess
+from lungray.preprocess import preprocess, to_float
+from lungray.site.data import read_ingest_rows
 
 BORDER_FRACTION = 0.05
 CROP_FRACTION = 0.05
@@ -114,37 +115,55 @@ def movement_summary(moves: np.ndarray, flips: np.ndarray) -> dict[str, Any]:
     }
 
 
+def folder_films(input_uri: str, dataset: str | None, labels: str | None, errors: Counter[str]) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(decoded film, label) of every file under `input_uri`, decoded as screening decodes; failures counted in `errors`."""
+    for item in list_sources((SourceSpec(uri=input_uri, dataset=dataset, labels=labels),)):
+        decoded = decode_bytes(read_bytes(item.entry.uri), item.entry.relpath, DecodeOptions())
+        if decoded.ok:
+            yield decoded.image, item.label
+        else:
+            errors[decoded.error or "unknown error"] += 1
+
+
+def ingested_films(data: str) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(stored image as [0,1] float, label) of every row of an ingest: films already preprocessed once."""
+    table = read_ingest_rows(data, ["image", "label"])
+    for stored, label in zip(table["image"].combine_chunks().to_numpy(), table["label"].to_pylist()):
+        yield to_float(stored), label
+
+
 def measure_invariance(
     model_dir: str, input_uri: str, dataset: str | None = None, labels: str | None = None, batch_size: int = 64
 ) -> dict[str, Any]:
     """The invariance report of the module docstring for every film under `input_uri` (as JSON-ready dict).
 
+    `input_uri` is a folder of films (labelled by `dataset` / `labels` as for ingest), or an
+    ingest (its summary.json present), whose stored images stand in for the films: their
+    perturbations then act on the already preprocessed image, which the report says.
     Files that do not decode are counted by reason, never silently dropped; no file name
     or patient key appears in the report.
     """
     model = load_model_dir(model_dir)
     config = model.preprocess
-    listed = list_sources((SourceSpec(uri=input_uri, dataset=dataset, labels=labels),))
+    ingested = exists(join_uri(input_uri, "summary.json"))
+    errors: Counter[str] = Counter()
+    films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, errors)
     views: dict[str, list[np.ndarray]] = {name: [] for name in PERTURBATIONS}
     baselines = {perturbation.baseline: [] for perturbation in PERTURBATIONS.values()}
     film_labels: list[int | None] = []
-    errors: Counter[str] = Counter()
-    for item in listed:
-        decoded = decode_bytes(read_bytes(item.entry.uri), item.entry.relpath, DecodeOptions())
-        if not decoded.ok:
-            errors[decoded.error or "unknown error"] += 1
-            continue
+    for film, label in films:
         for name, perturbation in PERTURBATIONS.items():
-            views[name].append(preprocess(perturbation.change(decoded.image), config))
+            views[name].append(preprocess(perturbation.change(film), config))
         for baseline, stored in baselines.items():
-            stored.append(preprocess(baseline(decoded.image), config))
-        film_labels.append(item.label)
+            stored.append(preprocess(baseline(film), config))
+        film_labels.append(label)
     if not film_labels:
         raise ValueError(f"no film under {input_uri} could be decoded ({dict(errors)})")
     label_array = np.array([LABEL_NAMES[label] for label in film_labels])
     report: dict[str, Any] = {
         "model_id": model.model_id,
         "threshold": model.threshold,
+        "input": "ingest: stored (preprocessed) images perturbed" if ingested else "films: decoded files perturbed",
         "n_films": len(film_labels),
         "films_by_label": dict(Counter(label_array.tolist())),
         "files_not_decoded": sum(errors.values()),
