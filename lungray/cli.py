@@ -7,20 +7,26 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from lungray.ensemble import add_ensemble_arguments, ensemble_from_args, summarize
-from lungray.evaluate import add_evaluate_arguments, evaluate
+from lungray.ensemble import build_ensemble_dir, summarize
+from lungray.evaluate import evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.io.scope import CHECKED_FIELDS, Scope
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
 from lungray.raysession import init_ray
-from lungray.report.compare import add_compare_arguments, compare_config_from_args, run_compare
+from lungray.models.ensemble import TTA_VIEWS
+from lungray.report.compare import CompareConfig, run_compare, run_compare_across
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
+from lungray.site.adapt import AdaptConfig, adapt
+from lungray.site.calibrate import CalibrateConfig, calibrate
+from lungray.site.invariance import measure_invariance
 from lungray.sources import DATASETS
-from lungray.train.trainer import add_train_arguments, run_training, train_config_from_args
-from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args
+from lungray.split import SPLITS
+from lungray.train.trainer import add_min_sensitivity_argument, add_train_arguments, run_training, train_config_from_args
+from lungray.tune import METRIC_MODES, SCHEDULERS, SweepConfig, load_space, run_tune
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -104,6 +110,81 @@ def ingest_config_from_args(args: argparse.Namespace) -> IngestConfig:
     )
 
 
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray evaluate` / jobs/evaluate.py arguments."""
+    parser.add_argument("model_dir", help="model directory written by `lungray train`")
+    parser.add_argument("data", help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")
+
+
+def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray ensemble` arguments."""
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="trained model directories (e.g. a CNN and a CNN-LSTM)")
+    parser.add_argument("--data", required=True, help="the ingest the members were trained on; its val split sets the threshold")
+    parser.add_argument("--output", required=True, help="model directory to write")
+    parser.add_argument("--tta", choices=tuple(TTA_VIEWS), default="none", help="test-time views averaged with the members")
+    add_min_sensitivity_argument(parser)
+
+
+def ensemble_from_args(args: argparse.Namespace) -> Path:
+    return build_ensemble_dir(args.model_dirs, args.data, args.output, args.tta, args.min_sensitivity)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray compare` / jobs/compare.py arguments."""
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
+    parser.add_argument(
+        "--data", required=True, action="append",
+        help="ingested dataset folder (or s3:// prefix); repeat it (e.g. home and a site) for one report per data set and a summary",
+    )
+    parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
+    parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
+    parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
+    parser.add_argument("--seed", type=int, default=CompareConfig.seed, help="bootstrap seed")
+    parser.add_argument(
+        "--gradcam-examples", type=int, default=CompareConfig.gradcam_examples,
+        help="Grad-CAM overlays per model of each of true positives, false positives, false negatives",
+    )
+    parser.add_argument("--batch-size", type=int, default=CompareConfig.batch_size, help="inference batch for the timed pass")
+    parser.add_argument("--device", default=CompareConfig.device, help="torch device to score and time on (default: cpu)")
+
+
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    return CompareConfig(
+        model_dirs=tuple(args.model_dirs), data=args.data[0], output=args.output, split=args.split,
+        n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
+        device=args.device,
+    )
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lungray tune` / jobs/tune.py arguments."""
+    parser.add_argument("--space", required=True, help="search-space YAML (see tune_spaces/README.md)")
+    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
+    parser.add_argument("--samples", type=int, required=True, help="trials to sample (times the grid size, if any)")
+    parser.add_argument("--output", required=True, help="folder for results, best/ and tune.png; rerun to resume")
+    parser.add_argument("--storage", default=None, help="where Tune keeps the sweep and checkpoints (folder or s3://); default OUTPUT/_ray")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=SweepConfig.scheduler, help="asha stops trailing trials early")
+    parser.add_argument("--metric", choices=tuple(METRIC_MODES), default=SweepConfig.metric, help="ranks trials")
+    parser.add_argument("--grace-period", type=int, default=SweepConfig.grace_period, help="epochs before ASHA may stop a trial")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
+    parser.add_argument("--workers", type=int, default=SweepConfig.workers, help="data-parallel workers per trial")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: a whole CPU, or the cluster's share for --max-concurrent trials")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default and cap: what the cluster fits)")
+    parser.add_argument("--seed", type=int, default=SweepConfig.seed)
+    parser.add_argument("--min-sensitivity", type=float, default=SweepConfig.min_sensitivity, help="threshold rule of the exported model")
+
+
+def tune_config_from_args(args: argparse.Namespace) -> SweepConfig:
+    return SweepConfig(
+        space=load_space(args.space), data=args.data, output=args.output, samples=args.samples, storage=args.storage,
+        scheduler=args.scheduler, metric=args.metric, grace_period=args.grace_period, epochs=args.epochs,
+        workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+        max_concurrent=args.max_concurrent, seed=args.seed, min_sensitivity=args.min_sensitivity,
+    )
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     config = ingest_config_from_args(args)
     init_ray()
@@ -178,8 +259,100 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     config = compare_config_from_args(args)
     init_ray(progress_bars=False)
+    if len(args.data) > 1:
+        run_compare_across(config, args.data)
+        print(f"summary: {config.output}/summary.md (and summary.json); one report per data set in {config.output}/<data folder name>/")
+        return 0
     run_compare(config)
     print(f"report: {config.output}/report.html (also report.md, metrics.json, predictions.parquet, figures/)")
+    return 0
+
+
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """What calibrate and adapt share: the parent model, the site's ingest, the output, the site's name."""
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to derive from")
+    parser.add_argument("--data", required=True, help="the site's sample, as written by `lungray ingest` (every split is used)")
+    parser.add_argument("--output", required=True, help="model directory to write (must not hold one)")
+    parser.add_argument("--site", default=None, help="the site's name in the lineage (default: the --data folder's name)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient folds, the bootstrap and fine-tuning")
+
+
+def add_operating_point_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-sensitivity", type=float, default=CalibrateConfig.min_sensitivity,
+        help="the threshold is the most specific one reaching this sensitivity on the site's sample",
+    )
+    parser.add_argument("--folds", type=int, default=CalibrateConfig.folds, help="patient folds of the cross-validated estimate")
+    parser.add_argument("--n-boot", type=int, default=CalibrateConfig.n_boot, help="patient-bootstrap resamples of the CIs")
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_site_arguments(parser)
+    add_operating_point_arguments(parser)
+
+
+def calibrate_config_from_args(args: argparse.Namespace) -> CalibrateConfig:
+    return CalibrateConfig(
+        model_dir=args.model_dir, data=args.data, output=args.output, min_sensitivity=args.min_sensitivity,
+        site=args.site, folds=args.folds, n_boot=args.n_boot, seed=args.seed,
+    )
+
+
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    add_site_arguments(parser)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--unlabelled", action="store_true", help="re-estimate BatchNorm statistics on the site's films (reads no label)")
+    mode.add_argument("--labelled", action="store_true", help="fine-tune on part of the labelled sample; the rest sets the threshold")
+    parser.add_argument("--batch-size", type=int, default=AdaptConfig.batch_size)
+    parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs, help="fine-tuning epochs (--labelled)")
+    parser.add_argument("--lr", type=float, default=AdaptConfig.learning_rate, help="fine-tuning learning rate (--labelled)")
+    parser.add_argument(
+        "--holdout-fraction", type=float, default=AdaptConfig.holdout_fraction,
+        help="share of the site's patients kept out of fine-tuning to choose the threshold (--labelled)",
+    )
+    add_operating_point_arguments(parser)
+
+
+def adapt_config_from_args(args: argparse.Namespace) -> AdaptConfig:
+    return AdaptConfig(
+        model_dir=args.model_dir, data=args.data, output=args.output, labelled=args.labelled, site=args.site,
+        batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr, holdout_fraction=args.holdout_fraction,
+        min_sensitivity=args.min_sensitivity, folds=args.folds, n_boot=args.n_boot, seed=args.seed,
+    )
+
+
+def print_site_step(step: dict[str, object]) -> int:
+    """The lineage step as JSON on stdout, its warnings also on stderr."""
+    print(json.dumps(step, indent=2))
+    for warning in step.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    return print_site_step(calibrate(calibrate_config_from_args(args)))
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    return print_site_step(adapt(adapt_config_from_args(args)))
+
+
+def add_invariance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="the model directory to measure")
+    parser.add_argument(
+        "--input", required=True,
+        help="folder (or s3:// prefix) of films, decoded as screening decodes them; or an ingest (its stored images are perturbed)",
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="how to label INPUT, as for ingest (default: unlabelled)")
+    parser.add_argument("--labels", default=None, help="labels CSV for --dataset csv / chestxray14")
+    parser.add_argument("--output", default=None, help="also write the JSON report to this file")
+
+
+def cmd_invariance(args: argparse.Namespace) -> int:
+    report = json.dumps(measure_invariance(args.model_dir, args.input, args.dataset, args.labels), indent=2)
+    if args.output:
+        Path(args.output).write_text(report + "\n")
+    print(report)
     return 0
 
 
@@ -195,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("ensemble", "average model directories (+ test-time augmentation) into one, thresholded on val", add_ensemble_arguments, cmd_ensemble),
         ("compare", "compare model directories on a labelled split: report.md/.html, metrics.json", add_compare_arguments, cmd_compare),
         ("screen", "score an archive: per-image and per-study predictions, incremental", add_screen_arguments, cmd_screen),
+        ("calibrate", "a site's threshold and temperature from its labelled sample, cross-validated", add_calibrate_arguments, cmd_calibrate),
+        ("invariance", "how far probabilities move under a border, SIGMOID window, gamma and crop (JSON)", add_invariance_arguments, cmd_invariance),
+        ("adapt", "adapt a model to a site: BatchNorm statistics (--unlabelled) or fine-tuning (--labelled)", add_adapt_arguments, cmd_adapt),
     )
     for name, help_text, add_arguments, run in subcommands:
         subparser = commands.add_parser(name, help=help_text)

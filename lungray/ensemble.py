@@ -8,7 +8,6 @@ is a model directory like any other, which `evaluate`, `compare` and `screen` ac
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +17,8 @@ from lungray.ingest import load_summary
 from lungray.io.base import normalized_record
 from lungray.modeldir import ModelDir, load_model_dir, read_meta, save_model_dir
 from lungray.models import Ensemble, EnsembleConfig, count_parameters
-from lungray.models.ensemble import TTA_VIEWS
 from lungray.train.export import operating_point, versions
-from lungray.train.trainer import TrainConfig, add_min_sensitivity_argument
+from lungray.train.trainer import TrainConfig
 
 
 def build_ensemble_dir(
@@ -65,17 +63,8 @@ def build_ensemble_dir(
     return save_model_dir(output, network.state_dict(), meta)
 
 
-def add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray ensemble` arguments."""
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="trained model directories (e.g. a CNN and a CNN-LSTM)")
-    parser.add_argument("--data", required=True, help="the ingest the members were trained on; its val split sets the threshold")
-    parser.add_argument("--output", required=True, help="model directory to write")
-    parser.add_argument("--tta", choices=tuple(TTA_VIEWS), default="none", help="test-time views averaged with the members")
-    add_min_sensitivity_argument(parser)
 
 
-def ensemble_from_args(args: argparse.Namespace) -> Path:
-    return build_ensemble_dir(args.model_dirs, args.data, args.output, args.tta, args.min_sensitivity)
 
 
 def summarize(model_dir: Path) -> dict[str, object]:

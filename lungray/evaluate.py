@@ -7,7 +7,6 @@ report compute. Scoring goes through `ModelDir.predict_proba`, the one scoring f
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -75,10 +74,3 @@ def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") 
         "data_fingerprint": summary["fingerprint"],
         **binary_metrics(labels, probs, model.threshold),
     }
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray evaluate` / jobs/evaluate.py arguments."""
-    parser.add_argument("model_dir", help="model directory written by `lungray train`")
-    parser.add_argument("data", help="ingested dataset folder (or s3:// prefix)")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="split to score (default: test)")

@@ -11,6 +11,10 @@ Layout:
   the training record that export adds (metrics,
   history, data fingerprint, versions). `format_version` guards readers against layouts
   they do not know; `weights_sha256` ties the JSON to its weights.
+  A directory derived for a site (`lungray calibrate` / `lungray adapt`, lungray.site) adds
+  `temperature` (the logits are divided by it before the softmax: every scorer goes through
+  `predict_proba`, so screen, evaluate and compare all see it) and `lineage`, one record per
+  derivation step (parent model id, site, data, image count, whether labels were used).
 
 Both files are written through a temporary folder and renamed into place, weights first and
 `model.json` last: a reader never sees a half-written file, and a crash between the two
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -67,6 +72,11 @@ class ModelDir:
         return float(self.meta["threshold"])
 
     @property
+    def temperature(self) -> float:
+        """The site calibration's temperature; 1 (the logits as trained) when none was fitted."""
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
 
@@ -79,25 +89,28 @@ class ModelDir:
         """The same model directory scoring through `fold_batchnorm`: faster, for scoring only."""
         return replace(self, model=fold_batchnorm(self.model))
 
-    @torch.inference_mode()
     def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probability of "abnormal" for each image of (N, size, size), as float64 of shape (N,).
 
         `images` are stored tensors, of the integer dtype the model's preprocessing wrote
         (scaled to [0,1] with `lungray.preprocess.to_float`, as in training), or floats
-        already in [0,1]. The model runs in float32 on the device it was loaded to.
+        already in [0,1]. The model runs in float32 on the device it was loaded to; the
+        logits are divided by the directory's `temperature` before the softmax.
         """
+        return proba_from_logits(self.predict_logits(images, batch_size), self.temperature)
+
+    @torch.inference_mode()
+    def predict_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The network's logits (N, classes) as float32, before any temperature (what calibration fits)."""
         self._check_input(images)
         device = next(self.model.parameters()).device
-        probabilities = []
+        logits = []
         for start in range(0, len(images), batch_size):
-            batch = tensor_view(images[start : start + batch_size]).to(device)
-            inputs = to_float(batch) if not batch.is_floating_point() else batch.float()
-            logits = self.model(inputs.unsqueeze(1).contiguous(memory_format=torch.channels_last))
-            probabilities.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
-        if not probabilities:
-            return np.zeros(0, dtype=np.float64)
-        return np.concatenate(probabilities).astype(np.float64)
+            output = self.model(model_input(images[start : start + batch_size], device))
+            logits.append(output.float().cpu().numpy())
+        if not logits:
+            return np.zeros((0, len(CLASSES)), dtype=np.float32)
+        return np.concatenate(logits)
 
     def _check_input(self, images: np.ndarray) -> None:
         """Refuse input the model was not trained on, rather than score it silently."""
@@ -110,6 +123,23 @@ class ModelDir:
                 raise ValueError("float images must lie in [0, 1]")
         elif images.dtype != DTYPES[preprocess.dtype]:
             raise ValueError(f"this model was trained on {preprocess.dtype} tensors, got {images.dtype}")
+
+
+def model_input(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Stored images (N, size, size), integer or float in [0,1] -> the (N, 1, size, size) float32 batch a model takes."""
+    batch = tensor_view(images).to(device)
+    inputs = to_float(batch) if not batch.is_floating_point() else batch.float()
+    return inputs.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+
+
+def proba_from_logits(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probability of "abnormal" from (N, classes) logits at `temperature`, as `predict_proba` computes it.
+
+    Site calibration chooses its threshold on these exact values (float32 softmax), so
+    the directory it writes makes the calls the calibration measured.
+    """
+    scaled = torch.from_numpy(np.asarray(logits, dtype=np.float32)) / temperature
+    return torch.softmax(scaled, dim=1)[:, 1].numpy().astype(np.float64)
 
 
 def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
@@ -125,6 +155,9 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
     if reserved:
         raise ValueError(f"model meta must not set {reserved}: the model directory format sets them")
     PreprocessConfig.from_dict(meta["preprocess"])
+    temperature = meta.get("temperature", 1.0)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     build_from_architecture(meta["architecture"]).load_state_dict(tensors, strict=True)
 
@@ -132,7 +165,7 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
     digest = hashlib.sha256(weights).hexdigest()
     full_meta = {
         "format_version": FORMAT_VERSION,
-        "model_id": f"{meta['architecture']['arch']}-{digest[:12]}",
+        "model_id": f"{meta['architecture']['arch']}-{model_digest(digest, meta)[:12]}",
         "weights_sha256": digest,
         "classes": list(CLASSES),
         **meta,
@@ -145,6 +178,21 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
         os.replace(Path(staging) / WEIGHTS_FILE, target / WEIGHTS_FILE)
         os.replace(Path(staging) / META_FILE, target / META_FILE)
     return target
+
+
+def model_digest(weights_digest: str, meta: Mapping[str, Any]) -> str:
+    """What the model id names: the weights, and for a site-derived directory also its lineage.
+
+    `lungray calibrate` keeps its parent's weights but changes the probabilities
+    (temperature) and the calls (threshold); it must not share the parent's id, since
+    compare refuses one id twice and screening keys its history by model id. A lineage
+    record holds the temperature and threshold it chose, so hashing it separates the two;
+    directories without lineage keep the id they always had.
+    """
+    if "lineage" not in meta:
+        return weights_digest
+    scoring = {"lineage": meta["lineage"], "temperature": meta.get("temperature", 1.0), "threshold": meta["threshold"]}
+    return hashlib.sha256(f"{weights_digest}\n{json.dumps(scoring, sort_keys=True)}".encode()).hexdigest()
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

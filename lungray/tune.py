@@ -25,7 +25,6 @@ their Train run is rebuilt at the same storage and name.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -308,32 +307,8 @@ class SweepConfig:
         )
 
 
-def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray tune` / jobs/tune.py arguments."""
-    parser.add_argument("--space", required=True, help="search-space YAML (see tune_spaces/README.md)")
-    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
-    parser.add_argument("--samples", type=int, required=True, help="trials to sample (times the grid size, if any)")
-    parser.add_argument("--output", required=True, help="folder for results, best/ and tune.png; rerun to resume")
-    parser.add_argument("--storage", default=None, help="where Tune keeps the sweep and checkpoints (folder or s3://); default OUTPUT/_ray")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=SweepConfig.scheduler, help="asha stops trailing trials early")
-    parser.add_argument("--metric", choices=tuple(METRIC_MODES), default=SweepConfig.metric, help="ranks trials")
-    parser.add_argument("--grace-period", type=int, default=SweepConfig.grace_period, help="epochs before ASHA may stop a trial")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
-    parser.add_argument("--workers", type=int, default=SweepConfig.workers, help="data-parallel workers per trial")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: a whole CPU, or the cluster's share for --max-concurrent trials")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default and cap: what the cluster fits)")
-    parser.add_argument("--seed", type=int, default=SweepConfig.seed)
-    parser.add_argument("--min-sensitivity", type=float, default=SweepConfig.min_sensitivity, help="threshold rule of the exported model")
 
 
-def tune_config_from_args(args: argparse.Namespace) -> SweepConfig:
-    return SweepConfig(
-        space=load_space(args.space), data=args.data, output=args.output, samples=args.samples, storage=args.storage,
-        scheduler=args.scheduler, metric=args.metric, grace_period=args.grace_period, epochs=args.epochs,
-        workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-        max_concurrent=args.max_concurrent, seed=args.seed, min_sensitivity=args.min_sensitivity,
-    )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from ray.data.extensions import ArrowTensorArray
 from test_modeldir import TINY
 from test_train import read_split, write_ingested
 
-from lungray.ensemble import add_ensemble_arguments, build_ensemble_dir
+from lungray.cli import add_ensemble_arguments
+from lungray.ensemble import build_ensemble_dir
 from lungray.evaluate import evaluate
 from lungray.metrics import binary_metrics, choose_threshold
 from lungray.modeldir import load_model_dir, save_model_dir

@@ -12,7 +12,8 @@ import torch
 from test_modeldir import make_model_dir
 from test_train import read_split, write_ingested
 
-from lungray.evaluate import add_evaluate_arguments, evaluate
+from lungray.cli import add_evaluate_arguments
+from lungray.evaluate import evaluate
 from lungray.metrics import binary_metrics
 from lungray.modeldir import load_model_dir
 

@@ -37,10 +37,9 @@ from lungray.metrics import (
 from lungray.modeldir import ModelDir, load_model_dir, save_model_dir
 from lungray.models import Ensemble
 from lungray.preprocess import PreprocessConfig
+from lungray.cli import add_compare_arguments, compare_config_from_args
 from lungray.report.compare import (
     CompareConfig,
-    add_compare_arguments,
-    compare_config_from_args,
     display_names,
     run_compare,
     training_sources,

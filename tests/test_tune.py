@@ -25,18 +25,17 @@ from lungray.io.listing import filesystem_for, read_bytes
 from lungray.modeldir import load_model_dir
 from lungray.preprocess import PreprocessConfig
 from lungray.train.trainer import TrainConfig
+from lungray.cli import add_tune_arguments, tune_config_from_args
 from lungray.tune import (
     SETTINGS_FILE,
     SWEEP_NAME,
     SpaceError,
     SweepConfig,
-    add_tune_arguments,
     check_settings,
     load_space,
     plan_resources,
     run_tune,
     trial_config,
-    tune_config_from_args,
 )
 
 torch.set_num_threads(1)
@@ -288,7 +287,8 @@ def test_interrupted_sweep_on_s3_resumes(ingested: str, tmp_path: Path, s3_bucke
     code = (
         "import argparse, sys\n"
         "from lungray.raysession import init_ray\n"
-        "from lungray.tune import add_tune_arguments, run_tune, tune_config_from_args\n"
+        "from lungray.cli import add_tune_arguments, tune_config_from_args\n"
+        "from lungray.tune import run_tune\n"
         "parser = argparse.ArgumentParser()\n"
         "add_tune_arguments(parser)\n"
         "init_ray(progress_bars=False)\n"

@@ -16,7 +16,6 @@ so a failed run never leaves half a report.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -25,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from lungray.models import count_parameters
 from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
-from lungray.report.render import write_report
+from lungray.report.render import across_markdown, write_report
 from lungray.split import SPLITS
 
 ALPHA = 0.05  # 95% intervals
@@ -155,6 +154,48 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     return results
 
 
+def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str, Any]:
+    """The same models on several data sets (e.g. home and a site): one report per data set, and a summary.
+
+    `OUTPUT/<data folder name>/` holds each data set's full report; `OUTPUT/summary.json`
+    and `summary.md` set every model's AUROC and its calls at the stored threshold side by
+    side across the data sets, with their CIs and the lineage's in-sample warning. The
+    whole folder is staged and renamed into place like a single report.
+    """
+    output = Path(config.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; choose another output")
+    names = [Path(str(data).rstrip("/")).name for data in datas]
+    names = [name if names.count(name) == 1 else f"{index}-{name}" for index, name in enumerate(names)]
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    try:
+        reports = {name: run_compare(replace(config, data=data, output=str(staging / name))) for name, data in zip(names, datas)}
+        summary = {
+            "data_sets": {name: report["data"] for name, report in reports.items()},
+            "rows": [
+                {
+                    "data_set": name,
+                    "model_id": model["model_id"],
+                    "name": model["name"],
+                    "threshold": model["threshold"],
+                    **{key: model["metrics"][key] for key in ("auroc", "recall", "specificity")},
+                    "fitted_on_this_data": any(step["fitted_on_this_data"] for step in model["lineage"]),
+                }
+                for name, report in reports.items()
+                for model in report["models"]
+            ],
+        }
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        (staging / "summary.md").write_text(across_markdown(summary))
+        if output.exists():
+            output.rmdir()
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
 def load_models(model_dirs: Sequence[str], data: str, summary: dict[str, Any], device: str) -> list[ModelDir]:
     """The model directories, refusing any whose preprocessing differs from the data's.
 
@@ -202,12 +243,13 @@ def read_cases(data: str, split: str) -> Cases:
 
 
 def display_names(models: Sequence[ModelDir]) -> list[str]:
-    """"CNN", "CNN-LSTM", "Ensemble"; the model id is added where two models share an architecture."""
-    archs = [model.meta["architecture"]["arch"] for model in models]
-    return [
-        ARCH_NAMES[arch] if archs.count(arch) == 1 else f"{ARCH_NAMES[arch]} {model.model_id}"
-        for arch, model in zip(archs, models)
+    """"CNN", "CNN-LSTM", "Ensemble", with each site step ("CNN + calibrate B"); the model id is added
+    where two models would still share a name."""
+    bases = [
+        " + ".join([ARCH_NAMES[model.meta["architecture"]["arch"]], *(f"{step['step']} {step.get('site')}" for step in model.meta.get("lineage", []))])
+        for model in models
     ]
+    return [base if bases.count(base) == 1 else f"{base} {model.model_id}" for base, model in zip(bases, models)]
 
 
 def timed_scores(model: ModelDir, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
@@ -272,8 +314,37 @@ def model_results(
             "inference_batch_size": config.batch_size,
         },
         "training_sources": training_sources(meta, summary),
+        "lineage": lineage_summary(meta, summary),
         "history": meta.get("history", []),
     }
+
+
+def lineage_summary(meta: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The site steps a model was derived by (`lungray calibrate` / `adapt`), oldest first.
+
+    `fitted_on_this_data` marks a step whose sample is this report's data: its threshold,
+    temperature or weights were chosen on these very images, so the figures here are
+    in-sample for it; the step's own cross-validated figures (model.json) are the honest ones.
+    """
+    return [
+        {
+            "step": step["step"],
+            "site": step.get("site"),
+            "parent_model_id": step.get("parent_model_id"),
+            "n_images": step.get("n_images"),
+            "labels_used": step.get("labels_used"),
+            "fitted_on_this_data": step.get("data_fingerprint") == summary["fingerprint"],
+            "cross_validation": _cv_rates(step.get("cross_validation")),
+        }
+        for step in meta.get("lineage", [])
+    ]
+
+
+def _cv_rates(cross_validation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pooled held-out sensitivity and specificity a calibrating step recorded, with their CIs."""
+    if not cross_validation:
+        return None
+    return {"folds": cross_validation["folds"], "recall": cross_validation["recall"], "specificity": cross_validation["specificity"]}
 
 
 def operating_points(labels: np.ndarray, prob: np.ndarray, resampling: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -441,27 +512,3 @@ def json_ready(value: Any) -> Any:
 def _created(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray compare` / jobs/compare.py arguments."""
-    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="model directories written by `lungray train`")
-    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
-    parser.add_argument("--split", choices=SPLITS, default=CompareConfig.split, help="split to score (default: test)")
-    parser.add_argument("--output", required=True, help="report folder to create (local; must not exist or be empty)")
-    parser.add_argument("--n-boot", type=int, default=CompareConfig.n_boot, help="bootstrap resamples for every CI and test")
-    parser.add_argument("--seed", type=int, default=CompareConfig.seed, help="bootstrap seed")
-    parser.add_argument(
-        "--gradcam-examples", type=int, default=CompareConfig.gradcam_examples,
-        help="Grad-CAM overlays per model of each of true positives, false positives, false negatives",
-    )
-    parser.add_argument("--batch-size", type=int, default=CompareConfig.batch_size, help="inference batch for the timed pass")
-    parser.add_argument("--device", default=CompareConfig.device, help="torch device to score and time on (default: cpu)")
-
-
-def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
-    return CompareConfig(
-        model_dirs=tuple(args.model_dirs), data=args.data, output=args.output, split=args.split,
-        n_boot=args.n_boot, seed=args.seed, gradcam_examples=args.gradcam_examples, batch_size=args.batch_size,
-        device=args.device,
-    )

@@ -104,6 +104,31 @@ def write_report(results: dict[str, Any], directory: Path) -> None:
     (directory / "report.html").write_text(to_html(blocks, directory))
 
 
+def across_markdown(summary: dict[str, Any]) -> str:
+    """summary.md of `run_compare_across`: each model on each data set, with CIs."""
+    rows = tuple(
+        (
+            row["name"],
+            row["data_set"],
+            fmt_estimate(row["auroc"], fmt_auc),
+            fmt_estimate(row["recall"], fmt_rate),
+            fmt_estimate(row["specificity"], fmt_rate),
+            "yes: in-sample" if row["fitted_on_this_data"] else "no",
+        )
+        for row in summary["rows"]
+    )
+    sizes = "; ".join(
+        f"{name}: {data['split']} split of {data['path']}, {data['n_images']} images ({data['n_abnormal']} abnormal)"
+        for name, data in summary["data_sets"].items()
+    )
+    return to_markdown([
+        Heading("The models across data sets", level=1),
+        Paragraph(f"Data sets: {sizes}. Each has its full report in the folder of its name."),
+        Table(("model", "data set", "AUROC (95% CI)", "sensitivity at stored threshold", "specificity at stored threshold", "fitted on these images"), rows),
+        Paragraph("A model fitted on a data set by calibrate or adapt is in-sample there; its cross-validated figures are in its report's Site adaptation section."),
+    ])
+
+
 def report_blocks(results: dict[str, Any]) -> list[Block]:
     """The whole report: answer, published vs ours, metrics, paired tests, sources, efficiency, figures, method."""
     models = results["models"]
@@ -129,6 +154,7 @@ def report_blocks(results: dict[str, Any]) -> list[Block]:
         Heading("Paired tests"),
         pairs_table(results) if results["pairs"] else Paragraph("Only one model was given: there is nothing to pair."),
         *source_blocks(results),
+        *lineage_blocks(models),
         Heading("Efficiency"),
         efficiency_table(models),
         Paragraph(
@@ -309,6 +335,25 @@ def source_blocks(results: dict[str, Any]) -> list[Block]:
         Table(("model", "trained on", *(f"AUROC on {source}" for source in by_source)), tuple(cross_rows)),
         *([Paragraph(" ".join(unknown), lead="Training source not known.")] if unknown else []),
     ]
+
+
+def lineage_blocks(models: Sequence[dict[str, Any]]) -> list[Block]:
+    """Which models were derived for a site (calibrate / adapt), from what, and whether on these images."""
+    lines = []
+    for model in models:
+        for step in model.get("lineage") or []:
+            labels = "with its labels" if step["labels_used"] else "without labels"
+            line = f"{model['name']}: {step['step']} for site {step['site']} on {step['n_images']} images {labels}, from {step['parent_model_id']}."
+            if step["fitted_on_this_data"]:
+                line += " Fitted on this report's data: its figures here are in-sample for this step."
+            if step["cross_validation"]:
+                cv = step["cross_validation"]
+                line += (
+                    f" Cross-validated over the site's patients ({cv['folds']} folds): sensitivity "
+                    f"{fmt_estimate(cv['recall'], fmt_rate)}, specificity {fmt_estimate(cv['specificity'], fmt_rate)}."
+                )
+            lines.append(line)
+    return [Heading("Site adaptation"), Bullets(tuple(lines))] if lines else []
 
 
 def threads(count: int) -> str:

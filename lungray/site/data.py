@@ -1,0 +1,78 @@
+"""A site's sample: every row of an ingest, whatever its split, grouped by patient.
+
+A site's local sample is not split by the ingest (`lungray ingest` assigns splits for
+training), so every row is read; the cross-validation and the bootstrap group by
+`patient_key`. A few hundred films fit in memory, and pyarrow reads them without
+starting Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from lungray.evaluate import check_preprocessing
+from lungray.ingest import load_summary
+from lungray.io.listing import filesystem_for, join_uri
+from lungray.modeldir import ModelDir
+
+
+@dataclass(frozen=True)
+class SiteSample:
+    """The site's images in path order, their labels (None when not read), patients and provenance."""
+
+    data: str
+    fingerprint: str
+    images: np.ndarray  # (N, size, size), the stored dtype
+    labels: np.ndarray | None  # int64 0/1; None for an unlabelled read
+    patients: np.ndarray  # patient_key; an image without one is its own patient
+
+    def describe(self) -> dict[str, Any]:
+        """The lineage's record of what data was used (counts only: no path, no patient key)."""
+        record: dict[str, Any] = {
+            "data": self.data,
+            "data_fingerprint": self.fingerprint,
+            "n_images": int(len(self.images)),
+            "n_patients": int(np.unique(self.patients).size),
+            "labels_used": self.labels is not None,
+        }
+        if self.labels is not None:
+            record.update(n_abnormal=int(self.labels.sum()), n_normal=int(self.labels.size - self.labels.sum()))
+        return record
+
+
+def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:
+    """`columns` of every row of the ingest at `data`, whatever its split, in path order."""
+    filesystem, path = filesystem_for(join_uri(data, "data"))
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    table = dataset.to_table(columns=list(dict.fromkeys([*columns, "path"])), filter=pads.field("label").is_valid() if labelled_only else None)
+    return table.take(np.argsort(np.asarray(table["path"].to_pylist(), dtype=object), kind="stable"))
+
+
+def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
+    """All rows of the ingest at `data` (all splits), checked against the model's preprocessing.
+
+    `labelled=True` reads the labelled rows only and requires both classes: a threshold or
+    a temperature cannot be chosen from one class. `labelled=False` reads the images and
+    never the label column, so unsupervised adaptation cannot use labels by accident.
+    """
+    summary = load_summary(data)
+    check_preprocessing(model, summary, data)
+    table = read_ingest_rows(data, ["image", "patient_key", "path"] + (["label"] if labelled else []), labelled_only=labelled)
+    if table.num_rows == 0:
+        raise ValueError(f"{data} holds no {'labelled ' if labelled else ''}images")
+    images = table["image"].combine_chunks().to_numpy()
+    paths = table["path"].to_pylist()
+    patients = np.array([key if key is not None else f"image:{p}" for key, p in zip(table["patient_key"].to_pylist(), paths)], dtype=object)
+    labels = None
+    if labelled:
+        labels = table["label"].to_numpy().astype(np.int64)
+        n_abnormal = int(labels.sum())
+        if n_abnormal in (0, labels.size):
+            only = "abnormal" if n_abnormal else "normal"
+            raise ValueError(f"{data} holds {labels.size} labelled images, all {only}: a site sample needs both classes")
+    return SiteSample(data=data, fingerprint=summary["fingerprint"], images=images, labels=labels, patients=patients)

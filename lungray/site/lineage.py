@@ -1,0 +1,55 @@
+"""model.json of a directory derived from another for a site: the parent's record plus one lineage step.
+
+Each step says what was done (`step`), to which model (`parent_model_id`), for which site,
+on what data (path, fingerprint, image/patient/class counts: no patient key, no file
+name) and whether labels were used. Steps accumulate: `adapt --unlabelled` then
+`calibrate` leaves two. The weights' training record (architecture, preprocessing,
+history, versions) is kept; the parent's operating point is not, since the step replaces
+it or, without labels, keeps it under its own name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungray.modeldir import FORMAT_KEYS, META_FILE, ModelDir, read_meta, save_model_dir
+
+#: Parent fields that describe the parent's operating point, not the derived model's.
+PARENT_OPERATING_POINT = ("threshold_policy", "val_metrics")
+
+
+def site_name(site: str | None, data: str) -> str:
+    """The site's name as given, or the ingest folder's name."""
+    return site or Path(str(data).rstrip("/")).name
+
+
+def check_free(output: str | os.PathLike[str]) -> None:
+    """Refuse an `output` that already holds a model directory: a derived one never overwrites."""
+    if (Path(output) / META_FILE).exists():
+        raise FileExistsError(f"{output} already holds a model directory; choose another output")
+
+
+def save_derived(
+    output: str | os.PathLike[str],
+    parent: ModelDir,
+    state_dict: Mapping[str, torch.Tensor],
+    step: Mapping[str, Any],
+    **fields: Any,
+) -> Path:
+    """Write the derived model directory: the parent's meta, `fields` over it, `step` appended to its lineage."""
+    check_free(output)
+    inherited = {key: value for key, value in parent.meta.items() if key not in FORMAT_KEYS and key not in PARENT_OPERATING_POINT}
+    record = {"parent_model_id": parent.model_id, **step}
+    meta = {**inherited, **fields, "lineage": [*parent.meta.get("lineage", []), record]}
+    return save_model_dir(output, state_dict, meta)
+
+
+def written_step(output: str | os.PathLike[str]) -> dict[str, Any]:
+    """What calibrate and adapt print: the directory, its model id and the lineage step as model.json holds it."""
+    meta = read_meta(output)
+    return {"model_dir": str(output), "model_id": meta["model_id"], **meta["lineage"][-1]}
