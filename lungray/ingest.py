@@ -99,8 +99,9 @@ def labels_text(spec: SourceSpec) -> str | None:
     return read_bytes(uri).decode("utf-8-sig")
 
 
-def list_sources(specs: tuple[SourceSpec, ...], salt: str) -> list[ListedFile]:
-    """List every source, label each file by its adapter, and hash patient IDs at once."""
+def list_sources(specs: tuple[SourceSpec, ...], salt: str | None) -> list[ListedFile]:
+    """List every source, label each file by its adapter, and hash patient IDs at once
+    (salt None: no patient keys, for callers that write none)."""
     listed: list[ListedFile] = []
     for spec in specs:
         entries = list_files(spec.uri)

@@ -115,10 +115,13 @@ def movement_summary(moves: np.ndarray, flips: np.ndarray) -> dict[str, Any]:
     }
 
 
-def folder_films(input_uri: str, dataset: str | None, labels: str | None, errors: Counter[str]) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(decoded film, label) of every file under `input_uri`, decoded as screening decodes; failures counted in `errors`."""
-    for item in list_sources((SourceSpec(uri=input_uri, dataset=dataset, labels=labels),)):
-        decoded = decode_bytes(read_bytes(item.entry.uri), item.entry.relpath, DecodeOptions())
+def folder_films(
+    input_uri: str, dataset: str | None, labels: str | None, options: DecodeOptions, errors: Counter[str]
+) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(decoded film, label) of every file under `input_uri`, decoded with the model's options as
+    screening decodes; failures counted in `errors`."""
+    for item in list_sources((SourceSpec(uri=input_uri, dataset=dataset, labels=labels),), salt=None):
+        decoded = decode_bytes(read_bytes(item.entry.uri), item.entry.relpath, options)
         if decoded.ok:
             yield decoded.image, item.label
         else:
@@ -147,7 +150,7 @@ def measure_invariance(
     config = model.preprocess
     ingested = exists(join_uri(input_uri, "summary.json"))
     errors: Counter[str] = Counter()
-    films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, errors)
+    films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, model.decode, errors)
     views: dict[str, list[np.ndarray]] = {name: [] for name in PERTURBATIONS}
     baselines = {perturbation.baseline: [] for perturbation in PERTURBATIONS.values()}
     film_labels: list[int | None] = []
