@@ -38,6 +38,10 @@ class DecodeOptions:
     apply_voi: bool = True
     max_pixels: int = 100_000_000  # rows x cols x frames x samples, refused from the header
     frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
+    # Decode no smaller than this on the shorter side where the codec can decode smaller
+    # (JPEG 2000 levels, JPEG DCT scaling, box binning after a full decode; lungray.io.codecs).
+    # None = full resolution. Rows set it to twice the model's input side (lungray.io.rows).
+    min_side: int | None = None
 
 
 @dataclass
@@ -97,7 +101,13 @@ def _raster_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
 
 
 def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit."""
+    """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit.
+
+    With `options.min_side`, a JPEG is decoded through libjpeg's DCT scaling (`draft`) and
+    any raster is then box-averaged, never below min_side on the shorter side.
+    """
+    from lungray.io.codecs import shrink_raster
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))
@@ -107,9 +117,17 @@ def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.nda
                 f"image too large: {rows}x{cols} pixels exceeds the limit of {options.max_pixels} "
                 "(decompression bomb guard)"
             )
-        image = ImageOps.exif_transpose(image)
+        if fmt == "jpeg" and options.min_side is not None:
+            image.draft(image.mode, (options.min_side, options.min_side))
+        drafted = round(cols / image.size[0])
+        mode = image.mode
+        image, binned = shrink_raster(ImageOps.exif_transpose(image), options.min_side)
         gray, full_scale = _raster_to_gray(image)
-    meta = {"format": fmt, "rows": rows, "cols": cols, "frames": 1, "frame_index": 0, "photometric": image.mode}
+    decoder = "pillow" + (f" draft=1/{drafted}" if drafted > 1 else "") + (f"+bin{binned}" if binned > 1 else "")
+    meta = {
+        "format": fmt, "rows": rows, "cols": cols, "frames": 1, "frame_index": 0, "photometric": mode,
+        "decode_reduce": drafted * binned, "decoder": decoder,
+    }
     return (gray / full_scale).astype(np.float32), meta
 
 

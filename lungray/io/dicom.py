@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_voi
 
+from lungray.io import codecs
 from lungray.io.decode import DecodeError, DecodeOptions, patient_key, rgb_to_gray
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -191,7 +192,7 @@ def _decode_dataset(ds: Dataset, options: DecodeOptions, salt: str | None) -> tu
     meta.update(rows=rows, cols=cols, frames=frames, frame_index=frame_index, photometric=photometric)
 
     try:
-        stored = pixel_array(ds, index=frame_index if frames > 1 else None)
+        stored, meta["decode_reduce"], meta["decoder"] = codecs.read_stored_pixels(ds, frame_index, options)
     except (NotImplementedError, RuntimeError) as exc:
         raise DecodeError(f"unsupported or undecodable transfer syntax {meta['transfer_syntax']}: {exc}") from exc
     except ValueError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,10 @@ from ray.data.extensions import ArrowTensorArray
 from lungray.io.decode import DecodeOptions, decode_bytes
 from lungray.io.listing import read_bytes
 from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
+
+# The decoder may go down to this multiple of the model's input side (lungray.io.codecs):
+# at 2x the area resize still averages 2x2 decoded pixels per model pixel.
+DECODE_SIDE_MULTIPLE = 2
 
 META_SCHEMA = pa.schema(
     [
@@ -41,6 +46,8 @@ META_SCHEMA = pa.schema(
         ("frames", pa.int32()),
         ("frame_index", pa.int32()),
         ("content_hash", pa.string()),
+        ("decode_reduce", pa.int32()),
+        ("decoder", pa.string()),
     ]
 )
 
@@ -63,7 +70,7 @@ def process_file(
     except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
         row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
         return row, None
-    decoded = decode_bytes(data, relpath, decode_options)
+    decoded = decode_bytes(data, relpath, replace(decode_options, min_side=DECODE_SIDE_MULTIPLE * preprocess_config.size))
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
         row["error"] = decoded.error

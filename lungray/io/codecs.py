@@ -1,0 +1,191 @@
+"""Stored pixel values of one DICOM frame, decoded no larger than the model needs.
+
+Why: hospital films are 2,000-3,000 px and the model sees 224 px, so a full-resolution
+decode is most of a screening job's time. Where the codec can decode a smaller image
+directly, it does, down to `DecodeOptions.min_side` on the shorter side (rows set it to
+twice the model's input side, so the later area resize still averages over at least
+2x2 pixels and anti-aliases). The values keep their stored dtype, bit depth and sign, so
+the Modality LUT, VOI and padding logic downstream see stored values as before.
+
+Codecs, picked by measurement (bench/decode.py on 2048 px 12-bit films):
+- JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels: the
+  LL band is an anti-aliased half-size image per level), about 4x faster per level-2
+  film. pylibjpeg-openjpeg 2.6 (pydicom's plugin) and imagecodecs 2026.3 `jpeg2k_decode`
+  have no reduce argument; OpenCV's reduced flags resize after a full decode for JPEG 2000.
+  Pillow refuses a level where a side's reduced size would round down (side mod 2^r in
+  1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
+- JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8:
+  at 1/8 each pixel is its 8x8 block's DC mean). 12-bit JPEG: none of Pillow, simplejpeg
+  or PyTurboJPEG decodes it scaled, so it is a full decode.
+- JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
+  `pixel_array` (its plugins), then integer box binning of the stored values (Pillow
+  `reduce`, in C) down towards `min_side`, so the float pipeline after it runs on a
+  film of about 2x the model's side instead of the full size.
+A reduced decode that fails for any reason falls back to the full decode; the reason is
+kept in `StoredPixels.decoder`, which ends up in the row.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import pixel_array
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit
+
+if TYPE_CHECKING:
+    from lungray.io.decode import DecodeOptions
+
+J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
+JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+class StoredPixels(NamedTuple):
+    """A frame's stored values, how much smaller than stored they are, and what decoded them."""
+
+    values: np.ndarray
+    reduce: int  # linear factor: stored rows / decoded rows (1 = full resolution)
+    decoder: str
+
+
+def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> StoredPixels:
+    """One frame's stored values, at reduced resolution where the codec and `options.min_side` allow.
+
+    Errors of the full decode propagate (the caller turns them into error rows); errors of
+    a reduced decode only send it to the full decode.
+    """
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    min_side = options.min_side
+    reducible = (
+        min_side is not None
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+        and str(ds.get("PhotometricInterpretation", "")).strip().upper() in MONOCHROME
+    )
+    failure = ""
+    if reducible:
+        try:
+            reduced = decode_reduced(ds, frame_index, frames, min_side)
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything; the full decode decides
+            reduced, failure = None, f" (reduced decode failed: {type(exc).__name__})"
+        if reduced is not None:
+            return bin_stored(*reduced, min_side)
+    values = pixel_array(ds, index=frame_index if frames > 1 else None)
+    if not reducible:
+        return StoredPixels(values, 1, "pydicom")
+    binned = bin_stored(values, 1, "pydicom", min_side)
+    return binned._replace(decoder=binned.decoder + failure)
+
+
+def decode_reduced(ds: Dataset, frame_index: int, frames: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """(values, linear factor, decoder) from a codec's own reduced decode, or None where it has none."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if syntax in J2K_SYNTAXES:
+        return decode_j2k_reduced(frame_bytes(ds, frame_index, frames), ds, rows, cols, min_side)
+    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8:
+        return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, min_side)
+    return None
+
+
+def frame_bytes(ds: Dataset, frame_index: int, frames: int) -> bytes:
+    """The encapsulated codestream of one frame (offset tables used where present)."""
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    return get_frame(ds.PixelData, frame_index if frames > 1 else 0, extended_offsets=extended, number_of_frames=frames)
+
+
+def levels_for(shortest: int, min_side: int) -> int:
+    """Most halvings (ceil) of `shortest` that stay at or above `min_side`."""
+    levels = 0
+    while -(-shortest // (2 << levels)) >= min_side:
+        levels += 1
+    return levels
+
+
+def pillow_can_reduce(side: int, level: int) -> bool:
+    """Pillow's JPEG 2000 decoder refuses a level whose ceil and rounded reduced sizes differ."""
+    return (side + (1 << level) - 1) >> level == (side + (1 << (level - 1))) >> level
+
+
+def j2k_parameters(codestream: bytes) -> tuple[int, bool, int]:
+    """(precision, signed, decomposition levels) of a J2K codestream's first component (SIZ, COD)."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, after a JP2 wrapper if any
+    if start < 0:
+        raise ValueError("no JPEG 2000 codestream header")
+    ssiz = codestream[start + 2 + 40]
+    cod = codestream.find(b"\xff\x52", start)
+    if cod < 0:
+        raise ValueError("no JPEG 2000 COD marker")
+    (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
+    levels = codestream[cod + 9] if length >= 10 else 0
+    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels
+
+
+def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """A J2K frame at the deepest resolution level still >= min_side, in its stored dtype."""
+    precision, signed, available = j2k_parameters(codestream)
+    bits_stored = int(ds.get("BitsStored", precision))
+    if precision > 16 or precision != bits_stored or signed != bool(int(ds.get("PixelRepresentation", 0))):
+        return None  # header and codestream disagree: pydicom's decoder knows the corrections
+    level = min(levels_for(min(rows, cols), min_side), available)
+    while level > 0 and not (pillow_can_reduce(rows, level) and pillow_can_reduce(cols, level)):
+        level -= 1
+    if level == 0:
+        return None
+    image = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
+    image.reduce = level
+    image.load()
+    decoded = np.asarray(image)
+    expected = (-(-rows // (1 << level)), -(-cols // (1 << level)))
+    if decoded.shape != expected:
+        raise ValueError(f"reduced J2K decode gave {decoded.shape}, expected {expected}")
+    # Pillow scales samples to the full 8 or 16 bits and offsets signed ones to unsigned.
+    shift = decoded.dtype.itemsize * 8 - precision
+    values = (decoded.astype(np.int32) >> shift) - ((1 << (precision - 1)) if signed else 0)
+    itemsize = {8: 1, 16: 2, 32: 4}.get(int(ds.get("BitsAllocated", 16)), 2)  # pydicom's dtype for the frame
+    dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")
+    return values.astype(dtype), 1 << level, f"pillow-openjpeg reduce={level}"
+
+
+def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """An 8-bit JPEG frame through libjpeg's scaled IDCT (1/2, 1/4, 1/8), shorter side >= min_side."""
+    image = Image.open(io.BytesIO(codestream), formats=["JPEG"])
+    if image.mode != "L" or image.size != (cols, rows):
+        return None
+    image.draft("L", (min_side, min_side))
+    if image.size == (cols, rows):
+        return None
+    values = np.asarray(image)
+    factor = round(rows / values.shape[0])
+    return values, factor, f"pillow-libjpeg draft=1/{factor}"
+
+
+def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
+    """Box-average stored values by the integer factor that keeps the shorter side >= min_side."""
+    step = min(values.shape[:2]) // min_side
+    if values.ndim != 2 or step < 2:
+        return StoredPixels(values, factor, decoder)
+    wide = np.float32 if values.dtype.kind == "f" else np.int32
+    binned = np.asarray(Image.fromarray(values.astype(wide, copy=False)).reduce(step))
+    return StoredPixels(binned.astype(values.dtype), factor * step, f"{decoder}+bin{step}")
+
+
+def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
+    """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
+    if min_side is None:
+        return image, 1
+    step = min(image.size) // min_side
+    if step < 2:
+        return image, 1
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        image = image.convert("I")
+    if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        return image, 1
+    return image.reduce(step), step
