@@ -18,9 +18,9 @@ Codecs, picked by measurement (bench/decode.py on 2048 px 12-bit films):
   at 1/8 each pixel is its 8x8 block's DC mean). 12-bit JPEG: none of Pillow, simplejpeg
   or PyTurboJPEG decodes it scaled, so it is a full decode.
 - JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
-  `pixel_array` (its plugins), then integer box binning of the stored values (Pillow
-  `reduce`, in C) down towards `min_side`, so the float pipeline after it runs on a
-  film of about 2x the model's side instead of the full size.
+  `pixel_array` (its plugins), then integer box binning of the stored values down towards
+  `min_side`, so the float pipeline after it runs on a film of about 2x the model's side
+  instead of the full size.
 A reduced decode that fails for any reason falls back to the full decode; the reason is
 kept in `StoredPixels.decoder`, which ends up in the row.
 """
@@ -168,13 +168,30 @@ def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) ->
 
 
 def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
-    """Box-average stored values by the integer factor that keeps the shorter side >= min_side."""
+    """Box-average stored values by the integer step that keeps the shorter side >= min_side."""
     step = min(values.shape[:2]) // min_side
     if values.ndim != 2 or step < 2:
         return StoredPixels(values, factor, decoder)
-    wide = np.float32 if values.dtype.kind == "f" else np.int32
-    binned = np.asarray(Image.fromarray(values.astype(wide, copy=False)).reduce(step))
-    return StoredPixels(binned.astype(values.dtype), factor * step, f"{decoder}+bin{step}")
+    return StoredPixels(box_mean(values, step), factor * step, f"{decoder}+bin{step}")
+
+
+def box_mean(values: np.ndarray, step: int) -> np.ndarray:
+    """Mean of each step x step block, rounded, in the input's dtype (the last partial blocks dropped).
+
+    Strided sums: one pass per row and column offset, about 2 ms for 2048 px at step 4,
+    where a 4-axis reshape sum takes 15 ms and Pillow's `reduce` needs an int32 copy first.
+    """
+    rows, cols = values.shape[0] - values.shape[0] % step, values.shape[1] - values.shape[1] % step
+    floating = values.dtype.kind == "f"
+    rows_summed = values[0:rows:step].astype(np.float64 if floating else np.int64 if values.dtype.itemsize > 2 else np.int32)
+    for offset in range(1, step):
+        rows_summed += values[offset:rows:step]
+    total = rows_summed[:, 0:cols:step].copy()
+    for offset in range(1, step):
+        total += rows_summed[:, offset:cols:step]
+    area = step * step
+    mean = total / area if floating else (total + area // 2) // area
+    return mean.astype(values.dtype)
 
 
 def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
