@@ -143,3 +143,19 @@ def test_failed_reduced_decode_falls_back_to_the_full_decode(films, monkeypatch)
     row, tensor = reduced_row(path, data)
     assert row["decoder"] == "pydicom+bin4 (reduced decode failed: RuntimeError)"
     assert_interpolation_noise(tensor, full_resolution(data))
+
+
+def test_multi_frame_j2k_decodes_the_chosen_frame() -> None:
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:256, 0:256]
+    base = 800 + 600 * np.sin(xx / 40.0) * np.cos(yy / 55.0)
+    frames = np.stack([np.rint(base + 1000 * index + rng.normal(0, 10, base.shape)) for index in range(3)]).astype(np.uint16)
+    ds = film_dataset(frames[0], bits=12)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    ds.compress(JPEG2000Lossless, frames)
+    ds = pydicom.dcmread(io.BytesIO(_file_bytes(ds)))
+    pixels = codecs.read_stored_pixels(ds, 1, DecodeOptions(min_side=64))
+    assert pixels.decoder == "pillow-openjpeg reduce=2" and pixels.values.shape == (64, 64)
+    oracle = box_mean(pixel_array(ds, index=1), 4)
+    assert np.abs(pixels.values - oracle).mean() < 50  # frames 0 and 2 are 1000 away
