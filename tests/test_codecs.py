@@ -57,8 +57,9 @@ def films(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, byte
 
 
 def full_resolution(data: bytes) -> np.ndarray:
-    decoded = decode_bytes(data, "film", DecodeOptions())
+    decoded = decode_bytes(data, "film", DecodeOptions())  # min_side None: the full resolution
     assert decoded.ok, decoded.error
+    assert decoded.meta["decode_reduce"] == 1
     return preprocess(decoded.image, CONFIG)
 
 
