@@ -214,17 +214,3 @@ def box_mean(values: np.ndarray, step: int) -> np.ndarray:
     area = step * step
     mean = total / area if floating else (total + area // 2) // area
     return mean.astype(values.dtype)
-
-
-def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
-    """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
-    if min_side is None:
-        return image, 1
-    step = min(image.size) // min_side
-    if step < 2:
-        return image, 1
-    if image.mode in ("I;16", "I;16B", "I;16L"):
-        image = image.convert("I")
-    if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
-        return image, 1
-    return image.reduce(step), step

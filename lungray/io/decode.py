@@ -100,14 +100,26 @@ def _raster_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
     raise DecodeError(f"unsupported image mode {image.mode}")
 
 
+def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
+    """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
+    if min_side is None:
+        return image, 1
+    step = min(image.size) // min_side
+    if step < 2:
+        return image, 1
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        image = image.convert("I")
+    if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        return image, 1
+    return image.reduce(step), step
+
+
 def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.ndarray, dict[str, Any]]:
     """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit.
 
     With `options.min_side`, a JPEG is decoded through libjpeg's DCT scaling (`draft`) and
     any raster is then box-averaged, never below min_side on the shorter side.
     """
-    from lungray.io.codecs import shrink_raster
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))
