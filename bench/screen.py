@@ -108,6 +108,8 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         decoded = decode_bytes(self.paths[index].read_bytes(), self.paths[index].name)
+        if not decoded.ok:  # the plain script has no error rows: say which file stopped it
+            raise RuntimeError(f"{self.paths[index]}: {decoded.error}")
         return torch.from_numpy(preprocess(decoded.image, self.config))
 
 
