@@ -78,7 +78,7 @@ def codec_candidates(path: Path) -> dict[str, Callable[[], object]]:
     if not syntax.is_compressed:
         return {}
     frame = get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
-    candidates: dict[str, Callable[[], object]] = {"pydicom_plugin_full": lambda: pixel_array(ds)}
+    candidates: dict[str, Callable[[], object]] = {"pydicom_default_full": lambda: pixel_array(ds)}
 
     def pillow(reduce: int = 0) -> np.ndarray:
         image = Image.open(io.BytesIO(frame))
@@ -97,8 +97,10 @@ def codec_candidates(path: Path) -> dict[str, Callable[[], object]]:
         candidates["pillow_reduce2"] = lambda: pillow(2)
         if imagecodecs:
             candidates["imagecodecs_full"] = lambda: imagecodecs.jpeg2k_decode(frame, numthreads=1)
-    elif syntax.name.startswith("JPEG-LS") and imagecodecs:
-        candidates["imagecodecs_full"] = lambda: imagecodecs.jpegls_decode(frame)
+    elif syntax.name.startswith("JPEG-LS"):
+        candidates["pydicom_pyjpegls_full"] = lambda: pixel_array(ds, decoding_plugin="pyjpegls")
+        if imagecodecs:
+            candidates["imagecodecs_full"] = lambda: imagecodecs.jpegls_decode(frame)
     elif syntax.name.startswith("JPEG Baseline"):
         candidates["pillow_full"] = pillow
 

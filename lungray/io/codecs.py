@@ -7,23 +7,24 @@ twice the model's input side, so the later area resize still averages over at le
 2x2 pixels and anti-aliases). The values keep their stored dtype, bit depth and sign, so
 the Modality LUT, VOI and padding logic downstream see stored values as before.
 
-Codecs, picked by measurement (bench/decode.py on 2048 px 12-bit films):
-- JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels: the
-  LL band is an anti-aliased half-size image per level), about 4x faster per level-2
-  film. pylibjpeg-openjpeg 2.6 (pydicom's plugin) and imagecodecs 2026.3 `jpeg2k_decode`
-  have no reduce argument; OpenCV's reduced flags resize after a full decode for JPEG 2000.
-  Pillow refuses a level where a side's reduced size would round down (side mod 2^r in
-  1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
-- JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8:
-  at 1/8 each pixel is its 8x8 block's DC mean). 12-bit JPEG: none of Pillow, simplejpeg
-  or PyTurboJPEG decodes it scaled, so it is a full decode.
+Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
+- JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels;
+  the LL band is an anti-aliased half-size image per level): 420 ms for a lossless film
+  in full, 106 ms at level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
+  and imagecodecs 2026.3 `jpeg2k_decode` have no reduce argument (full: 420 / 407 ms).
+  Pillow refuses a level where a side's ceil and rounded reduced sizes differ (side mod
+  2^r in 1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
+- JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8):
+  4 ms at 1/4 against 36 ms for pydicom's default full decode (pylibjpeg-libjpeg) and
+  5 ms for imagecodecs' full one. simplejpeg and PyTurboJPEG, not measured, wrap the same
+  libjpeg-turbo scaling for 8-bit only. 12-bit JPEG: Pillow cannot open it, so it is a
+  full decode.
 - JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
-  `pixel_array`, which keeps pydicom's corrections (unused bits, sign), with the fastest
-  of its plugins where pydicom's default is slower: pyjpegls (CharLS) for JPEG-LS, 5x
-  faster than pylibjpeg-libjpeg on a 2048 px film, and pylibjpeg-rle for RLE, 2x faster
-  than pydicom's own. Then integer box binning of the stored values down towards
-  `min_side`, so the float pipeline after it runs on a film of about 2x the model's side
-  instead of the full size.
+  `pixel_array`, which keeps pydicom's corrections (unused bits, sign); for JPEG-LS
+  through pyjpegls (CharLS, 70 ms) rather than pydicom's default pylibjpeg-libjpeg
+  (330 ms; imagecodecs' CharLS: 63 ms). Then integer box binning of the stored values
+  down towards `min_side`, so the float pipeline after it runs on a film of about 2x the
+  model's side instead of the full size. OpenCV (a 50 MB wheel) was not measured.
 A reduced decode that fails for any reason falls back to the full decode; the reason is
 kept in `StoredPixels.decoder`, which ends up in the row.
 """
@@ -46,7 +47,6 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    RLELossless,
 )
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # pydicom decoding plugins faster than its default choice (bench/decode.py), used where installed.
-FASTEST_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls", RLELossless: "pylibjpeg"}
+FASTEST_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 
 
 class StoredPixels(NamedTuple):
