@@ -1,8 +1,10 @@
 """Screening throughput and memory, against a plain PyTorch baseline in the same run; prints JSON.
 
-    python bench/screen.py [--files N] [--size 224] [--scale 4] [--batch-size 32] [--stage-images M]
+    python bench/screen.py [--files N] [--size 224] [--scale 4] [--batch-size 32] [--stage-images M] [--full-size]
 
-1. end to end: N generated files (half 16-bit DICOM, half 8-bit PNG, 512x512) scored by
+1. end to end: N generated files (half 16-bit DICOM, half 8-bit PNG, 512x512; with
+   `--full-size`, 2048 px 12-bit films in turn in every storage of tests/film_factory.py:
+   uncompressed, RLE, J2K lossless and lossy, JPEG-LS, JPEG baseline DICOM, PNG 16, JPEG) scored by
    `run_screen` (its first run in a fresh Ray, and its second) vs a plain script (torch
    DataLoader, 2 workers, the same decode, preprocessing and model). lungray scores with
    BatchNorm folded into the convolutions (`lungray.models.fold`); the plain script runs
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from lungray.io.decode import decode_bytes  # noqa: E402
 from lungray.modeldir import ModelDir, load_model_dir, save_model_dir  # noqa: E402
@@ -68,8 +70,35 @@ def make_archive(root: Path, count: int, side: int = 512) -> Path:
     return root
 
 
+def make_full_size_archive(root: Path, count: int, side: int = 2048, distinct: int = 2) -> Path:
+    """`count` full-size films: `distinct` generated films, each stored in every film_factory storage, in turn.
+
+    Files repeat bytes (generating and encoding a 2048 px film takes about a second), which
+    does not matter to a decoder: every file is decoded on its own.
+    """
+    from film_factory import STORAGES, stored_as, synthetic_film
+
+    storages = list(STORAGES)
+    encoded = {}
+    for seed in range(min(distinct, count)):
+        film = synthetic_film(side, seed=seed)
+        for storage in storages:
+            encoded[seed, storage] = stored_as(film, storage)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        storage = storages[index % len(storages)]
+        study = root / f"study{index // 4:05d}"
+        study.mkdir(exist_ok=True)
+        (study / f"{index}{STORAGES[storage]}").write_bytes(encoded[index // len(storages) % distinct, storage])
+    return root
+
+
 class FileDataset(torch.utils.data.Dataset):
-    """The baseline's dataset: the same decode and preprocessing as lungray, per file."""
+    """The baseline's dataset: lungray's decode and preprocessing, per file, at full resolution.
+
+    lungray's rows decode no smaller than twice the model side (lungray.io.codecs): the
+    same decode for the 512 px archive, a reduced one for `--full-size` films.
+    """
 
     def __init__(self, paths: list[Path], config: PreprocessConfig) -> None:
         self.paths, self.config = paths, config
@@ -79,6 +108,8 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         decoded = decode_bytes(self.paths[index].read_bytes(), self.paths[index].name)
+        if not decoded.ok:  # the plain script has no error rows: say which file stopped it
+            raise RuntimeError(f"{self.paths[index]}: {decoded.error}")
         return torch.from_numpy(preprocess(decoded.image, self.config))
 
 
@@ -225,6 +256,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stage-images", type=int, default=None, help="pre-decoded images for the stage test (default: max(2048, files))")
+    parser.add_argument("--full-size", action="store_true", help="2048 px 12-bit films in every storage instead of 512 px DICOM/PNG")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lungray.raysession import init_ray
@@ -238,8 +270,9 @@ def main() -> None:
             root / "model", build_model(config).state_dict(),
             {"architecture": config.to_dict(), "preprocess": PreprocessConfig(size=args.size).to_dict(), "threshold": 0.5},
         )
-        small = make_archive(root / "small", args.files)
-        large = make_archive(root / "large", args.files * args.scale)
+        archive = make_full_size_archive if args.full_size else make_archive
+        small = archive(root / "small", args.files)
+        large = archive(root / "large", args.files * args.scale)
         baseline_before = baseline_end_to_end(small, model_dir, args.batch_size)
         baseline_folded = baseline_end_to_end(small, model_dir, args.batch_size, fold=True)
         # The first run in a fresh Ray also starts Ray Data's own actors and the decode workers'
@@ -256,7 +289,7 @@ def main() -> None:
             {
                 "device": device,
                 "files": args.files,
-                "image_side": 512,
+                "image_side": 2048 if args.full_size else 512,
                 "model_input": args.size,
                 "end_to_end": {
                     "baseline_dataloader_images_per_s": round(baseline, 1),

@@ -19,7 +19,8 @@ import numpy as np
 
 # Bumped whenever the decoder's pixels change for the same file and options.
 # 2: pydicom's VOI/windowing/presentation functions, Presentation LUT Shape, pixel padding.
-DECODER_VERSION = 2
+# 3: reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling, binning; lungray.io.codecs).
+DECODER_VERSION = 3
 VERSION_KEY = "decoder_version"
 FRAME_POLICIES = ("first", "middle")
 
@@ -47,6 +48,11 @@ class DecodeOptions:
     apply_voi: bool = True
     max_pixels: int = field(default=100_000_000, metadata={"pixels": False})  # rows x cols x frames x samples
     frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
+    # Decode no smaller than this on the shorter side where the codec can decode smaller
+    # (JPEG 2000 levels, JPEG DCT scaling, box binning after a full decode; lungray.io.codecs).
+    # None = full resolution. Rows set it to twice the model's input side (lungray.io.rows),
+    # so it follows from the recorded preprocessing and is not recorded itself.
+    min_side: int | None = field(default=None, metadata={"pixels": False})
 
     def __post_init__(self) -> None:
         if self.frame not in FRAME_POLICIES:

@@ -67,8 +67,26 @@ def _raster_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
     raise DecodeError(f"unsupported image mode {image.mode}")
 
 
+def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image, int]:
+    """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
+    if min_side is None:
+        return image, 1
+    step = min(image.size) // min_side
+    if step < 2:
+        return image, 1
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        image = image.convert("I")
+    if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        return image, 1
+    return image.reduce(step), step
+
+
 def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit."""
+    """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit.
+
+    With `options.min_side`, a JPEG is decoded through libjpeg's DCT scaling (`draft`) and
+    any raster is then box-averaged, never below min_side on the shorter side.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = Image.open(io.BytesIO(data))
@@ -78,9 +96,17 @@ def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.nda
                 f"image too large: {rows}x{cols} pixels exceeds the limit of {options.max_pixels} "
                 "(decompression bomb guard)"
             )
-        image = ImageOps.exif_transpose(image)
+        if fmt == "jpeg" and options.min_side is not None:
+            image.draft(image.mode, (options.min_side, options.min_side))
+        drafted = round(cols / image.size[0])
+        mode = image.mode
+        image, binned = shrink_raster(ImageOps.exif_transpose(image), options.min_side)
         gray, full_scale = _raster_to_gray(image)
-    meta = {"format": fmt, "rows": rows, "cols": cols, "frames": 1, "frame_index": 0, "photometric": image.mode}
+    decoder = "pillow" + (f" draft=1/{drafted}" if drafted > 1 else "") + (f"+bin{binned}" if binned > 1 else "")
+    meta = {
+        "format": fmt, "rows": rows, "cols": cols, "frames": 1, "frame_index": 0, "photometric": mode,
+        "decode_reduce": drafted * binned, "decoder": decoder,
+    }
     return (gray / full_scale).astype(np.float32), meta
 
 

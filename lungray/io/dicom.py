@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
 
+from lungray.io import codecs
 from lungray.io.base import DecodeError, DecodeOptions, rgb_to_gray
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -289,11 +290,12 @@ def redact(message: str, secrets: list[str]) -> str:
     return "".join(char if char.isprintable() else "?" for char in message)[:300]
 
 
-def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> np.ndarray:
-    """The stored values of one frame (any size: padding and LUTs work element-wise)."""
+def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> codecs.StoredPixels:
+    """The stored values of one frame, reduced where `lungray.io.codecs` can (any size:
+    padding and LUTs work element-wise), with decode errors as DecodeErrors."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
-        return pixel_array(ds, index=frame_index if frames > 1 else None)
+        return codecs.read_stored_pixels(ds, frame_index, options)
     except (NotImplementedError, RuntimeError) as exc:
         raise DecodeError(f"unsupported or undecodable transfer syntax {ds.file_meta.get('TransferSyntaxUID')}: {exc}") from exc
     except ValueError as exc:
@@ -336,7 +338,7 @@ def _decode_pixels(ds: Dataset, options: DecodeOptions, meta: dict[str, Any]) ->
         if keyword in ds and ds[keyword].value in (None, ""):
             del ds[keyword]
 
-    stored = read_stored_pixels(ds, frame_index, options)
+    stored, meta["decode_reduce"], meta["decoder"] = read_stored_pixels(ds, frame_index, options)
 
     if photometric not in MONOCHROME:
         # pydicom returns YBR as RGB and PALETTE COLOR as indices; both become luma.

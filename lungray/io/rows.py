@@ -12,6 +12,7 @@ import functools
 import hashlib
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,10 @@ from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_fo
 from lungray.io.listing import read_bytes
 from lungray.io.scope import Scope, skip_reason
 from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
+
+# The decoder may go down to this multiple of the model's input side (lungray.io.codecs):
+# at 2x the area resize still averages 2x2 decoded pixels per model pixel.
+DECODE_SIDE_MULTIPLE = 2
 
 META_SCHEMA = pa.schema(
     [
@@ -46,6 +51,8 @@ META_SCHEMA = pa.schema(
         ("frames", pa.int32()),
         ("frame_index", pa.int32()),
         ("content_hash", pa.string()),
+        ("decode_reduce", pa.int32()),
+        ("decoder", pa.string()),
     ]
 )
 
@@ -96,7 +103,7 @@ def process_file(
             row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
             row.update(status="skipped", skip_reason=reason, study_id=header.get("study_id") or study_from_relpath(relpath))
             return row, None
-    decoded = decode_bytes(data, relpath, decode_options, salt=salt)
+    decoded = decode_bytes(data, relpath, replace(decode_options, min_side=DECODE_SIDE_MULTIPLE * preprocess_config.size), salt=salt)
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
         row["error"] = decoded.error

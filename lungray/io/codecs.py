@@ -1,0 +1,216 @@
+"""Stored pixel values of one DICOM frame, decoded no larger than the model needs.
+
+Why: hospital films are 2,000-3,000 px and the model sees 224 px, so a full-resolution
+decode is most of a screening job's time. Where the codec can decode a smaller image
+directly, it does, down to `DecodeOptions.min_side` on the shorter side (rows set it to
+twice the model's input side, so the later area resize still averages over at least
+2x2 pixels and anti-aliases). The values keep their stored dtype, bit depth and sign, so
+the Modality LUT, VOI and padding logic downstream see stored values as before.
+
+Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
+- JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels;
+  the LL band is an anti-aliased half-size image per level): 420 ms for a lossless film
+  in full, 106 ms at level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
+  and imagecodecs 2026.3 `jpeg2k_decode` have no reduce argument (full: 420 / 407 ms).
+  Pillow refuses a level where a side's ceil and rounded reduced sizes differ (side mod
+  2^r in 1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
+- JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8):
+  4 ms at 1/4 against 36 ms for pydicom's default full decode (pylibjpeg-libjpeg) and
+  5 ms for imagecodecs' full one. simplejpeg and PyTurboJPEG, not measured, wrap the same
+  libjpeg-turbo scaling for 8-bit only. 12-bit JPEG: Pillow cannot open it, so it is a
+  full decode.
+- JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
+  `pixel_array`, which keeps pydicom's corrections (unused bits, sign); for JPEG-LS
+  through pyjpegls (CharLS, 70 ms) rather than pydicom's default pylibjpeg-libjpeg
+  (330 ms; imagecodecs' CharLS: 63 ms). Then integer box binning of the stored values
+  down towards `min_side`, so the float pipeline after it runs on a film of about 2x the
+  model's side instead of the full size. OpenCV (a 50 MB wheel) was not measured.
+A reduced decode that fails for any reason falls back to the full decode; the reason is
+kept in `StoredPixels.decoder`, which ends up in the row.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels import get_decoder, pixel_array
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+
+if TYPE_CHECKING:
+    from lungray.io.base import DecodeOptions
+
+J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
+JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# pydicom decoding plugins faster than its default choice (bench/decode.py), used where installed.
+FASTEST_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+
+
+class StoredPixels(NamedTuple):
+    """A frame's stored values, how much smaller than stored they are, and what decoded them."""
+
+    values: np.ndarray
+    reduce: int  # linear factor: stored rows / decoded rows (1 = full resolution)
+    decoder: str
+
+
+def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> StoredPixels:
+    """One frame's stored values, at reduced resolution where the codec and `options.min_side` allow.
+
+    Errors of the full decode propagate (the caller turns them into error rows); errors of
+    a reduced decode only send it to the full decode.
+    """
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    min_side = options.min_side
+    reducible = (
+        min_side is not None
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+        and str(ds.get("PhotometricInterpretation", "")).strip().upper() in MONOCHROME
+    )
+    failure = ""
+    if reducible:
+        try:
+            reduced = decode_reduced(ds, frame_index, frames, min_side)
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything; the full decode decides
+            reduced, failure = None, f" (reduced decode failed: {type(exc).__name__})"
+        if reduced is not None:
+            return bin_stored(*reduced, min_side)
+    values = full_decode(ds, frame_index if frames > 1 else None)
+    if not reducible:
+        return StoredPixels(values, 1, "pydicom")
+    binned = bin_stored(values, 1, "pydicom", min_side)
+    return binned._replace(decoder=binned.decoder + failure)
+
+
+def full_decode(ds: Dataset, index: int | None) -> np.ndarray:
+    """pydicom's `pixel_array`, through the fastest of its installed plugins for the syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    plugin = FASTEST_PLUGIN.get(syntax)
+    if plugin is not None and plugin in get_decoder(syntax).available_plugins:
+        return pixel_array(ds, index=index, decoding_plugin=plugin)
+    return pixel_array(ds, index=index)
+
+
+def decode_reduced(ds: Dataset, frame_index: int, frames: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """(values, linear factor, decoder) from a codec's own reduced decode, or None where it has none."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if syntax in J2K_SYNTAXES:
+        return decode_j2k_reduced(frame_bytes(ds, frame_index, frames), ds, rows, cols, min_side)
+    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8:
+        return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, min_side)
+    return None
+
+
+def frame_bytes(ds: Dataset, frame_index: int, frames: int) -> bytes:
+    """The encapsulated codestream of one frame (offset tables used where present)."""
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    return get_frame(ds.PixelData, frame_index if frames > 1 else 0, extended_offsets=extended, number_of_frames=frames)
+
+
+def levels_for(shortest: int, min_side: int) -> int:
+    """Most halvings (ceil) of `shortest` that stay at or above `min_side`."""
+    levels = 0
+    while -(-shortest // (2 << levels)) >= min_side:
+        levels += 1
+    return levels
+
+
+def pillow_can_reduce(side: int, level: int) -> bool:
+    """Pillow's JPEG 2000 decoder refuses a level whose ceil and rounded reduced sizes differ."""
+    return (side + (1 << level) - 1) >> level == (side + (1 << (level - 1))) >> level
+
+
+def j2k_parameters(codestream: bytes) -> tuple[int, bool, int]:
+    """(precision, signed, decomposition levels) of a J2K codestream's first component (SIZ, COD)."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, after a JP2 wrapper if any
+    if start < 0:
+        raise ValueError("no JPEG 2000 codestream header")
+    ssiz = codestream[start + 2 + 40]
+    cod = codestream.find(b"\xff\x52", start)
+    if cod < 0:
+        raise ValueError("no JPEG 2000 COD marker")
+    (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
+    levels = codestream[cod + 9] if length >= 10 else 0
+    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels
+
+
+def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """A J2K frame at the deepest resolution level still >= min_side, in its stored dtype."""
+    precision, signed, available = j2k_parameters(codestream)
+    bits_stored = int(ds.get("BitsStored", precision))
+    if precision > 16 or precision != bits_stored or signed != bool(int(ds.get("PixelRepresentation", 0))):
+        return None  # header and codestream disagree: pydicom's decoder knows the corrections
+    level = min(levels_for(min(rows, cols), min_side), available)
+    while level > 0 and not (pillow_can_reduce(rows, level) and pillow_can_reduce(cols, level)):
+        level -= 1
+    if level == 0:
+        return None
+    image = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
+    image.reduce = level
+    image.load()
+    decoded = np.asarray(image)
+    expected = (-(-rows // (1 << level)), -(-cols // (1 << level)))
+    if decoded.shape != expected:
+        raise ValueError(f"reduced J2K decode gave {decoded.shape}, expected {expected}")
+    # Pillow scales samples to the full 8 or 16 bits and offsets signed ones to unsigned.
+    shift = decoded.dtype.itemsize * 8 - precision
+    values = (decoded.astype(np.int32) >> shift) - ((1 << (precision - 1)) if signed else 0)
+    itemsize = {8: 1, 16: 2, 32: 4}.get(int(ds.get("BitsAllocated", 16)), 2)  # pydicom's dtype for the frame
+    dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")
+    return values.astype(dtype), 1 << level, f"pillow-openjpeg reduce={level}"
+
+
+def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+    """An 8-bit JPEG frame through libjpeg's scaled IDCT (1/2, 1/4, 1/8), shorter side >= min_side."""
+    image = Image.open(io.BytesIO(codestream), formats=["JPEG"])
+    if image.mode != "L" or image.size != (cols, rows):
+        return None
+    image.draft("L", (min_side, min_side))
+    if image.size == (cols, rows):
+        return None
+    values = np.asarray(image)
+    factor = round(rows / values.shape[0])
+    return values, factor, f"pillow-libjpeg draft=1/{factor}"
+
+
+def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
+    """Box-average stored values by the integer step that keeps the shorter side >= min_side."""
+    step = min(values.shape[:2]) // min_side
+    if values.ndim != 2 or step < 2:
+        return StoredPixels(values, factor, decoder)
+    return StoredPixels(box_mean(values, step), factor * step, f"{decoder}+bin{step}")
+
+
+def box_mean(values: np.ndarray, step: int) -> np.ndarray:
+    """Mean of each step x step block, rounded, in the input's dtype (the last partial blocks dropped).
+
+    Strided sums: one pass per row and column offset, about 2 ms for 2048 px at step 4,
+    where a 4-axis reshape sum takes 15 ms and Pillow's `reduce` needs an int32 copy first.
+    """
+    rows, cols = values.shape[0] - values.shape[0] % step, values.shape[1] - values.shape[1] % step
+    floating = values.dtype.kind == "f"
+    rows_summed = values[0:rows:step].astype(np.float64 if floating else np.int64 if values.dtype.itemsize > 2 else np.int32)
+    for offset in range(1, step):
+        rows_summed += values[offset:rows:step]
+    total = rows_summed[:, 0:cols:step].copy()
+    for offset in range(1, step):
+        total += rows_summed[:, offset:cols:step]
+    area = step * step
+    mean = total / area if floating else (total + area // 2) // area
+    return mean.astype(values.dtype)

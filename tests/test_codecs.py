@@ -1,0 +1,162 @@
+"""Reduced-resolution decoding (lungray.io.codecs): what the model sees changes by interpolation noise only.
+
+The oracle for every storage is the full-resolution path (pydicom's `pixel_array` or
+Pillow's full decode, then the same preprocessing); for stored values, pydicom's full
+decode box-averaged by numpy; for which JPEG 2000 levels Pillow refuses, Pillow itself.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from film_factory import STORAGES, film_dataset, stored_as, synthetic_film
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.encaps import get_frame
+from pydicom.pixels import pixel_array
+from pydicom.uid import JPEG2000Lossless
+
+from lungray.io import codecs
+from lungray.io.decode import DecodeOptions, decode_bytes
+from lungray.io.rows import process_file
+from lungray.preprocess import PreprocessConfig, preprocess
+
+CONFIG = PreprocessConfig(size=224)
+# Measured on these films (2026-12-01), in levels of 255 against the full-resolution path:
+# mean |difference| 1.0 (binning, DCT scaling) to 2.1 (J2K levels), 99th percentile 5 to 9.
+# PIL's BOX filter takes whole source pixels, so a 2048 -> 224 resize and a 512 -> 224 one
+# cover slightly different pixels (aliasing of the fine periodic structure), and the J2K LL
+# band is centred up to 1.5 source pixels off a box. The issue's bar is model probabilities
+# within 0.02, but no trained model is at hand: the untrained one of tests/model_factory.py
+# gives 0.5084 +- 0.00003 for a black, a white and a noise image, so it could not fail.
+MEAN_LEVELS, P99_LEVELS = 3.0, 10.0
+EXPECTED_DECODER = {
+    "j2k_lossless": "pillow-openjpeg reduce=2",
+    "j2k_lossy": "pillow-openjpeg reduce=2",
+    "jpeg_baseline": "pillow-libjpeg draft=1/4",
+    "jpeg_file": "pillow draft=1/4",
+    "png16": "pillow+bin4",
+}
+
+
+@pytest.fixture(scope="module")
+def films(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, bytes]]:
+    """One 2048 px 12-bit film in every storage, written once for the module."""
+    root = tmp_path_factory.mktemp("films")
+    pixels = synthetic_film(2048)
+    out = {}
+    for storage, suffix in STORAGES.items():
+        data = stored_as(pixels, storage)
+        path = root / f"{storage}{suffix}"
+        path.write_bytes(data)
+        out[storage] = (str(path), data)
+    return out
+
+
+def full_resolution(data: bytes) -> np.ndarray:
+    decoded = decode_bytes(data, "film", DecodeOptions())  # min_side None: the full resolution
+    assert decoded.ok, decoded.error
+    assert decoded.meta["decode_reduce"] == 1
+    return preprocess(decoded.image, CONFIG)
+
+
+def reduced_row(path: str, data: bytes) -> tuple[dict, np.ndarray]:
+    row, tensor = process_file(path, path.rsplit("/", 1)[-1], len(data), CONFIG, DecodeOptions(), 1 << 30, scope=None, salt=None)
+    assert row["status"] == "ok", row["error"]
+    return row, tensor
+
+
+def assert_interpolation_noise(reduced: np.ndarray, full: np.ndarray) -> None:
+    difference = np.abs(reduced.astype(np.int32) - full.astype(np.int32))
+    assert difference.mean() <= MEAN_LEVELS and np.percentile(difference, 99) <= P99_LEVELS, (
+        difference.mean(),
+        np.percentile(difference, 99),
+    )
+
+
+@pytest.mark.parametrize("storage", list(STORAGES))
+def test_reduced_decode_matches_full_resolution(films, storage: str) -> None:
+    path, data = films[storage]
+    row, reduced = reduced_row(path, data)
+    assert (row["rows"], row["cols"]) == (2048, 2048)  # the original size, not the decoded one
+    assert row["decode_reduce"] == 4  # 2048 -> 512, the largest power of two down to >= 2 x 224
+    assert row["decoder"] == EXPECTED_DECODER.get(storage, "pydicom+bin4")
+    full = full_resolution(data)
+    assert_interpolation_noise(reduced, full)
+
+
+def box_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    rows, cols = values.shape
+    trimmed = values[: rows - rows % factor, : cols - cols % factor].astype(np.float64)
+    return trimmed.reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+
+
+def test_j2k_levels_keep_stored_depth_and_sign() -> None:
+    """Signed 12-bit J2K: the reduced values are int16 stored values, near pydicom's full decode averaged."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:512, 0:512]
+    signed = np.clip(np.rint(1500 * np.sin(xx / 40.0) * np.cos(yy / 55.0) + rng.normal(0, 20, (512, 512))), -2048, 2047)
+    signed = signed.astype(np.int16)
+    ds = film_dataset(signed.view(np.uint16), bits=12)
+    ds.PixelRepresentation = 1
+    ds.compress(JPEG2000Lossless, signed)
+    ds = pydicom.dcmread(io.BytesIO(_file_bytes(ds)))
+    pixels = codecs.read_stored_pixels(ds, 0, DecodeOptions(min_side=128))
+    assert pixels.decoder == "pillow-openjpeg reduce=2" and pixels.reduce == 4
+    assert pixels.values.dtype == np.int16 and pixels.values.shape == (128, 128)
+    oracle = box_mean(pixel_array(ds), 4)
+    # The LL band is another low-pass than a box, centred up to 1.5 source pixels away: close, not equal.
+    assert np.abs(pixels.values - oracle).mean() < 0.02 * np.ptp(oracle)
+    assert pixels.values.min() < -1000 and pixels.values.max() > 1000  # sign kept, not offset or shifted
+
+
+def _file_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_level_pillow_refuses_is_skipped_on_the_real_j2k_film() -> None:
+    """RG1_J2KR (1955x1841): Pillow refuses level 2, so level 1 plus 2x binning is used instead."""
+    path = get_testdata_file("RG1_J2KR.dcm")
+    ds = pydicom.dcmread(path)
+    image = Image.open(io.BytesIO(get_frame(ds.PixelData, 0, number_of_frames=1)))
+    image.reduce = 2
+    with pytest.raises(OSError):
+        image.load()
+    assert not codecs.pillow_can_reduce(1841, 2) and codecs.pillow_can_reduce(1955, 2)
+    data = open(path, "rb").read()
+    row, reduced = reduced_row(path, data)
+    assert row["decoder"] == "pillow-openjpeg reduce=1+bin2" and (row["rows"], row["cols"]) == (1955, 1841)
+    assert_interpolation_noise(reduced, full_resolution(data))
+
+
+def test_failed_reduced_decode_falls_back_to_the_full_decode(films, monkeypatch) -> None:
+    path, data = films["j2k_lossy"]
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("codec refused")
+
+    monkeypatch.setattr(codecs, "decode_j2k_reduced", refuse)
+    row, tensor = reduced_row(path, data)
+    assert row["decoder"] == "pydicom+bin4 (reduced decode failed: RuntimeError)"
+    assert_interpolation_noise(tensor, full_resolution(data))
+
+
+def test_multi_frame_j2k_decodes_the_chosen_frame() -> None:
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:256, 0:256]
+    base = 800 + 600 * np.sin(xx / 40.0) * np.cos(yy / 55.0)
+    frames = np.stack([np.rint(base + 1000 * index + rng.normal(0, 10, base.shape)) for index in range(3)]).astype(np.uint16)
+    ds = film_dataset(frames[0], bits=12)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    ds.compress(JPEG2000Lossless, frames)
+    ds = pydicom.dcmread(io.BytesIO(_file_bytes(ds)))
+    pixels = codecs.read_stored_pixels(ds, 1, DecodeOptions(min_side=64))
+    assert pixels.decoder == "pillow-openjpeg reduce=2" and pixels.values.shape == (64, 64)
+    oracle = box_mean(pixel_array(ds, index=1), 4)
+    assert np.abs(pixels.values - oracle).mean() < 50  # frames 0 and 2 are 1000 away
