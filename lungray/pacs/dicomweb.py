@@ -1,0 +1,321 @@
+"""A PACS reached through DICOMweb: QIDO-RS to list, WADO-RS to fetch, STOW-RS to store.
+
+A thin layer over `dicomweb-client` that adds what a nightly job needs and the library leaves
+to its caller: `dicomweb+http(s)://` URIs (one per instance, so an images row's `path` names
+study, series and instance), credentials from the environment that never reach a message or
+a log, retries with backoff on transient failures (urllib3's Retry, bounded, honouring
+Retry-After), timeouts so a dead server is an error rather than a hang, and paged QIDO
+searches streamed one instance at a time.
+
+Environment: `LUNGRAY_DICOMWEB_TOKEN` (bearer token) or `LUNGRAY_DICOMWEB_USER` and
+`LUNGRAY_DICOMWEB_PASSWORD` (basic auth); `LUNGRAY_DICOMWEB_CA_BUNDLE` (a PEM file to trust
+instead of the system's CAs). TLS certificates are always verified.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import io
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+SCHEME_PREFIX = "dicomweb+"
+DEFAULT_MODALITIES = ("CR", "DX")
+DEFAULT_PAGE_SIZE = 500
+TOKEN_VARIABLE = "LUNGRAY_DICOMWEB_TOKEN"
+USER_VARIABLE = "LUNGRAY_DICOMWEB_USER"
+PASSWORD_VARIABLE = "LUNGRAY_DICOMWEB_PASSWORD"
+CA_BUNDLE_VARIABLE = "LUNGRAY_DICOMWEB_CA_BUNDLE"
+_INSTANCE_PATH = re.compile(r"^(?P<base>.*)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
+_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+# QIDO attributes each listed instance needs (UIDs for the URI and the incremental key, the rest for the row).
+_INSTANCE_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "StudyDate")
+
+
+class DicomwebError(RuntimeError):
+    """A DICOMweb request failed for good (after retries); the message names the server, never a credential."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Bearer token or basic-auth pair; `repr` shows which kind, never the secret."""
+
+    token: str | None = field(default=None, repr=False)
+    user: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Credentials:
+        env = os.environ if environ is None else environ
+        return cls(
+            token=env.get(TOKEN_VARIABLE) or None,
+            user=env.get(USER_VARIABLE) or None,
+            password=env.get(PASSWORD_VARIABLE) or None,
+            ca_bundle=env.get(CA_BUNDLE_VARIABLE) or None,
+        )
+
+    @property
+    def secrets(self) -> list[str]:
+        return [value for value in (self.token, self.password) if value]
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """How long to wait and how often to retry; the defaults suit a PACS on a hospital network."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retries: int = 3  # transient failures retried this many times, waits backoff * 2**n seconds
+    backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One instance a QIDO-RS search found: what an images row and the incremental key need."""
+
+    path: str  # dicomweb+http(s)://HOST/PATH/studies/S/series/R/instances/I
+    study_uid: str
+    series_uid: str
+    sop_uid: str  # the incremental key
+    sop_class_uid: str | None
+    modality: str | None
+    study_date: str | None  # YYYYMMDD as the archive holds it
+
+
+def is_dicomweb_uri(uri: str) -> bool:
+    return uri.startswith((SCHEME_PREFIX + "http://", SCHEME_PREFIX + "https://"))
+
+
+def service_url(uri: str) -> str:
+    """The HTTP(S) base URL of the DICOMweb service a `dicomweb+http(s)://HOST[:PORT]/PATH` URI names."""
+    if not is_dicomweb_uri(uri):
+        raise ValueError(f"not a DICOMweb URI (dicomweb+http:// or dicomweb+https://): {uri!r}")
+    url = uri[len(SCHEME_PREFIX) :]
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"a DICOMweb URI must not hold credentials; set {TOKEN_VARIABLE} or {USER_VARIABLE}/{PASSWORD_VARIABLE}"
+        )
+    if parts.query or parts.fragment or not parts.hostname:
+        raise ValueError(f"a DICOMweb URI is dicomweb+http(s)://HOST[:PORT]/PATH, without query or fragment: {uri!r}")
+    return url.rstrip("/")
+
+
+def instance_uri(base_url: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The URI naming one instance (its WADO-RS address with the dicomweb+ scheme)."""
+    return f"{SCHEME_PREFIX}{base_url}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+
+def parse_instance_uri(uri: str) -> tuple[str, str, str, str]:
+    """(service base URL, study UID, series UID, SOP instance UID) of an `instance_uri`."""
+    match = _INSTANCE_PATH.match(service_url(uri))
+    if match is None:
+        raise ValueError(f"not a DICOMweb instance URI (.../studies/S/series/R/instances/I): {uri!r}")
+    return match["base"], match["study"], match["series"], match["sop"]
+
+
+def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Session:
+    """A requests Session that authenticates, verifies TLS and retries transient failures with backoff."""
+    session = requests.Session()
+    retry = Retry(
+        total=policy.retries,
+        connect=policy.retries,
+        read=policy.retries,
+        status=policy.retries,
+        backoff_factor=policy.backoff_s,
+        status_forcelist=_TRANSIENT_STATUS,
+        # STOW of a deterministic SOP Instance UID is idempotent, so a POST may be retried too.
+        allowed_methods=frozenset({"GET", "HEAD", "POST", "DELETE"}),
+        respect_retry_after_header=True,
+        raise_on_status=False,  # the last response comes back and raise_for_status names its status
+    )
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.verify = credentials.ca_bundle or True
+    session.trust_env = False  # no ~/.netrc credentials or proxy variables slipping in unasked
+    if credentials.token:
+        session.headers["Authorization"] = f"Bearer {credentials.token}"
+    elif credentials.user is not None and credentials.password is not None:
+        session.auth = (credentials.user, credentials.password)
+    return session
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_client(base_url: str, credentials: Credentials, policy: RequestPolicy) -> DICOMwebClient:
+    client = DICOMwebClient(
+        base_url,
+        session=make_session(credentials, policy),
+        timeout=(policy.connect_timeout_s, policy.read_timeout_s),
+    )
+    client.set_http_retry_params(retry=False)  # the session's urllib3 Retry does it, for connection errors too
+    return client
+
+
+def client_for(base_url: str, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> DICOMwebClient:
+    """A DICOMweb client for the service, reused within a process (a Ray worker keeps its connections)."""
+    return _cached_client(base_url, credentials or Credentials.from_environment(), policy or RequestPolicy())
+
+
+def _failure(action: str, base_url: str, error: Exception, secrets: Sequence[str]) -> DicomwebError:
+    """A DicomwebError saying what failed where, with any secret scrubbed from the library's text."""
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        status = error.response.status_code
+        reason = {
+            401: "the server rejected the credentials (HTTP 401)",
+            403: "the credentials are not allowed to do this (HTTP 403)",
+            404: "not found on the server (HTTP 404)",
+        }.get(status, f"HTTP {status} {error.response.reason}")
+    elif isinstance(error, requests.Timeout):
+        reason = f"no answer in time ({type(error).__name__})"
+    elif isinstance(error, requests.ConnectionError):
+        reason = f"cannot connect: {error}"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    message = f"DICOMweb {action} at {base_url} failed: {reason}"
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return DicomwebError(message)
+
+
+def _date(value: dt.date | str | None) -> str:
+    if value is None:
+        return ""
+    return value.strftime("%Y%m%d") if isinstance(value, dt.date) else value.replace("-", "")
+
+
+def _first(item: Mapping[str, dict], tag: str) -> str | None:
+    values = item.get(tag, {}).get("Value")
+    return str(values[0]) if values else None
+
+
+def search_instances(
+    uri: str,
+    since: dt.date | str | None = None,
+    until: dt.date | str | None = None,
+    modalities: Sequence[str] = DEFAULT_MODALITIES,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    credentials: Credentials | None = None,
+    policy: RequestPolicy | None = None,
+) -> Iterator[InstanceRecord]:
+    """Every instance of the given modalities with StudyDate in [since, until], one QIDO-RS page at a time.
+
+    A generator: pages are fetched as the caller consumes them, never the whole archive at
+    once. Paging stops at the first empty page (not a short one: a server may cap the page
+    size below `page_size`). One search per modality, since list matching on Modality is not
+    portable across servers. Raises DicomwebError when the server cannot be searched.
+    """
+    base_url = service_url(uri)
+    credentials = credentials or Credentials.from_environment()
+    client = client_for(base_url, credentials, policy)
+    filters: dict[str, str] = {}
+    if since is not None or until is not None:
+        filters["StudyDate"] = f"{_date(since)}-{_date(until)}"
+    for modality in modalities:
+        offset = 0
+        while True:
+            try:
+                page = client.search_for_instances(
+                    limit=page_size,
+                    offset=offset,
+                    fields=list(_INSTANCE_FIELDS),
+                    search_filters={**filters, "Modality": modality},
+                )
+            except (requests.RequestException, ValueError) as error:
+                raise _failure("search", base_url, error, credentials.secrets) from None
+            if not page:
+                break
+            offset += len(page)
+            for item in page:
+                study, series, sop = (_first(item, tag) for tag in ("0020000D", "0020000E", "00080018"))
+                if not (study and series and sop):
+                    continue  # a QIDO answer without its UIDs names nothing that could be retrieved
+                yield InstanceRecord(
+                    path=instance_uri(base_url, study, series, sop),
+                    study_uid=study,
+                    series_uid=series,
+                    sop_uid=sop,
+                    sop_class_uid=_first(item, "00080016"),
+                    modality=_first(item, "00080060") or modality,
+                    study_date=_first(item, "00080020"),
+                )
+
+
+def retrieve_instance_bytes(uri: str, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> bytes:
+    """The Part-10 file of one instance by its URI (WADO-RS, in the transfer syntax the archive holds).
+
+    What a decode task calls; on failure it raises DicomwebError with a message fit for an
+    error row (server and reason, no credential).
+    """
+    base_url, study, series, sop = parse_instance_uri(uri)
+    credentials = credentials or Credentials.from_environment()
+    client = client_for(base_url, credentials, policy)
+    try:
+        dataset = client.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+    except (requests.RequestException, ValueError, IndexError, InvalidDicomError) as error:
+        raise _failure(f"retrieve of instance {sop}", base_url, error, credentials.secrets) from None
+    return dataset_bytes(dataset)
+
+
+def retrieve_instance_header(uri: str, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> Dataset:
+    """One instance's attributes without its bulk data (WADO-RS metadata), e.g. to build an SR in its study."""
+    base_url, study, series, sop = parse_instance_uri(uri)
+    credentials = credentials or Credentials.from_environment()
+    client = client_for(base_url, credentials, policy)
+    try:
+        metadata = client.retrieve_instance_metadata(study, series, sop)
+    except (requests.RequestException, ValueError) as error:
+        raise _failure(f"metadata retrieve of instance {sop}", base_url, error, credentials.secrets) from None
+    inline = {tag: value for tag, value in metadata.items() if "BulkDataURI" not in value}
+    return Dataset.from_json(inline)
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    """A dataset as a Part-10 file (preamble and file meta), as decode and STOW take it."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def instance_exists(
+    uri: str, study_uid: str, sop_uid: str, credentials: Credentials | None = None, policy: RequestPolicy | None = None
+) -> bool:
+    """Whether the service holds an instance with this SOP Instance UID in this study (QIDO-RS)."""
+    base_url = service_url(uri)
+    credentials = credentials or Credentials.from_environment()
+    client = client_for(base_url, credentials, policy)
+    try:
+        found = client.search_for_instances(study_instance_uid=study_uid, search_filters={"SOPInstanceUID": sop_uid})
+    except (requests.RequestException, ValueError) as error:
+        raise _failure("search", base_url, error, credentials.secrets) from None
+    return any(_first(item, "00080018") == sop_uid for item in found)
+
+
+def store_dataset(uri: str, dataset: Dataset, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> None:
+    """Store one dataset with STOW-RS; raises DicomwebError if the server refuses it."""
+    base_url = service_url(uri)
+    credentials = credentials or Credentials.from_environment()
+    client = client_for(base_url, credentials, policy)
+    # dicomweb-client writes the dataset as it is; one read without a preamble would go out without one.
+    part10 = pydicom.dcmread(io.BytesIO(dataset_bytes(dataset)))
+    try:
+        answer = client.store_instances([part10], study_instance_uid=dataset.StudyInstanceUID)
+    except (requests.RequestException, ValueError) as error:
+        raise _failure(f"store of instance {dataset.SOPInstanceUID}", base_url, error, credentials.secrets) from None
+    failed = answer.get("FailedSOPSequence")
+    if failed:
+        reasons = ", ".join(str(item.get("FailureReason", "?")) for item in failed)
+        raise DicomwebError(f"DICOMweb store of instance {dataset.SOPInstanceUID} at {base_url} failed: reason {reasons}")

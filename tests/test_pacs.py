@@ -1,0 +1,284 @@
+"""DICOMweb input and SR output against a real Orthanc (tests/pacs_fixtures.py), plus the URI rules."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, generate_uid
+
+from conftest import SAMPLES
+from dicom_factory import dicom_bytes, dicom_dataset
+from lungray.pacs import dicomweb, report
+from lungray.raysession import free_port
+from pacs_fixtures import OrthancServer
+
+SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
+FAST = dicomweb.RequestPolicy(connect_timeout_s=2, read_timeout_s=5, retries=2, backoff_s=0.1)
+
+
+def make_instance(study_uid: str, study_date: str, modality: str, series_uid: str | None = None, seed: int = 0) -> pydicom.Dataset:
+    """A small valid image of the given modality in the given study (pixels differ per seed)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)
+    ds = dicom_dataset(
+        pixels,
+        StudyInstanceUID=study_uid,
+        SeriesInstanceUID=series_uid or generate_uid(),
+        StudyDate=study_date,
+        StudyTime="120000",
+        Modality=modality,
+        SOPClassUID=SOP_CLASS[modality],
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    return ds
+
+
+def elements(ds: pydicom.Dataset) -> list[pydicom.DataElement]:
+    """The data elements other than group lengths (retired; writers may drop them)."""
+    return [element for element in ds if element.tag.element != 0]
+
+
+def credentials(server: OrthancServer, password: str | None = None) -> dicomweb.Credentials:
+    return dicomweb.Credentials(user=server.user, password=password or server.password)
+
+
+def load(server: OrthancServer, datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:
+        server.upload(dicom_bytes(ds))
+
+
+def test_uri_rules() -> None:
+    assert dicomweb.service_url("dicomweb+https://pacs.example:8443/dicom-web/") == "https://pacs.example:8443/dicom-web"
+    uri = dicomweb.instance_uri("http://h:1/dw", "1.2.3", "1.2.4", "1.2.5")
+    assert uri == "dicomweb+http://h:1/dw/studies/1.2.3/series/1.2.4/instances/1.2.5"
+    assert dicomweb.parse_instance_uri(uri) == ("http://h:1/dw", "1.2.3", "1.2.4", "1.2.5")
+    with pytest.raises(ValueError, match="must not hold credentials"):
+        dicomweb.service_url("dicomweb+https://user:secret@pacs.example/dicom-web")
+    with pytest.raises(ValueError, match="not a DICOMweb URI"):
+        dicomweb.service_url("https://pacs.example/dicom-web")
+    with pytest.raises(ValueError, match="instance URI"):
+        dicomweb.parse_instance_uri("dicomweb+http://h:1/dw/studies/1.2.3")
+    assert "secret" not in repr(dicomweb.Credentials(token="secret", user="u", password="secret"))
+
+
+def test_search_keeps_only_the_date_range_and_modalities(orthanc: OrthancServer) -> None:
+    inside, outside = [], []
+    for index, (date, modality) in enumerate(
+        [("20260110", "CR"), ("20260120", "DX"), ("20260131", "DX"), ("20260109", "CR"), ("20260201", "DX"), ("20260115", "CT")]
+    ):
+        ds = make_instance(generate_uid(), date, modality, seed=index)
+        in_range = "20260110" <= date <= "20260131" and modality in ("CR", "DX")
+        (inside if in_range else outside).append(ds)
+    load(orthanc, inside + outside)
+
+    records = list(dicomweb.search_instances(orthanc.uri, since="2026-01-10", until="2026-01-31", credentials=credentials(orthanc)))
+
+    assert sorted(r.sop_uid for r in records) == sorted(str(ds.SOPInstanceUID) for ds in inside)
+    by_sop = {str(ds.SOPInstanceUID): ds for ds in inside}
+    for record in records:
+        source = by_sop[record.sop_uid]
+        assert dicomweb.parse_instance_uri(record.path) == (
+            orthanc.dicomweb_url, source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID
+        )
+        assert (record.modality, record.study_date, record.sop_class_uid) == (source.Modality, source.StudyDate, source.SOPClassUID)
+    ct = list(dicomweb.search_instances(orthanc.uri, modalities=["CT"], credentials=credentials(orthanc)))
+    assert [r.sop_uid for r in ct] == [str(outside[-1].SOPInstanceUID)]
+
+
+def test_search_pages_return_every_instance_once(orthanc: OrthancServer) -> None:
+    study = generate_uid()
+    series = generate_uid()
+    datasets = [make_instance(study, "20260105", "DX", series_uid=series, seed=i) for i in range(23)]
+    load(orthanc, datasets)
+    client = dicomweb.client_for(orthanc.dicomweb_url, credentials(orthanc))
+    assert len(client.search_for_instances(limit=4, search_filters={"Modality": "DX"})) == 4  # the server pages
+
+    records = list(dicomweb.search_instances(orthanc.uri, page_size=4, credentials=credentials(orthanc)))
+
+    assert len(records) == 23
+    assert {r.sop_uid for r in records} == {str(ds.SOPInstanceUID) for ds in datasets}
+
+
+def test_search_is_a_stream(orthanc: OrthancServer) -> None:
+    load(orthanc, [make_instance(generate_uid(), "20260105", "CR", seed=i) for i in range(6)])
+    requests_made: list[str] = []
+    client = dicomweb.client_for(orthanc.dicomweb_url, credentials(orthanc))
+    client._session.hooks["response"].append(lambda response, *args, **kwargs: requests_made.append(response.url))
+    try:
+        stream = dicomweb.search_instances(orthanc.uri, page_size=2, credentials=credentials(orthanc))
+        next(stream)
+        assert len(requests_made) == 1  # one page fetched for the first record, not the whole listing
+        assert len(list(stream)) == 5
+    finally:
+        client._session.hooks["response"].clear()
+
+
+def test_retrieve_returns_the_stored_file(orthanc: OrthancServer) -> None:
+    originals = {}
+    for path in sorted((SAMPLES / "dicom").glob("*.dcm")):
+        ds = pydicom.dcmread(path, force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:  # the preamble-less CR sample: give it the file meta it lacks
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        dicomweb.store_dataset(orthanc.uri, ds, credentials(orthanc))
+        originals[str(ds.SOPInstanceUID)] = ds
+    uris = {str(ds.SOPInstanceUID): dicomweb.instance_uri(orthanc.dicomweb_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in originals.values()}
+    for sop, uri in uris.items():
+        data = dicomweb.retrieve_instance_bytes(uri, credentials(orthanc))
+        got = pydicom.dcmread(io.BytesIO(data))
+        original = originals[sop]
+        assert got.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID  # as stored, not transcoded
+        assert got.PixelData == original.PixelData
+        assert elements(got) == elements(original)  # every data element, compared by pydicom
+        header = dicomweb.retrieve_instance_header(uri, credentials(orthanc))
+        assert header.SOPInstanceUID == sop and "PixelData" not in header
+
+
+def test_unretrievable_instance_raises_a_clear_error(orthanc: OrthancServer) -> None:
+    ds = make_instance(generate_uid(), "20260105", "CR")
+    load(orthanc, [ds])
+    (record,) = dicomweb.search_instances(orthanc.uri, credentials=credentials(orthanc))
+    orthanc.delete_instance(record.sop_uid)
+    with pytest.raises(dicomweb.DicomwebError, match=rf"retrieve of instance {record.sop_uid} .* failed: not found"):
+        dicomweb.retrieve_instance_bytes(record.path, credentials(orthanc), FAST)
+
+
+def test_bad_password_fails_fast_and_is_never_shown(orthanc: OrthancServer, caplog: pytest.LogCaptureFixture) -> None:
+    wrong = "wrong-" + orthanc.password
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    with pytest.raises(dicomweb.DicomwebError, match="rejected the credentials") as error:
+        list(dicomweb.search_instances(orthanc.uri, credentials=credentials(orthanc, wrong)))
+    assert time.monotonic() - start < 5
+    assert wrong not in str(error.value) and wrong not in caplog.text
+    assert error.value.__cause__ is None and error.value.__context__ is not None  # the library's error is suppressed
+
+
+def test_credentials_come_from_the_environment(orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    load(orthanc, [make_instance(generate_uid(), "20260105", "DX")])
+    monkeypatch.setenv(dicomweb.USER_VARIABLE, orthanc.user)
+    monkeypatch.setenv(dicomweb.PASSWORD_VARIABLE, orthanc.password)
+    caplog.set_level(logging.DEBUG)
+    (record,) = dicomweb.search_instances(orthanc.uri)
+    assert pydicom.dcmread(io.BytesIO(dicomweb.retrieve_instance_bytes(record.path))).SOPInstanceUID == record.sop_uid
+    assert orthanc.password not in caplog.text
+    token = "tok-" + orthanc.password
+    monkeypatch.setenv(dicomweb.TOKEN_VARIABLE, token)  # a token wins over basic auth; Orthanc takes none
+    with pytest.raises(dicomweb.DicomwebError, match="HTTP 401") as error:
+        dicomweb.retrieve_instance_bytes(record.path)
+    assert token not in str(error.value) and token not in caplog.text
+
+
+def test_refused_connection_fails_fast(caplog: pytest.LogCaptureFixture) -> None:
+    uri = f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    caplog.set_level(logging.DEBUG)
+    start = time.monotonic()
+    with pytest.raises(dicomweb.DicomwebError, match="cannot connect") as error:
+        list(dicomweb.search_instances(uri, credentials=dicomweb.Credentials(token="tok-secret")))
+    assert time.monotonic() - start < 10  # three retries with backoff, then the error
+    assert "tok-secret" not in str(error.value) and "tok-secret" not in caplog.text
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first `failures` requests, then an empty QIDO result."""
+
+    failures = 2
+    seen = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        type(self).seen += 1
+        if type(self).seen <= type(self).failures:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[tuple[str, type[_FlakyHandler]]]:
+    handler = type("Handler", (_FlakyHandler,), {"seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_errors_are_retried(flaky_server: tuple[str, type[_FlakyHandler]]) -> None:
+    uri, handler = flaky_server
+    assert list(dicomweb.search_instances(uri, modalities=["CR"], credentials=dicomweb.Credentials(), policy=FAST)) == []
+    assert handler.seen == 3  # two 503s retried, then the answer
+    handler.seen, handler.failures = 0, 10
+    with pytest.raises(dicomweb.DicomwebError, match="HTTP 503"):
+        list(dicomweb.search_instances(uri, modalities=["CR"], credentials=dicomweb.Credentials(), policy=FAST))
+    assert handler.seen == 1 + FAST.retries  # bounded
+
+
+def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
+    study = generate_uid()
+    images = [make_instance(study, "20260105", "DX", seed=1), make_instance(study, "20260105", "CR", seed=2)]
+    load(orthanc, images)
+    creds = credentials(orthanc)
+    records = sorted(dicomweb.search_instances(orthanc.uri, credentials=creds), key=lambda r: r.sop_uid)
+    probabilities = {records[0].sop_uid: 0.91, records[1].sop_uid: 0.12}
+    scored = [report.ScoredImage(dicomweb.retrieve_instance_header(r.path, creds), probabilities[r.sop_uid]) for r in records]
+
+    sr = report.build_report(scored, threshold=0.5, model_id="cnn_lstm-0123abcd")
+    assert report.store_report(orthanc.uri, sr, creds) is True
+
+    client = dicomweb.client_for(orthanc.dicomweb_url, creds)
+    found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
+    assert [dicomweb._first(item, "00080018") for item in found] == [sr.SOPInstanceUID]
+    stored = pydicom.dcmread(io.BytesIO(dicomweb.retrieve_instance_bytes(
+        dicomweb.instance_uri(orthanc.dicomweb_url, study, sr.SeriesInstanceUID, sr.SOPInstanceUID), creds
+    )))
+    assert stored.PatientID == images[0].PatientID and stored.StudyInstanceUID == study
+    assert "not for diagnosis" in stored.SeriesDescription and stored.VerificationFlag == "UNVERIFIED"
+    content = report.read_report(stored)
+    assert content.model_id == "cnn_lstm-0123abcd" and content.study_uid == study
+    assert {image.sop_uid: image.probability for image in content.images} == probabilities
+    assert {image.sop_uid: image.finding for image in content.images} == {records[0].sop_uid: "abnormal", records[1].sop_uid: "normal"}
+    assert {image.threshold for image in content.images} == {0.5}
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for study_item in stored.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study_item.ReferencedSeriesSequence
+        for sop in series_item.ReferencedSOPSequence
+    }
+    assert evidence == set(probabilities)
+
+    before = orthanc.instance_count()
+    again = report.build_report(scored, threshold=0.5, model_id="cnn_lstm-0123abcd")  # a rerun of the night
+    assert again.SOPInstanceUID == sr.SOPInstanceUID
+    assert report.store_report(orthanc.uri, again, creds) is False
+    dicomweb.store_dataset(orthanc.uri, again, creds)  # even stored blindly, the same UID makes no second copy
+    assert orthanc.instance_count() == before
+
+
+def test_report_uids_are_deterministic_per_model_and_study() -> None:
+    study = generate_uid()
+    assert report.report_uids("m1", study) == report.report_uids("m1", study)
+    assert len({*report.report_uids("m1", study), *report.report_uids("m2", study), *report.report_uids("m1", generate_uid())}) == 6
+    other_study = make_instance(generate_uid(), "20260105", "DX")
+    with pytest.raises(ValueError, match="one study"):
+        report.build_report(
+            [report.ScoredImage(make_instance(study, "20260105", "DX"), 0.3), report.ScoredImage(other_study, 0.4)], 0.5, "m1"
+        )
