@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.server
 import io
 import logging
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +273,25 @@ def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     assert report.store_report(orthanc.uri, again, creds) is False
     dicomweb.store_dataset(orthanc.uri, again, creds)  # even stored blindly, the same UID makes no second copy
     assert orthanc.instance_count() == before
+
+
+def test_dcmtk_reads_the_report_as_tid_1500(tmp_path) -> None:
+    """DCMTK's dsrdump (installed with Orthanc) as an independent parser of the SR and its templates."""
+    dsrdump = shutil.which("dsrdump")
+    if dsrdump is None:
+        pytest.skip("dsrdump (DCMTK) is not installed")
+    study = generate_uid()
+    path = tmp_path / "sr.dcm"
+    sr = report.build_report([report.ScoredImage(make_instance(study, "20260105", "DX"), 0.73)], threshold=0.4, model_id="m1")
+    path.write_bytes(dicomweb.dataset_bytes(sr))
+    done = subprocess.run([dsrdump, "+Pt", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert any('"Imaging Measurement Report"' in line and "TID 1500 (DCMR)" in line for line in lines)
+    assert any('"Measurement Group"' in line and "TID 1501 (DCMR)" in line for line in lines)
+    assert '<contains NUM:(,,"Probability")="0.73" (1,UCUM,"no units")>' in done.stdout
+    assert '<contains CODE:(,,"Overall Assessment")=(263654008,SCT,"Abnormal")>' in done.stdout
+    assert "Verification Flag   : UNVERIFIED" in done.stdout
 
 
 def test_report_uids_are_deterministic_per_model_and_study() -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import pydicom
 import requests
+import requests.auth
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -146,12 +147,24 @@ def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Se
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.verify = credentials.ca_bundle or True
-    session.trust_env = False  # no ~/.netrc credentials or proxy variables slipping in unasked
+    # Auth set on the session keeps requests from reaching for ~/.netrc; proxy variables still apply.
     if credentials.token:
-        session.headers["Authorization"] = f"Bearer {credentials.token}"
+        session.auth = _BearerAuth(credentials.token)
     elif credentials.user is not None and credentials.password is not None:
         session.auth = (credentials.user, credentials.password)
     return session
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
 
 
 @functools.lru_cache(maxsize=8)
