@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,9 +36,14 @@ class OrthancServer:
     rest_url: str  # Orthanc's own REST API, e.g. http://127.0.0.1:PORT
     dicomweb_url: str  # http://127.0.0.1:PORT/dicom-web
     user: str
-    password: str
+    password: str = field(repr=False)
     dicom_port: int
     aet: str
+    calling_aet: str  # the one DIMSE peer Orthanc knows (C-FIND and C-GET allowed, from 127.0.0.1)
+
+    @property
+    def dimse_uri(self) -> str:
+        return f"dimse://{self.aet}@127.0.0.1:{self.dicom_port}"
 
     @property
     def uri(self) -> str:
@@ -117,6 +122,7 @@ def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
         password=secrets.token_urlsafe(16),
         dicom_port=dicom_port,
         aet="ORTHANCTEST",
+        calling_aet="LUNGRAYTEST",
     )
     config = {
         "Name": "lungray-test",
@@ -129,6 +135,10 @@ def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
         "AuthenticationEnabled": True,
         "RegisteredUsers": {server.user: server.password},
         "Plugins": [str(plugin)],
+        "DicomModalities": {
+            "lungray": {"AET": server.calling_aet, "Host": "127.0.0.1", "Port": free_port(), "AllowFind": True, "AllowGet": True}
+        },
+        "DicomCheckModalityHost": True,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{http_port}"},
         "HttpCompressionEnabled": False,
         "SaveJobs": False,

@@ -18,7 +18,7 @@ from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, Digital
 
 from conftest import SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset
-from lungray.pacs import dicomweb, report
+from lungray.pacs import dicomweb, dimse, report
 from lungray.raysession import free_port
 from pacs_fixtures import OrthancServer
 
@@ -303,3 +303,40 @@ def test_report_uids_are_deterministic_per_model_and_study() -> None:
         report.build_report(
             [report.ScoredImage(make_instance(study, "20260105", "DX"), 0.3), report.ScoredImage(other_study, 0.4)], 0.5, "m1"
         )
+
+
+def test_dimse_search_and_retrieve(orthanc: OrthancServer) -> None:
+    """C-FIND (study, series, image levels) and C-GET against Orthanc's DICOM port."""
+    inside = [make_instance(generate_uid(), date, modality, seed=i) for i, (date, modality) in enumerate([("20260110", "CR"), ("20260131", "DX")])]
+    outside = [make_instance(generate_uid(), "20260201", "DX", seed=3), make_instance(generate_uid(), "20260115", "CT", seed=4)]
+    study = generate_uid()
+    series = generate_uid()
+    inside += [make_instance(study, "20260112", "DX", series_uid=series, seed=5 + i) for i in range(3)]
+    load(orthanc, inside + outside)
+    jpeg_path = next((SAMPLES / "dicom").glob("siim_acr_*.dcm"))  # JPEG Baseline: must come back as stored
+    orthanc.upload(jpeg_path.read_bytes())
+    jpeg = pydicom.dcmread(jpeg_path)
+
+    records = list(dimse.search_instances(orthanc.dimse_uri, since="2026-01-10", until="2026-01-31", calling_aet=orthanc.calling_aet))
+    assert sorted(r.sop_uid for r in records) == sorted(str(ds.SOPInstanceUID) for ds in inside)
+    for record in records:
+        got = pydicom.dcmread(io.BytesIO(dimse.retrieve_instance_bytes(record.path, calling_aet=orthanc.calling_aet)))
+        assert got.SOPInstanceUID == record.sop_uid and got.StudyInstanceUID == record.study_uid
+    (jpeg_record,) = [r for r in dimse.search_instances(orthanc.dimse_uri, calling_aet=orthanc.calling_aet) if r.sop_uid == jpeg.SOPInstanceUID]
+    got = pydicom.dcmread(io.BytesIO(dimse.retrieve_instance_bytes(jpeg_record.path, calling_aet=orthanc.calling_aet)))
+    assert got.file_meta.TransferSyntaxUID == jpeg.file_meta.TransferSyntaxUID and got.PixelData == jpeg.PixelData
+
+    orthanc.delete_instance(records[0].sop_uid)
+    with pytest.raises(dimse.DimseError, match=rf"C-GET of instance {records[0].sop_uid} .* returned 0 instances"):
+        dimse.retrieve_instance_bytes(records[0].path, calling_aet=orthanc.calling_aet)
+
+
+def test_dimse_failures_are_clear_and_quick(orthanc: OrthancServer) -> None:
+    start = time.monotonic()
+    with pytest.raises(dimse.DimseError, match="aborted or timed out .* 'STRANGER'"):
+        list(dimse.search_instances(orthanc.dimse_uri, calling_aet="STRANGER"))
+    with pytest.raises(dimse.DimseError, match="cannot connect"):
+        list(dimse.search_instances(f"dimse://PACS@127.0.0.1:{free_port()}", calling_aet=orthanc.calling_aet))
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValueError, match="dimse://AET@HOST:PORT"):
+        dimse.parse_uri("dimse://127.0.0.1:104")
