@@ -14,12 +14,14 @@ from collections.abc import Iterator
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, generate_uid
 
 from conftest import SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset
-from lungray.pacs import dicomweb, dimse, report
+from lungray.pacs import dicomweb, dimse, overlay, report
 from lungray.raysession import free_port
+from lungray.report.gradcam import overlay_png
 from pacs_fixtures import OrthancServer
 
 SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
@@ -244,7 +246,7 @@ def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     scored = [report.ScoredImage(dicomweb.retrieve_instance_header(r.path, creds), probabilities[r.sop_uid]) for r in records]
 
     sr = report.build_report(scored, threshold=0.5, model_id="cnn_lstm-0123abcd")
-    assert report.store_report(orthanc.uri, sr, creds) is True
+    assert dicomweb.store_if_absent(orthanc.uri, sr, creds) is True
 
     client = dicomweb.client_for(orthanc.dicomweb_url, creds)
     found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
@@ -270,7 +272,7 @@ def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     before = orthanc.instance_count()
     again = report.build_report(scored, threshold=0.5, model_id="cnn_lstm-0123abcd")  # a rerun of the night
     assert again.SOPInstanceUID == sr.SOPInstanceUID
-    assert report.store_report(orthanc.uri, again, creds) is False
+    assert dicomweb.store_if_absent(orthanc.uri, again, creds) is False
     dicomweb.store_dataset(orthanc.uri, again, creds)  # even stored blindly, the same UID makes no second copy
     assert orthanc.instance_count() == before
 
@@ -340,3 +342,27 @@ def test_dimse_failures_are_clear_and_quick(orthanc: OrthancServer) -> None:
     assert time.monotonic() - start < 10
     with pytest.raises(ValueError, match="dimse://AET@HOST:PORT"):
         dimse.parse_uri("dimse://127.0.0.1:104")
+
+
+def test_overlay_secondary_capture_round_trip(orthanc: OrthancServer) -> None:
+    source = make_instance(generate_uid(), "20260105", "DX", seed=9)
+    load(orthanc, [source])
+    creds = credentials(orthanc)
+    (record,) = dicomweb.search_instances(orthanc.uri, credentials=creds)
+    header = dicomweb.retrieve_instance_header(record.path, creds)
+    heat = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    png = overlay_png(source.pixel_array, heat)
+
+    sc = overlay.build_overlay(header, png, model_id="m1")
+    assert dicomweb.store_if_absent(orthanc.uri, sc, creds) is True
+    assert dicomweb.store_if_absent(orthanc.uri, overlay.build_overlay(header, png, model_id="m1"), creds) is False
+
+    stored = pydicom.dcmread(io.BytesIO(dicomweb.retrieve_instance_bytes(
+        dicomweb.instance_uri(orthanc.dicomweb_url, source.StudyInstanceUID, sc.SeriesInstanceUID, sc.SOPInstanceUID), creds
+    )))
+    assert stored.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and stored.StudyInstanceUID == source.StudyInstanceUID
+    assert stored.PatientID == source.PatientID
+    assert list(stored.ImageType) == ["DERIVED", "SECONDARY"] and "not for diagnosis" in stored.SeriesDescription
+    assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    np.testing.assert_array_equal(stored.pixel_array, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    assert orthanc.instance_count() == 2

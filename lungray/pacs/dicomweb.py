@@ -332,3 +332,15 @@ def store_dataset(uri: str, dataset: Dataset, credentials: Credentials | None = 
     if failed:
         reasons = ", ".join(str(item.get("FailureReason", "?")) for item in failed)
         raise DicomwebError(f"DICOMweb store of instance {dataset.SOPInstanceUID} at {base_url} failed: reason {reasons}")
+
+
+def store_if_absent(uri: str, dataset: Dataset, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> bool:
+    """Store with STOW-RS unless the service already holds this SOP Instance UID; True when stored now.
+
+    With lungray's deterministic UIDs (report.report_uids, overlay.overlay_uids) this makes a
+    rerun store nothing new.
+    """
+    if instance_exists(uri, str(dataset.StudyInstanceUID), str(dataset.SOPInstanceUID), credentials, policy):
+        return False
+    store_dataset(uri, dataset, credentials, policy)
+    return True

@@ -15,7 +15,7 @@ support most widely) holding one image-level TID 1501 group per screened image:
 The observer is a device (lungray, with the model id as model name); the SR is left
 UNVERIFIED and its SeriesDescription says it is an algorithm's output, not for diagnosis.
 Series and SOP Instance UIDs derive from (model id, study UID) alone, so a rerun builds the
-same SOP Instance UID and `store_report` finds it there and stores no second copy.
+same SOP Instance UID and `dicomweb.store_if_absent` finds it there and stores no second copy.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from lungray import __version__
-from lungray.pacs import dicomweb
 
 ALGORITHM_NAME = "lungray"
 SERIES_DESCRIPTION = "lungray screening - algorithm output, not for diagnosis"
@@ -199,11 +198,3 @@ def _algorithm(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> tuple[str 
     parameters = hd.sr.utils.find_content_items(root, name=codes.DCM.AlgorithmParameters)
     model_ids = [str(item.TextValue)[len(_MODEL_PARAMETER) :] for item in parameters if str(item.TextValue).startswith(_MODEL_PARAMETER)]
     return (model_ids[0] if model_ids else None), (str(versions[0].TextValue) if versions else None)
-
-
-def store_report(uri: str, sr: Dataset, credentials: dicomweb.Credentials | None = None) -> bool:
-    """Store the SR with STOW-RS unless the service already holds it; True when it was stored now."""
-    if dicomweb.instance_exists(uri, str(sr.StudyInstanceUID), str(sr.SOPInstanceUID), credentials):
-        return False
-    dicomweb.store_dataset(uri, sr, credentials)
-    return True
