@@ -6,6 +6,7 @@ import http.server
 import io
 import logging
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -185,10 +186,22 @@ def test_refused_connection_fails_fast(caplog: pytest.LogCaptureFixture) -> None
     uri = f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     caplog.set_level(logging.DEBUG)
     start = time.monotonic()
-    with pytest.raises(dicomweb.DicomwebError, match="cannot connect") as error:
+    with pytest.raises(dicomweb.DicomwebError, match=r"cannot connect \(.*Connection refused\)") as error:
         list(dicomweb.search_instances(uri, credentials=dicomweb.Credentials(token="tok-secret")))
     assert time.monotonic() - start < 10  # three retries with backoff, then the error
     assert "tok-secret" not in str(error.value) and "tok-secret" not in caplog.text
+
+
+def test_a_server_that_never_answers_times_out() -> None:
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        uri = f"dicomweb+http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+        policy = dicomweb.RequestPolicy(connect_timeout_s=1, read_timeout_s=1, retries=1, backoff_s=0.1)
+        start = time.monotonic()
+        with pytest.raises(dicomweb.DicomwebError, match=r"no answer in time \(read timeout\)"):
+            list(dicomweb.search_instances(uri, credentials=dicomweb.Credentials(), policy=policy))
+        assert time.monotonic() - start < 6  # two tries of one second each, not a hang
 
 
 class _FlakyHandler(http.server.BaseHTTPRequestHandler):

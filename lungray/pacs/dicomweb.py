@@ -30,6 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 SCHEME_PREFIX = "dicomweb+"
@@ -192,16 +193,28 @@ def _failure(action: str, base_url: str, error: Exception, secrets: Sequence[str
             403: "the credentials are not allowed to do this (HTTP 403)",
             404: "not found on the server (HTTP 404)",
         }.get(status, f"HTTP {status} {error.response.reason}")
-    elif isinstance(error, requests.Timeout):
-        reason = f"no answer in time ({type(error).__name__})"
-    elif isinstance(error, requests.ConnectionError):
-        reason = f"cannot connect: {error}"
+    elif isinstance(error, requests.ConnectionError):  # Timeout and retries exhausted land here too
+        reason = _network_reason(error)
     else:
         reason = f"{type(error).__name__}: {error}"
     message = f"DICOMweb {action} at {base_url} failed: {reason}"
     for secret in secrets:
         message = message.replace(secret, "***")
     return DicomwebError(message)
+
+
+def _network_reason(error: requests.ConnectionError) -> str:
+    """The root cause of a network failure in a few words (the library's text repeats the whole URL)."""
+    cause = error.args[0] if error.args else error
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    if isinstance(cause, ReadTimeoutError) or isinstance(error, requests.ReadTimeout):
+        return "no answer in time (read timeout)"
+    if isinstance(cause, NewConnectionError):  # before ConnectTimeoutError, its base class in urllib3
+        return f"cannot connect ({str(cause).rpartition(': ')[2]})"
+    if isinstance(cause, ConnectTimeoutError) or isinstance(error, requests.ConnectTimeout):
+        return "cannot connect in time (connect timeout)"
+    return f"cannot connect ({cause})"
 
 
 def _date(value: dt.date | str | None) -> str:
