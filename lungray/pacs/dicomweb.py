@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import io
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ USER_VARIABLE = "LUNGRAY_DICOMWEB_USER"
 PASSWORD_VARIABLE = "LUNGRAY_DICOMWEB_PASSWORD"
 CA_BUNDLE_VARIABLE = "LUNGRAY_DICOMWEB_CA_BUNDLE"
 _INSTANCE_PATH = re.compile(r"^(?P<base>.*)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
+log = logging.getLogger(__name__)
 _TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 # QIDO attributes each listed instance needs (UIDs for the URI and the incremental key, the rest for the row).
 _INSTANCE_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "StudyDate")
@@ -267,8 +269,9 @@ def search_instances(
             offset += len(page)
             for item in page:
                 study, series, sop = (_first(item, tag) for tag in ("0020000D", "0020000E", "00080018"))
-                if not (study and series and sop):
-                    continue  # a QIDO answer without its UIDs names nothing that could be retrieved
+                if not (study and series and sop):  # names nothing that could be retrieved, so no row
+                    log.warning("DICOMweb search at %s returned an instance without its study/series/SOP UIDs; skipped", base_url)
+                    continue
                 yield InstanceRecord(
                     path=instance_uri(base_url, study, series, sop),
                     study_uid=study,
