@@ -8,6 +8,7 @@ orthanc-dicomweb`) every test that asks for it is skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -93,27 +94,35 @@ def _wait_until_answering(server: OrthancServer, process: subprocess.Popen, log:
     deadline = time.time() + 30
     while time.time() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"Orthanc exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"Orthanc exited with {process.returncode}:\n{log.read_text()[-2000:]}")
         try:
             if requests.get(f"{server.dicomweb_url}/studies", auth=server.auth, timeout=1).ok:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"Orthanc did not answer within 30 s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(f"Orthanc did not answer within 30 s:\n{log.read_text()[-2000:]}")
 
 
-@pytest.fixture(scope="session")
-def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    """Orthanc with DICOMweb on 127.0.0.1 (HTTP and DICOM ports free ones), basic auth on."""
+def orthanc_installed() -> tuple[str, Path] | None:
+    """(Orthanc executable, DICOMweb plugin) when both are installed."""
     executable = shutil.which(ORTHANC_EXECUTABLE) or shutil.which(ORTHANC_EXECUTABLE, path="/usr/sbin:/usr/local/sbin")
     plugin = _plugin_path()
-    if executable is None or plugin is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    root = tmp_path_factory.mktemp("orthanc")
+    return (executable, plugin) if executable and plugin else None
+
+
+@contextlib.contextmanager
+def running_orthanc(root: Path) -> Iterator[OrthancServer]:
+    """Orthanc with DICOMweb on 127.0.0.1 (free HTTP and DICOM ports), basic auth on, storage under `root`.
+
+    Also used by bench/pacs.py; raises RuntimeError when Orthanc is missing or does not start.
+    """
+    installed = orthanc_installed()
+    if installed is None:
+        raise RuntimeError("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    executable, plugin = installed
     storage = root / "storage"
-    storage.mkdir()
+    storage.mkdir(parents=True)
     http_port, dicom_port = free_port(), free_port()
     server = OrthancServer(
         rest_url=f"http://127.0.0.1:{http_port}",
@@ -134,11 +143,11 @@ def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
         "RemoteAccessAllowed": False,  # loopback only
         "AuthenticationEnabled": True,
         "RegisteredUsers": {server.user: server.password},
-        "Plugins": [str(plugin)],
         "DicomModalities": {
             "lungray": {"AET": server.calling_aet, "Host": "127.0.0.1", "Port": free_port(), "AllowFind": True, "AllowGet": True}
         },
         "DicomCheckModalityHost": True,
+        "Plugins": [str(plugin)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{http_port}"},
         "HttpCompressionEnabled": False,
         "SaveJobs": False,
@@ -158,6 +167,15 @@ def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """The session's Orthanc (see running_orthanc); a skip with the reason where it is not installed."""
+    if orthanc_installed() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 @pytest.fixture
