@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import io
 import logging
@@ -93,6 +94,10 @@ def test_search_keeps_only_the_date_range_and_modalities(orthanc: OrthancServer)
             orthanc.dicomweb_url, source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID
         )
         assert (record.modality, record.study_date, record.sop_class_uid) == (source.Modality, source.StudyDate, source.SOPClassUID)
+    until_only = dicomweb.search_instances(orthanc.uri, until=dt.date(2026, 1, 10), credentials=credentials(orthanc))
+    assert sorted(r.study_date for r in until_only) == ["20260109", "20260110"]
+    since_only = dicomweb.search_instances(orthanc.uri, since="20260131", credentials=credentials(orthanc))
+    assert sorted(r.study_date for r in since_only) == ["20260131", "20260201"]
     ct = list(dicomweb.search_instances(orthanc.uri, modalities=["CT"], credentials=credentials(orthanc)))
     assert [r.sop_uid for r in ct] == [str(outside[-1].SOPInstanceUID)]
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from lungray.pacs.report import ALGORITHM_NAME, stable_uid
+from lungray.pacs.report import ALGORITHM_NAME, stable_uid, with_patient_study_module
 
 SERIES_DESCRIPTION = "lungray Grad-CAM overlay - not for diagnosis"
 SERIES_NUMBER = 9902
@@ -30,12 +30,8 @@ def build_overlay(source: Dataset, overlay_png: bytes, model_id: str) -> hd.sc.S
     """A Secondary Capture holding the overlay PNG (RGB) in the study of `source` (its header suffices)."""
     pixels = np.asarray(Image.open(io.BytesIO(overlay_png)).convert("RGB"))
     series_uid, sop_uid = overlay_uids(model_id, str(source.SOPInstanceUID), str(source.StudyInstanceUID))
-    header = source.copy()
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
-        if keyword not in header:
-            setattr(header, keyword, "")
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
+        ref_dataset=with_patient_study_module(source),
         pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,

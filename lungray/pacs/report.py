@@ -90,7 +90,8 @@ def stable_uid(*parts: str) -> str:
     return "2.25." + str(uuid.uuid5(UID_NAMESPACE, "\x1f".join(parts)).int)
 
 
-def _with_patient_study_module(header: Dataset) -> Dataset:
+def with_patient_study_module(header: Dataset) -> Dataset:
+    """A copy of `header` with the Type 2 patient/study attributes highdicom copies present (empty if absent)."""
     filled = copy.copy(header)
     for keyword in _PATIENT_STUDY_KEYWORDS:
         if keyword not in filled:
@@ -121,7 +122,7 @@ def build_report(images: Sequence[ScoredImage], threshold: float, model_id: str,
     """The SR for one study's screened images (all from the same study), with patient and study copied from them."""
     if not images:
         raise ValueError("an SR needs at least one screened image")
-    headers = [_with_patient_study_module(image.header) for image in images]
+    headers = [with_patient_study_module(image.header) for image in images]
     study_uids = {str(header.StudyInstanceUID) for header in headers}
     if len(study_uids) != 1:
         raise ValueError(f"the images of one SR must share one study, got {len(study_uids)}")
