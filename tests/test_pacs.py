@@ -27,7 +27,7 @@ from lungray.report.gradcam import overlay_png
 from pacs_fixtures import OrthancServer
 
 SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
-FAST = dicomweb.RequestPolicy(connect_timeout_s=2, read_timeout_s=5, retries=2, backoff_s=0.1)
+FAST = dicomweb.RequestPolicy(connect_timeout_s=2, read_timeout_s=5, retries=2, backoff_s=0.1, max_retry_after_s=0.2)
 
 
 def make_instance(study_uid: str, study_date: str, modality: str, series_uid: str | None = None, seed: int = 0) -> pydicom.Dataset:
@@ -219,6 +219,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
         type(self).seen += 1
         if type(self).seen <= type(self).failures:
             self.send_response(503)
+            self.send_header("Retry-After", "3600")  # an hour: capped by the policy's max_retry_after_s
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -246,8 +247,10 @@ def flaky_server() -> Iterator[tuple[str, type[_FlakyHandler]]]:
 
 def test_transient_errors_are_retried(flaky_server: tuple[str, type[_FlakyHandler]]) -> None:
     uri, handler = flaky_server
+    start = time.monotonic()
     assert list(dicomweb.search_instances(uri, modalities=["CR"], credentials=dicomweb.Credentials(), policy=FAST)) == []
     assert handler.seen == 3  # two 503s retried, then the answer
+    assert time.monotonic() - start < 3  # Retry-After: 3600 honoured only up to 0.2 s
     handler.seen, handler.failures = 0, 10
     with pytest.raises(dicomweb.DicomwebError, match="HTTP 503"):
         list(dicomweb.search_instances(uri, modalities=["CR"], credentials=dicomweb.Credentials(), policy=FAST))

@@ -84,6 +84,7 @@ class RequestPolicy:
     read_timeout_s: float = 60.0
     retries: int = 3  # transient failures retried this many times, waits backoff * 2**n seconds
     backoff_s: float = 0.5
+    max_retry_after_s: float = 30.0  # a server's Retry-After is honoured up to this, so it cannot stall a run
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def parse_instance_uri(uri: str) -> tuple[str, str, str, str]:
 def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Session:
     """A requests Session that authenticates, verifies TLS and retries transient failures with backoff."""
     session = requests.Session()
-    retry = Retry(
+    retry = _BoundedRetry(
+        max_retry_after_s=policy.max_retry_after_s,
         total=policy.retries,
         connect=policy.retries,
         read=policy.retries,
@@ -156,6 +158,23 @@ def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Se
     elif credentials.user is not None and credentials.password is not None:
         session.auth = (credentials.user, credentials.password)
     return session
+
+
+class _BoundedRetry(Retry):
+    """urllib3's Retry with the wait a Retry-After header asks for capped (urllib3 caps only its own backoff)."""
+
+    def __init__(self, *args: object, max_retry_after_s: float = 30.0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_retry_after_s = max_retry_after_s
+
+    def new(self, **kwargs: object) -> _BoundedRetry:
+        retry = super().new(**kwargs)
+        retry.max_retry_after_s = self.max_retry_after_s
+        return retry
+
+    def get_retry_after(self, response) -> float | None:  # noqa: ANN001 - urllib3's BaseHTTPResponse
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, self.max_retry_after_s)
 
 
 class _BearerAuth(requests.auth.AuthBase):
