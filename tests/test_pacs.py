@@ -130,7 +130,18 @@ def test_search_is_a_stream(orthanc: OrthancServer) -> None:
         client._session.hooks["response"].clear()
 
 
-def test_retrieve_returns_the_stored_file(orthanc: OrthancServer) -> None:
+def test_retrieve_returns_the_stored_bytes(orthanc: OrthancServer) -> None:
+    samples = [path.read_bytes() for path in sorted((SAMPLES / "dicom").glob("*.dcm"))]
+    stored = [data for data in samples if data[128:132] == b"DICM"]  # Part-10 files (CR and DX), byte for byte
+    stored.append(dicom_bytes(make_instance(generate_uid(), "20260105", "DX")))
+    for data in stored:
+        orthanc.upload(data)
+    records = list(dicomweb.search_instances(orthanc.uri, credentials=credentials(orthanc)))
+    assert len(records) == len(stored) >= 3
+    assert sorted(dicomweb.retrieve_instance_bytes(r.path, credentials(orthanc)) for r in records) == sorted(stored)
+
+
+def test_stored_datasets_come_back_whole(orthanc: OrthancServer) -> None:
     originals = {}
     for path in sorted((SAMPLES / "dicom").glob("*.dcm")):
         ds = pydicom.dcmread(path, force=True)
