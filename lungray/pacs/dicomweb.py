@@ -157,7 +157,7 @@ def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Se
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.verify = credentials.ca_bundle or True
-    # Auth set on the session keeps requests from reaching for ~/.netrc; proxy variables still apply.
+    # Auth set on the session keeps requests from reaching for ~/.netrc (it still does when anonymous).
     if credentials.token:
         session.auth = _BearerAuth(credentials.token)
     elif credentials.user is not None and credentials.password is not None:
