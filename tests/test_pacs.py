@@ -21,7 +21,7 @@ from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, Digital
 
 from conftest import SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset
-from lungray.pacs import dicomweb, dimse, overlay, report
+from lungray.pacs import dicomweb, dimse, overlay, report, source
 from lungray.raysession import free_port
 from lungray.report.gradcam import overlay_png
 from pacs_fixtures import OrthancServer
@@ -398,3 +398,21 @@ def test_overlay_secondary_capture_round_trip(orthanc: OrthancServer) -> None:
     assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     np.testing.assert_array_equal(stored.pixel_array, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
     assert orthanc.instance_count() == 2
+
+
+def test_source_dispatches_on_the_uri(orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dicomweb.USER_VARIABLE, orthanc.user)
+    monkeypatch.setenv(dicomweb.PASSWORD_VARIABLE, orthanc.password)
+    monkeypatch.setenv(dimse.CALLING_AET_VARIABLE, orthanc.calling_aet)
+    ds = make_instance(generate_uid(), "20260105", "CR")
+    load(orthanc, [ds])
+    for uri in (orthanc.uri, orthanc.dimse_uri):
+        assert source.is_pacs_uri(uri)
+        (record,) = source.search_instances(uri, since="2026-01-01", until="2026-01-31")
+        assert record.path.startswith(uri + "/studies/") and record.sop_uid == ds.SOPInstanceUID
+        assert pydicom.dcmread(io.BytesIO(source.retrieve_instance_bytes(record.path))).SOPInstanceUID == ds.SOPInstanceUID
+        orthanc.delete_instance(record.sop_uid)
+        with pytest.raises(source.PacsError):
+            source.retrieve_instance_bytes(record.path)
+        load(orthanc, [ds])
+    assert not source.is_pacs_uri("s3://bucket/night") and not source.is_pacs_uri("/archive/night")
