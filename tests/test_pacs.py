@@ -126,6 +126,7 @@ def test_search_is_a_stream(orthanc: OrthancServer) -> None:
         next(stream)
         assert len(requests_made) == 1  # one page fetched for the first record, not the whole listing
         assert len(list(stream)) == 5
+        assert len(requests_made) == 3 + 1 + 1  # CR: three pages and the empty one; DX: one empty page
     finally:
         client._session.hooks["response"].clear()
 
@@ -282,7 +283,7 @@ def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
 
     client = dicomweb.client_for(orthanc.dicomweb_url, creds)
     found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
-    assert [dicomweb._first(item, "00080018") for item in found] == [sr.SOPInstanceUID]
+    assert [pydicom.Dataset.from_json(item).SOPInstanceUID for item in found] == [sr.SOPInstanceUID]
     stored = pydicom.dcmread(io.BytesIO(dicomweb.retrieve_instance_bytes(
         dicomweb.instance_uri(orthanc.dicomweb_url, study, sr.SeriesInstanceUID, sr.SOPInstanceUID), creds
     )))
