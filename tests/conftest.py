@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "lungray" / "samples"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+pytest_plugins = ["pacs_fixtures"]  # the Orthanc PACS fixtures (tests/pacs_fixtures.py)
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("LUNGRAY_PATIENT_SALT", "test-salt")
 
