@@ -16,6 +16,7 @@ import pytest
 import torch
 from ray.data.extensions import ArrowTensorArray
 
+from lungray.cli import add_train_arguments, train_config_from_args
 from lungray.io.listing import exists, filesystem_for, join_uri
 from lungray.metrics import binary_metrics
 from lungray.modeldir import META_FILE, load_model_dir, read_meta
@@ -29,13 +30,11 @@ from lungray.train.trainer import (
     RUN_NAME,
     TrainConfig,
     WholeValidationSplit,
-    add_train_arguments,
     balanced_class_weights,
     check_resumable,
     labels_by_split,
     run_training,
     splits_bytes,
-    train_config_from_args,
     training_datasets,
 )
 
@@ -107,9 +106,11 @@ def test_cli_arguments_build_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args(
-        ["--model", "cnn_lstm", "--data", "d", "--output", "o", "--epochs", "3", "--gpu", "--no-augment", "--min-sensitivity", "0.9"]
+        ["--model", "cnn_lstm", "--data", "d", "--output", "o", "--epochs", "3", "--gpu", "--no-augment", "--min-sensitivity", "0.9",
+         "--label-smoothing", "0.05", "--ema-decay", "0"]
     )
     config = train_config_from_args(args)
+    assert (config.label_smoothing, config.ema_decay) == (0.05, 0.0)
     assert (config.model, config.data, config.output, config.epochs) == ("cnn_lstm", "d", "o", 3)
     assert config.use_gpu and not config.augment.enabled
     assert config.min_sensitivity == 0.9

@@ -11,7 +11,6 @@ exported with the same settings is left as it is.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -124,62 +123,6 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         """The architecture to train: the model's defaults with `model_overrides` applied."""
         return ModelConfig.from_dict({**default_config(self.model).to_dict(), **self.model_overrides})
-
-
-def add_min_sensitivity_argument(parser: argparse.ArgumentParser) -> None:
-    """`--min-sensitivity`: the threshold rule of every command that exports a model directory."""
-    parser.add_argument(
-        "--min-sensitivity", type=float, default=TrainConfig.min_sensitivity,
-        help="the threshold is the most specific one reaching this sensitivity on validation",
-    )
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `lungray train` / jobs/train.py arguments."""
-    parser.add_argument("--model", choices=ARCHITECTURES, required=True)
-    parser.add_argument("--data", required=True, help="ingested dataset folder (or s3:// prefix)")
-    parser.add_argument("--output", required=True, help="model directory to write; rerun to resume")
-    parser.add_argument("--workers", type=int, default=TrainConfig.workers, help="data-parallel training workers")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per worker")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing, help="of the training loss")
-    parser.add_argument(
-        "--ema-decay", type=float, default=TrainConfig.ema_decay,
-        help="validate and export an exponential moving average of the weights (0: the raw weights)",
-    )
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
-    add_min_sensitivity_argument(parser)
-    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    parser.add_argument("--size", type=int, default=None, help="fail unless the data was ingested at this size")
-    parser.add_argument("--max-failures", type=int, default=TrainConfig.max_failures, help="worker failures to recover from")
-    parser.add_argument("--cpus-per-worker", type=float, default=None)
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        model=args.model,
-        data=args.data,
-        output=args.output,
-        workers=args.workers,
-        use_gpu=args.gpu,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        patience=args.patience,
-        min_sensitivity=args.min_sensitivity,
-        augment=AugmentConfig(enabled=not args.no_augment),
-        size=args.size,
-        max_failures=args.max_failures,
-        cpus_per_worker=args.cpus_per_worker,
-    )
 
 
 class WholeValidationSplit(DataConfig):
