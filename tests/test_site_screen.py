@@ -11,12 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SAMPLES
-from test_site_calibrate import SIZE, centred_model_dir, site_arrays, trained_model_dir, write_site_sample
+from test_site_calibrate import centred_model_dir, site_arrays, trained_model_dir, write_site_sample
 
 from lungray.evaluate import evaluate
-from lungray.io.decode import decode_bytes
+from lungray.io.rows import process_file
 from lungray.modeldir import load_model_dir
-from lungray.preprocess import preprocess
 from lungray.cli import main
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.site.adapt import AdaptConfig, adapt
@@ -42,7 +41,11 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
         for path in sorted((SAMPLES / "kermany-mini" / label).glob("*.jpeg"))[:4]:
             shutil.copy(path, archive / label / path.name)
     films = sorted(str(path) for path in archive.rglob("*.jpeg"))
-    stored = np.stack([preprocess(decode_bytes(Path(path).read_bytes(), path).image, parent.preprocess) for path in films])
+    # Decoded as the screen's rows decode (reduced-resolution decoding included).
+    stored = np.stack([
+        process_file(path, path, Path(path).stat().st_size, parent.preprocess, parent.decode, 1 << 30, scope=None, salt=None)[1]
+        for path in films
+    ])
     for derived, name in ((calibrated, "calibrated"), (adapted, "adapted")):
         output = tmp_path / f"screen-{name}"
         run_screen(ScreenConfig(model=str(derived.path), input=str(archive), output=str(output), date="2026-12-01"))
