@@ -7,9 +7,12 @@ uncompressed, SIZE x SIZE) in it and in a local folder, then times, in one run:
 - pacs: one paged QIDO-RS listing, then per instance WADO-RS retrieve + the same decode.
 
 Sequential, single process: it measures the per-image cost of each stage, not the pipeline's
-throughput (which Ray's parallel decode tasks set). Prints one JSON object.
+throughput (which Ray's parallel decode tasks set). With `--screen`, also end to end:
+`run_screen` (an untrained 224 px CNN) over the folder, then over the Orthanc, then over the
+folder again (the folder's figure is the mean of the two, as the machine's speed drifts),
+in one local Ray, after an untimed warm-up run (Ray's first dataset starts its workers). Prints one JSON object.
 
-    python bench/pacs.py --n 100 --size 1024
+    python bench/pacs.py --n 100 --size 1024 [--screen]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from dicom_factory import dicom_bytes, dicom_dataset  # noqa: E402
 from lungray.io.decode import decode_bytes  # noqa: E402
 from lungray.pacs import dicomweb  # noqa: E402
-from pacs_fixtures import running_orthanc  # noqa: E402
+from pacs_fixtures import running_orthanc  # noqa: E402  (sets LUNGRAY_DICOMWEB_USER/PASSWORD before Ray starts)
 
 
 def generated_files(n: int, size: int) -> list[bytes]:
@@ -48,11 +51,32 @@ def generated_files(n: int, size: int) -> list[bytes]:
     return files
 
 
+def screen_rates(folder: Path, pacs_uri: str, root: Path) -> dict[str, object]:
+    """End-to-end images/s of `run_screen` over the folder and the PACS (folder timed before and after)."""
+    from model_factory import untrained_model_dir
+
+    from lungray.raysession import init_ray
+    from lungray.screen.pipeline import ScreenConfig, run_screen
+
+    init_ray(progress_bars=False)
+    model = untrained_model_dir(root / "model", size=224)
+    runs = {}
+    for name, source in (("warm_up", str(folder)), ("local_before", str(folder)), ("pacs", pacs_uri), ("local_after", str(folder))):
+        start = time.perf_counter()
+        summary = run_screen(ScreenConfig(model=str(model), input=source, output=str(root / f"out-{name}"), throwaway_salt=True))
+        assert summary["by_status"]["ok"] == summary["files_listed"], summary["by_status"]
+        runs[name] = {"wall_s": round(time.perf_counter() - start, 2), "scoring_images_per_s": summary["images_per_second"]}
+    local = (runs["local_before"]["wall_s"] + runs["local_after"]["wall_s"]) / 2
+    runs.pop("warm_up")
+    return {**runs, "pacs_over_local_wall": round(local / runs["pacs"]["wall_s"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--page-size", type=int, default=50)
+    parser.add_argument("--screen", action="store_true", help="also end to end: run_screen over the folder vs the Orthanc")
     args = parser.parse_args()
     files = generated_files(args.n, args.size)
     with tempfile.TemporaryDirectory(prefix="lungray-bench-pacs-") as tmp:
@@ -88,6 +112,7 @@ def main() -> None:
                 pacs_decode += time.perf_counter() - t1
                 wado += t1 - t0
             pacs_total = time.perf_counter() - start
+            screen = screen_rates(folder, server.uri, Path(tmp)) if args.screen else None
     assert len(records) == args.n
     print(json.dumps({
         "n": args.n,
@@ -102,6 +127,7 @@ def main() -> None:
             "decode_s": round(pacs_decode, 3),
         },
         "pacs_over_local": round(local_total / pacs_total, 3),
+        "screen": screen,
     }, indent=2))
 
 

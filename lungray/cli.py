@@ -18,8 +18,11 @@ from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessCo
 from lungray.raysession import init_ray
 from lungray.models.ensemble import TTA_VIEWS
 from lungray.report.compare import CompareConfig, run_compare, run_compare_across
+from lungray.pacs.dicomweb import DEFAULT_MODALITIES
+from lungray.pacs.source import PacsError
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import AGGREGATES
+from lungray.screen.writeback import REPORT_CHOICES
 from lungray.site.adapt import AdaptConfig, adapt
 from lungray.site.calibrate import CalibrateConfig, calibrate
 from lungray.site.invariance import measure_invariance
@@ -253,10 +256,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (local or s3://)")
-    parser.add_argument("--input", required=True, help="archive: local folder or s3://bucket/prefix, recursive")
+    parser.add_argument(
+        "--input", required=True,
+        help="archive: local folder or s3://bucket/prefix, recursive; or a PACS: dicomweb+http(s)://HOST[:PORT]/PATH "
+        "(credentials from LUNGRAY_DICOMWEB_TOKEN or LUNGRAY_DICOMWEB_USER/PASSWORD; see docs/operators.md)",
+    )
     parser.add_argument("--output", required=True, help="output root: images/, studies/, runs/")
     parser.add_argument("--date", default=None, help="scored_date partition, YYYY-MM-DD (default: today, UTC)")
-    parser.add_argument("--incremental", action="store_true", help="skip files this model already scored (same path, size, mtime)")
+    parser.add_argument(
+        "--incremental", action="store_true",
+        help="skip files this model already scored (same path, size, mtime; a PACS instance: same SOP Instance UID)",
+    )
+    parser.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="PACS input: studies dated on or after (StudyDate)")
+    parser.add_argument("--until", default=None, metavar="YYYY-MM-DD", help="PACS input: studies dated on or before (StudyDate)")
+    parser.add_argument(
+        "--modality", action="append", default=None, metavar="MODALITY",
+        help=f"PACS input: modality to query, repeatable (default: {' and '.join(DEFAULT_MODALITIES)})",
+    )
     parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
     parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or one per two CPUs)")
@@ -266,6 +282,15 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pixels", type=int, default=DecodeOptions.max_pixels, help="decompression bomb limit")
     parser.add_argument("--explain", action="store_true", help="a Grad-CAM overlay PNG for each flagged study (explain/)")
+    parser.add_argument(
+        "--report-to", default=None, metavar="dicomweb+http(s)://...",
+        help="after the run is committed, store a DICOM SR (TID 1500) into each reported study of this DICOMweb service",
+    )
+    parser.add_argument("--report", choices=REPORT_CHOICES, default="flagged", help="which studies get an SR (with --report-to)")
+    parser.add_argument(
+        "--report-overlay", action="store_true",
+        help="with --report-to: also each flagged study's Grad-CAM overlay, as a Secondary Capture marked not for diagnosis",
+    )
     add_scope_and_privacy_arguments(parser)
 
 
@@ -275,15 +300,22 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
         model=args.model, input=args.input, output=args.output, incremental=args.incremental,
         aggregate=args.aggregate, explain=args.explain, batch_size=args.batch_size, actors=args.actors, gpu=args.gpu,
         max_pixels=args.max_pixels, scope=Scope.from_settings(args.scope),
-        pseudonymize=args.pseudonymize, throwaway_salt=args.throwaway_salt, **optional,
+        pseudonymize=args.pseudonymize, throwaway_salt=args.throwaway_salt, since=args.since, until=args.until,
+        modalities=tuple(args.modality or DEFAULT_MODALITIES), report_to=args.report_to, report=args.report,
+        report_overlay=args.report_overlay, **optional,
     )
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
     config = screen_config_from_args(args)
     init_ray(progress_bars=True)
-    summary = run_screen(config)
-    print(json.dumps({key: summary[key] for key in ("run_id", "files_listed", "files_scored", "by_status", "studies_flagged", "images_per_second")}, indent=2))
+    try:
+        summary = run_screen(config)
+    except PacsError as exc:  # the PACS cannot be queried (refused connection, bad credential): nothing was run
+        print(f"lungray screen: error: {exc}", file=sys.stderr)
+        return 2
+    keys = ("run_id", "files_listed", "files_scored", "by_status", "studies_flagged", "images_per_second", "reports")
+    print(json.dumps({key: summary[key] for key in keys}, indent=2))
     print(f"predictions: {args.output}/images/scored_date={summary['scored_date']}/ and studies/; run summary: runs/{summary['run_id']}.json")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from lungray.pacs import dicomweb
 from lungray.raysession import free_port
 
 ORTHANC_EXECUTABLE = "Orthanc"
@@ -28,6 +30,10 @@ DICOMWEB_PLUGIN_PATHS = (
     Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),  # Debian / Ubuntu orthanc-dicomweb
     Path("/usr/lib/orthanc/libOrthancDicomWeb.so"),
 )
+# The test Orthanc's account, in lungray's variables from the start of the session: Ray's
+# workers read credentials from their environment, fixed when Ray starts (whichever test starts it).
+TEST_USER = os.environ.setdefault(dicomweb.USER_VARIABLE, "lungray-test")
+TEST_PASSWORD = os.environ.setdefault(dicomweb.PASSWORD_VARIABLE, secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,8 @@ def running_orthanc(root: Path) -> Iterator[OrthancServer]:
     server = OrthancServer(
         rest_url=f"http://127.0.0.1:{http_port}",
         dicomweb_url=f"http://127.0.0.1:{http_port}/dicom-web",
-        user="lungray-test",
-        password=secrets.token_urlsafe(16),
+        user=TEST_USER,
+        password=TEST_PASSWORD,
         dicom_port=dicom_port,
         aet="ORTHANCTEST",
         calling_aet="LUNGRAYTEST",

@@ -17,11 +17,12 @@ import pyarrow.fs as pafs
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One listed file: `uri` to open it, `relpath` below the archive root, and its version."""
+    """One listed file: `uri` to open it, `relpath` below the archive root, and its version
+    (size and mtime; both None for a PACS instance, whose version is its SOP Instance UID, in `uri`)."""
 
     uri: str
     relpath: str
-    size: int
+    size: int | None
     mtime_ns: int | None
 
 
@@ -84,6 +85,11 @@ def list_files(root: str) -> list[FileEntry]:
 
 
 def read_bytes(uri: str) -> bytes:
+    """A file's bytes, or a PACS instance's (`dicomweb+http(s)://`, `dimse://`: retrieved from the archive)."""
+    if uri.startswith(("dicomweb+", "dimse://")):
+        from lungray.pacs import source  # imported only where a PACS is read: file-only workers stay light
+
+        return source.retrieve_instance_bytes(uri)
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()

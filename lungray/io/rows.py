@@ -75,7 +75,7 @@ def dicom_header(data: bytes, salt: str | None) -> dict[str, Any]:
 def process_file(
     uri: str,
     relpath: str,
-    size: int,
+    size: int | None,
     preprocess_config: PreprocessConfig,
     decode_options: DecodeOptions,
     max_file_bytes: int,
@@ -88,13 +88,14 @@ def process_file(
     leaves `patient_key` empty, for callers that write no patient key.
     """
     row: dict[str, Any] = {"path": uri, "status": "error"}
-    if size > max_file_bytes:
+    if size is not None and size > max_file_bytes:  # None: not known before reading (a PACS instance)
         row["error"] = f"file too large: {size} bytes exceeds the limit of {max_file_bytes}"
         return row, None
     try:
         data = read_bytes(uri)
     except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
         row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
+        row["study_id"] = study_from_relpath(relpath)
         return row, None
     if scope is not None:
         header = dicom_header(data, salt)
@@ -121,7 +122,7 @@ def process_file(
 def rows_table(
     uris: Sequence[str],
     relpaths: Sequence[str],
-    sizes: Sequence[int],
+    sizes: Sequence[int | None],
     preprocess_config: PreprocessConfig,
     decode_options: DecodeOptions,
     max_file_bytes: int,
@@ -137,7 +138,7 @@ def rows_table(
     blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
     rows, images = [], []
     for uri, relpath, size in zip(uris, relpaths, sizes):
-        row, tensor = process_file(uri, relpath, int(size), preprocess_config, decode_options, max_file_bytes, scope, salt)
+        row, tensor = process_file(uri, relpath, size, preprocess_config, decode_options, max_file_bytes, scope, salt)
         rows.append(row)
         images.append(blank if tensor is None else tensor)
     table = pa.Table.from_pylist(rows, schema=META_SCHEMA)

@@ -31,12 +31,14 @@ from lungray.io.listing import FileEntry, join_uri, list_files
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
 from lungray.modeldir import load_model_dir, read_meta
+from lungray.pacs import dicomweb, source
 from lungray.preprocess import PreprocessConfig
 from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 from lungray.screen import commit
 from lungray.screen.decode import SCREEN_COLUMNS, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.predictor import Predictor, local_model_dir
+from lungray.screen.writeback import REPORT_CHOICES, store_reports
 from lungray.screen.tables import (
     IMAGE_SCHEMA,
     STUDY_SCHEMA,
@@ -71,10 +73,33 @@ class ScreenConfig:
     scope: Scope = field(default_factory=Scope)
     pseudonymize: bool = False  # key every identifying column, for outputs that leave the site
     throwaway_salt: bool = False  # without LUNGRAY_PATIENT_SALT, a random salt for this run (else refused)
+    # PACS input (`dicomweb+http(s)://`, `dimse://`): the query's StudyDate range and modalities
+    since: str | None = None
+    until: str | None = None
+    modalities: tuple[str, ...] = dicomweb.DEFAULT_MODALITIES
+    report_to: str | None = None  # a DICOMweb service to store an SR per reported study into, after the commit
+    report: str = "flagged"  # which studies get an SR: flagged, or all scored
+    report_overlay: bool = False  # also the Grad-CAM overlay of each flagged study, as a Secondary Capture
 
     def __post_init__(self) -> None:
         require_salt(self.throwaway_salt)
         dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
+        for name in ("since", "until"):
+            if getattr(self, name) is not None:
+                dt.date.fromisoformat(getattr(self, name))
+        pacs = source.is_pacs_uri(self.input)
+        if not pacs and (self.since or self.until or tuple(self.modalities) != dicomweb.DEFAULT_MODALITIES):
+            raise ValueError("--since, --until and --modality filter a PACS query: the input must be dicomweb+http(s):// or dimse://")
+        if self.report not in REPORT_CHOICES:
+            raise ValueError(f"report must be one of {REPORT_CHOICES}, got {self.report!r}")
+        if self.report_to is not None:
+            dicomweb.service_url(self.report_to)  # a clear error for a malformed URI, before anything is scored
+            if not pacs:
+                raise ValueError("--report-to stores SRs referencing the screened instances: the input must be a PACS")
+            if self.pseudonymize:
+                raise ValueError("--report-to writes the real study and instance UIDs into the PACS; --pseudonymize is for outputs that leave the site")
+        elif self.report_overlay:
+            raise ValueError("--report-overlay needs --report-to")
         for name in ("actors", "batch_size", "files_per_task"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -154,6 +179,21 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
     return pa.concat_tables(parts) if parts else IMAGE_SCHEMA.empty_table().select(columns)
 
 
+def list_input(config: ScreenConfig) -> list[FileEntry]:
+    """The files below a folder or prefix, or the instances a PACS query finds (streamed, paged).
+
+    A PACS instance has no size or mtime: its `uri` names its SOP Instance UID, the
+    incremental key. Its relpath STUDY/SOP gives an unreadable instance its study.
+    """
+    if not source.is_pacs_uri(config.input):
+        return list_files(config.input)
+    entries = {
+        record.path: FileEntry(uri=record.path, relpath=f"{record.study_uid}/{record.sop_uid}", size=None, mtime_ns=None)
+        for record in source.search_instances(config.input, config.since, config.until, config.modalities)
+    }
+    return list(entries.values())
+
+
 def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
     """Nothing lost, nothing duplicated: exactly one row per listed file, or no publish at all."""
     paths = scored["path"].to_pylist()
@@ -216,7 +256,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
     pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
 
-    entries = list_files(config.input)
+    entries = list_input(config)
     written = {entry.uri: as_written(entry, pseudonymizer) for entry in entries}
     history = read_all_images(store, model_id)
     if config.incremental:
@@ -243,7 +283,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     new_studies = aggregate_studies(current_images, affected, threshold, config.aggregate, model_id, run_id)
     staging = commit.staging_dir(store, run_id)
     moves: dict[str, str] = {}
-    if config.explain:
+    if config.explain or config.report_overlay:
         listed_paths = {path: uri for uri, (path, _, _) in written.items()}
         new_studies = add_overlays(new_studies, current_images, config, decode, model_path, store, staging, moves, listed_paths)
 
@@ -266,6 +306,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         "decode": decode_record(decode),
         "images_per_second": round(len(to_score) / scoring_seconds, 2) if to_score and scoring_seconds > 0 else None,
         "wall_seconds": None,
+        "reports": None,  # with --report-to: SRs (and overlays) stored / already present / failed
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "lungray_version": __version__,
         "config": {key: value for key, value in asdict(config).items() if key not in ("model", "input", "output")},
@@ -285,5 +326,13 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     store.write(staged_run, json.dumps(summary, indent=2).encode())
     moves[staged_run] = store.path("runs", f"{run_id}.json")
     commit.publish(store, run_id, moves)
+    if config.report_to:
+        summary["reports"] = store_reports(
+            config.report_to, config.report, config.report_overlay, new_studies, current_images, threshold, model_id
+        )
+        log.info("run %s: reports to the PACS %s", run_id, summary["reports"])
+        store.write(staged_run, json.dumps(summary, indent=2).encode())  # the committed summary, now with the counts
+        store.fs.move(staged_run, moves[staged_run])
+        store.fs.delete_dir(staging)
     return summary
 

@@ -1,0 +1,158 @@
+"""`lungray screen` from a real Orthanc (tests/pacs_fixtures.py) and SRs stored back into it.
+
+The Orthanc account is in LUNGRAY_DICOMWEB_USER/PASSWORD from the start of the session
+(pacs_fixtures), so the Ray workers that retrieve instances see it as a cluster's would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+import ray
+from pydicom.uid import ComputedRadiographyImageStorage, CTImageStorage, DigitalXRayImageStorageForPresentation, generate_uid
+
+from dicom_factory import dicom_bytes, dicom_dataset
+from model_factory import untrained_model_dir
+from lungray import cli
+from lungray.pacs import dicomweb, report, source
+from lungray.raysession import free_port
+from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.writeback import store_reports
+from pacs_fixtures import OrthancServer
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
+
+DATE = "2026-11-30"
+SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
+PLANTED_NAME, PLANTED_ID = "Prefect^Ford", "MRN-777111"
+
+
+def instance(study_uid: str, study_date: str, modality: str, seed: int) -> pydicom.Dataset:
+    pixels = np.random.default_rng(seed).integers(0, 255, (96, 96), dtype=np.uint8)
+    ds = dicom_dataset(
+        pixels, patient_id=PLANTED_ID, patient_name=PLANTED_NAME, StudyInstanceUID=study_uid, StudyDate=study_date,
+        StudyTime="120000", Modality=modality, SOPClassUID=SOP_CLASS[modality],
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    return ds
+
+
+def uri_of(server: OrthancServer, ds: pydicom.Dataset) -> str:
+    return dicomweb.instance_uri(server.dicomweb_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+@pytest.mark.slow
+def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
+    orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    two_images, one_image, victim_study, late, ct_study = (generate_uid() for _ in range(5))
+    inside = [
+        instance(two_images, "20260110", "CR", 0), instance(two_images, "20260110", "DX", 1),
+        instance(one_image, "20260131", "DX", 2), instance(victim_study, "20260115", "DX", 3),
+    ]
+    outside = [instance(late, "20260201", "DX", 4), instance(ct_study, "20260115", "CT", 5)]
+    for ds in inside + outside:
+        orthanc.upload(dicom_bytes(ds))
+    victim = inside[3]
+
+    real_search = source.search_instances
+
+    def search_then_delete(*args, **kwargs):  # the victim vanishes between the listing and its retrieve
+        records = list(real_search(*args, **kwargs))
+        orthanc.delete_instance(victim.SOPInstanceUID)
+        return iter(records)
+
+    monkeypatch.setattr(source, "search_instances", search_then_delete)
+    model = untrained_model_dir(tmp_path / "model", threshold=0.0)  # every study with a probability is flagged
+    output = tmp_path / "out"
+    config = ScreenConfig(
+        model=str(model), input=orthanc.uri, output=str(output), date=DATE, incremental=True,
+        since="2026-01-10", until="2026-01-31", report_to=orthanc.uri, report_overlay=True,
+    )
+    caplog.set_level(logging.DEBUG)
+    summary = run_screen(config)
+
+    rows = {row["path"]: row for row in pq.read_table(output / "images").to_pylist()}
+    assert set(rows) == {uri_of(orthanc, ds) for ds in inside}  # one row per instance in range, CT and February out
+    gone = rows[uri_of(orthanc, victim)]
+    assert gone["status"] == "error" and "HTTP 404" in gone["error"] and gone["study_id"] == victim_study
+    for ds in inside[:3]:
+        row = rows[uri_of(orthanc, ds)]
+        assert (row["status"], row["study_id"], row["sop_uid"]) == ("ok", ds.StudyInstanceUID, ds.SOPInstanceUID)
+        assert 0.0 <= row["prob"] <= 1.0
+    studies = {row["study_id"]: row for row in pq.read_table(output / "studies").to_pylist()}
+    assert {study for study, row in studies.items() if row["flagged"]} == {two_images, one_image}
+    assert studies[victim_study]["n_errors"] == 1 and studies[victim_study]["prob"] is None
+
+    # The SRs are in the flagged studies, read back, and say what the images table says.
+    srs = list(dicomweb.search_instances(orthanc.uri, modalities=("SR",)))
+    assert sorted(record.study_uid for record in srs) == sorted([two_images, one_image])
+    for record in srs:
+        content = report.read_report(pydicom.dcmread(io.BytesIO(source.retrieve_instance_bytes(record.path))))
+        assert content.study_uid == record.study_uid and content.model_id == summary["model_id"]
+        expected = {row["sop_uid"]: row["prob"] for row in rows.values() if row["study_id"] == record.study_uid}
+        assert {image.sop_uid: image.probability for image in content.images} == pytest.approx(expected, rel=1e-6)
+        assert all(image.finding == "abnormal" and image.threshold == 0.0 for image in content.images)
+    overlays = list(dicomweb.search_instances(orthanc.uri, modalities=("OT",)))
+    assert sorted(record.study_uid for record in overlays) == sorted([two_images, one_image])
+    expected_counts = {"stored": 2, "already_present": 0, "failed": 0}
+    assert summary["reports"] == {"sr": expected_counts, "overlay": expected_counts}
+    run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
+    assert run["reports"] == summary["reports"] and run["files_listed"] == 4
+
+    # A rerun scores nothing and stores nothing; storing the same reports again finds them present.
+    count = orthanc.instance_count()
+    monkeypatch.setattr(source, "search_instances", real_search)
+    again = run_screen(config)
+    assert (again["files_listed"], again["files_scored"], again["files_skipped"]) == (3, 0, 3)
+    assert again["reports"]["sr"]["stored"] == 0 and orthanc.instance_count() == count
+    images, studies_table = pq.read_table(output / "images"), pq.read_table(output / "studies")
+    repeated = store_reports(orthanc.uri, "flagged", True, studies_table, images, 0.0, summary["model_id"])
+    assert repeated["sr"] == repeated["overlay"] == {"stored": 0, "already_present": 2, "failed": 0}
+    assert orthanc.instance_count() == count
+
+    # Neither the password nor a patient identifier in any output, the driver's log or Ray's logs.
+    secrets = (orthanc.password.encode(), PLANTED_ID.encode(), b"Prefect")
+    ray_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for path in [*output.rglob("*"), *ray_logs.rglob("*")]:
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(secret in content for secret in secrets), path
+    assert not any(secret.decode() in caplog.text for secret in secrets)
+
+
+@pytest.mark.parametrize("failure", ["bad password", "refused connection"])
+def test_a_pacs_that_cannot_be_queried_fails_the_run_with_a_message(
+    failure: str, orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    orthanc.upload(dicom_bytes(instance(generate_uid(), "20260110", "DX", 0)))
+    wrong = "wrong-" + orthanc.password
+    if failure == "bad password":
+        monkeypatch.setenv(dicomweb.PASSWORD_VARIABLE, wrong)
+        uri, reason = orthanc.uri, "rejected the credentials (HTTP 401)"
+    else:
+        uri, reason = f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web", "cannot connect"
+    model = untrained_model_dir(tmp_path / "model")
+    code = cli.main(["screen", "--model", str(model), "--input", uri, "--output", str(tmp_path / "out"), "--since", "2026-01-01"])
+    captured = capsys.readouterr()
+    assert code == 2 and reason in captured.err and "Traceback" not in captured.err
+    assert wrong not in captured.out + captured.err and orthanc.password not in captured.out + captured.err
+    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "runs").exists()
+
+
+def test_pacs_flags_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="filter a PACS query"):
+        ScreenConfig(model="m", input=str(tmp_path), output="o", since="2026-01-01")
+    with pytest.raises(ValueError, match="input must be a PACS"):
+        ScreenConfig(model="m", input=str(tmp_path), output="o", report_to="dicomweb+http://127.0.0.1:1/dicom-web")
+    with pytest.raises(ValueError, match="needs --report-to"):
+        ScreenConfig(model="m", input="dicomweb+http://127.0.0.1:1/dicom-web", output="o", report_overlay=True)
+    with pytest.raises(ValueError, match="must not hold credentials"):
+        ScreenConfig(model="m", input="dicomweb+http://127.0.0.1:1/dicom-web", output="o", report_to="dicomweb+http://u:p@h/dw")
