@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 import pytest
@@ -116,6 +117,11 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
     images, studies_table = pq.read_table(output / "images"), pq.read_table(output / "studies")
     repeated = store_reports(orthanc.uri, "flagged", True, studies_table, images, 0.0, summary["model_id"])
     assert repeated["sr"] == repeated["overlay"] == {"stored": 0, "already_present": 2, "failed": 0}
+    # `--report all` reports every scored study, `flagged` only the flagged ones.
+    flags = [row["flagged"] and row["study_id"] != one_image for row in studies_table.to_pylist()]
+    one_unflagged = studies_table.set_column(studies_table.schema.get_field_index("flagged"), "flagged", pa.array(flags))
+    assert store_reports(orthanc.uri, "flagged", False, one_unflagged, images, 0.0, summary["model_id"])["sr"]["already_present"] == 1
+    assert store_reports(orthanc.uri, "all", False, one_unflagged, images, 0.0, summary["model_id"])["sr"]["already_present"] == 2
     assert orthanc.instance_count() == count
 
     # Neither the password nor a patient identifier in any output, the driver's log or Ray's logs.
