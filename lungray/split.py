@@ -96,6 +96,12 @@ def _patient_groups(patient_keys: Sequence[str | None]) -> list[Hashable]:
     ]
 
 
+def patient_array(patient_keys: Sequence[str | None], paths: Sequence[str]) -> np.ndarray:
+    """Patient key per image as an object array for grouped statistics (bootstrap, folds);
+    an image without a patient becomes its own, named by its path."""
+    return np.array([key if key is not None else f"image:{path}" for key, path in zip(patient_keys, paths)], dtype=object)
+
+
 def _check_fractions(fractions: Sequence[float]) -> None:
     """Reject fractions that are not three finite non-negative numbers summing to 1."""
     if len(fractions) != len(SPLITS):

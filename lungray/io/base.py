@@ -79,6 +79,12 @@ class Decoded:
         return self.error is None
 
 
+def bin_step(shorter_side: int, min_side: int) -> int:
+    """The integer box-binning step that keeps the shorter side at or above `min_side` (1: no binning)."""
+    step = shorter_side // min_side
+    return step if step >= 2 else 1
+
+
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma, the weights PIL and pydicom use."""
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114

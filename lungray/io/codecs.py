@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -49,8 +49,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-if TYPE_CHECKING:
-    from lungray.io.base import DecodeOptions
+from lungray.io.base import DecodeOptions, bin_step
 
 J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
@@ -191,8 +190,8 @@ def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) ->
 
 def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
     """Box-average stored values by the integer step that keeps the shorter side >= min_side."""
-    step = min(values.shape[:2]) // min_side
-    if values.ndim != 2 or step < 2:
+    step = bin_step(min(values.shape[:2]), min_side)
+    if values.ndim != 2 or step == 1:
         return StoredPixels(values, factor, decoder)
     return StoredPixels(box_mean(values, step), factor * step, f"{decoder}+bin{step}")
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
-from lungray.io.base import DecodeError, Decoded, DecodeOptions, rgb_to_gray
+from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, rgb_to_gray
 from lungray.privacy import keyed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,8 +71,8 @@ def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image
     """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
     if min_side is None:
         return image, 1
-    step = min(image.size) // min_side
-    if step < 2:
+    step = bin_step(min(image.size), min_side)
+    if step == 1:
         return image, 1
     if image.mode in ("I;16", "I;16B", "I;16L"):
         image = image.convert("I")

@@ -54,7 +54,7 @@ from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
 from lungray.report.render import across_markdown, write_report
-from lungray.split import SPLITS
+from lungray.split import SPLITS, patient_array
 
 ALPHA = 0.05  # 95% intervals
 SPECIFICITY_FLOORS = (0.80, 0.90)  # sensitivity reached at these specificities
@@ -229,9 +229,7 @@ def read_cases(data: str, split: str) -> Cases:
     merged = {name: np.concatenate(parts) for name, parts in columns.items()}
     order = np.argsort(merged["path"], kind="stable")
     paths = merged["path"][order].astype(str)
-    patients = np.array(
-        [key if key is not None else f"image:{path}" for key, path in zip(merged["patient_key"][order], paths)], dtype=object
-    )
+    patients = patient_array(merged["patient_key"][order], paths)
     labels = merged["label"][order].astype(np.int64)
     n_positive = int(labels.sum())
     if min(n_positive, labels.size - n_positive) < 2:

@@ -19,6 +19,7 @@ from lungray.evaluate import check_preprocessing
 from lungray.ingest import load_summary
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.modeldir import ModelDir
+from lungray.split import patient_array
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
     if table.num_rows == 0:
         raise ValueError(f"{data} holds no {'labelled ' if labelled else ''}images")
     images = table["image"].combine_chunks().to_numpy()
-    paths = table["path"].to_pylist()
-    patients = np.array([key if key is not None else f"image:{p}" for key, p in zip(table["patient_key"].to_pylist(), paths)], dtype=object)
+    patients = patient_array(table["patient_key"].to_pylist(), table["path"].to_pylist())
     labels = None
     if labelled:
         labels = table["label"].to_numpy().astype(np.int64)
