@@ -15,12 +15,14 @@ from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.io.scope import CHECKED_FIELDS, Scope
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
-from lungray.raysession import init_ray
+from lungray.raysession import init_ray, quiet_ray
 from lungray.models.ensemble import TTA_VIEWS
 from lungray.report.compare import CompareConfig, run_compare, run_compare_across
 from lungray.pacs.dicomweb import DEFAULT_MODALITIES
 from lungray.pacs.source import PacsError
+from lungray.screen.lease import ConcurrentRunError
 from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.progress import PROGRESS_LOGGER
 from lungray.screen.tables import AGGREGATES
 from lungray.screen.writeback import REPORT_CHOICES
 from lungray.site.adapt import AdaptConfig, adapt
@@ -273,6 +275,18 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
         "--modality", action="append", default=None, metavar="MODALITY",
         help=f"PACS input: modality to query, repeatable (default: {' and '.join(DEFAULT_MODALITIES)})",
     )
+    parser.add_argument(
+        "--max-retries", type=int, default=ScreenConfig.max_retries, metavar="N",
+        help="--incremental scores a file whose last row is an error again on later runs, up to N tries in all (the row's `tries`)",
+    )
+    parser.add_argument(
+        "--chunk-files", type=int, default=ScreenConfig.chunk_files, metavar="N",
+        help="commit the image rows in chunks of at most N files: a killed run loses at most one chunk",
+    )
+    parser.add_argument(
+        "--chunk-minutes", type=float, default=ScreenConfig.chunk_minutes, metavar="M",
+        help="once the rate is known, size chunks to about M minutes of work",
+    )
     parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
     parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")
     parser.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or one per two CPUs)")
@@ -302,21 +316,26 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
         max_pixels=args.max_pixels, scope=Scope.from_settings(args.scope),
         pseudonymize=args.pseudonymize, throwaway_salt=args.throwaway_salt, since=args.since, until=args.until,
         modalities=tuple(args.modality or DEFAULT_MODALITIES), report_to=args.report_to, report=args.report,
-        report_overlay=args.report_overlay, **optional,
+        report_overlay=args.report_overlay, max_retries=args.max_retries, chunk_files=args.chunk_files,
+        chunk_minutes=args.chunk_minutes, **optional,
     )
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
     config = screen_config_from_args(args)
-    init_ray(progress_bars=True)
+    init_ray(progress_bars=args.verbose)
+    quiet_ray(args.verbose)
     try:
         summary = run_screen(config)
     except PacsError as exc:  # the PACS cannot be queried (refused connection, bad credential): nothing was run
         print(f"lungray screen: error: {exc}", file=sys.stderr)
         return 2
+    except ConcurrentRunError as exc:
+        print(f"lungray screen: error: {exc}", file=sys.stderr)
+        return 3
     keys = ("run_id", "files_listed", "files_scored", "by_status", "studies_flagged", "images_per_second", "reports")
     print(json.dumps({key: summary[key] for key in keys}, indent=2))
-    print(f"predictions: {args.output}/images/scored_date={summary['scored_date']}/ and studies/; run summary: runs/{summary['run_id']}.json")
+    print(f"predictions: Delta tables {args.output}/images and {args.output}/studies; run summary: runs/{summary['run_id']}.json")
     return 0
 
 
@@ -472,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # progress lines a person reads, without --verbose
     try:
         return args.run(args)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:

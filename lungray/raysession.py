@@ -81,3 +81,17 @@ def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Without --verbose, a long job prints its own progress lines, not Ray Data's INFO lines
+    (dozens per dataset: execution plans, operator stats, commits)."""
+    if verbose:
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.print_on_execution_start = False
+    context.enable_progress_bars = False
+    for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from model_factory import untrained_model_dir
@@ -22,6 +21,7 @@ from lungray.modeldir import load_model_dir, read_meta
 from lungray.raysession import start_local_ray
 from lungray.screen.pipeline import ScreenConfig, plan_actors, run_screen
 from lungray.train.trainer import run_training
+from lungray.screen.tables import read_table
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,7 +68,7 @@ def test_screen_scores_on_gpu_actors_as_the_cpu_would(gpu_ray: None, tmp_path: P
 
     summary = run_screen(config)
 
-    images = pq.read_table(tmp_path / "out" / "images").to_pylist()
+    images = read_table(str(tmp_path / "out"), "images").to_pylist()
     assert sorted(row["path"] for row in images) == listed(archive)
     assert summary["by_status"] == {"ok": 14, "error": 7}
     model = load_model_dir(model_dir)  # on the CPU, as trained (not folded)

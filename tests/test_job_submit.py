@@ -11,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES, free_port
 from model_factory import untrained_model_dir
+from lungray.screen.tables import read_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -65,9 +65,9 @@ def test_screen_job_submitted_to_a_local_head(tmp_path: Path) -> None:
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, log[-4000:]
         assert "succeeded" in log.lower()  # ray prints "Job 'raysubmit_...' succeeded"
-        images = pq.read_table(output / "images")
+        images = read_table(str(output), "images")
         assert images.num_rows == 62 and images.to_pandas()["status"].value_counts().to_dict() == {"ok": 61, "error": 1}
-        assert pq.read_table(output / "studies").num_rows == 2
+        assert read_table(str(output), "studies").num_rows == 2
         assert len(list((output / "runs").glob("*.json"))) == 1
     finally:
         stop_cluster(temp_dir)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pydicom
 import pytest
 import ray
@@ -27,6 +26,7 @@ from lungray.raysession import free_port
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.writeback import store_reports
 from pacs_fixtures import OrthancServer
+from lungray.screen.tables import read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
@@ -80,7 +80,7 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
     caplog.set_level(logging.DEBUG)
     summary = run_screen(config)
 
-    rows = {row["path"]: row for row in pq.read_table(output / "images").to_pylist()}
+    rows = {row["path"]: row for row in read_table(str(output), "images").to_pylist()}
     assert set(rows) == {uri_of(orthanc, ds) for ds in inside}  # one row per instance in range, CT and February out
     gone = rows[uri_of(orthanc, victim)]
     assert gone["status"] == "error" and "HTTP 404" in gone["error"] and gone["study_id"] == victim_study
@@ -88,7 +88,7 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
         row = rows[uri_of(orthanc, ds)]
         assert (row["status"], row["study_id"], row["sop_uid"]) == ("ok", ds.StudyInstanceUID, ds.SOPInstanceUID)
         assert 0.0 <= row["prob"] <= 1.0
-    studies = {row["study_id"]: row for row in pq.read_table(output / "studies").to_pylist()}
+    studies = {row["study_id"]: row for row in read_table(str(output), "studies").to_pylist()}
     assert {study for study, row in studies.items() if row["flagged"]} == {two_images, one_image}
     assert studies[victim_study]["n_errors"] == 1 and studies[victim_study]["prob"] is None
 
@@ -114,7 +114,7 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
     again = run_screen(config)
     assert (again["files_listed"], again["files_scored"], again["files_skipped"]) == (3, 0, 3)
     assert again["reports"]["sr"]["stored"] == 0 and orthanc.instance_count() == count
-    images, studies_table = pq.read_table(output / "images"), pq.read_table(output / "studies")
+    images, studies_table = read_table(str(output), "images"), read_table(str(output), "studies")
     repeated = store_reports(orthanc.uri, "flagged", True, studies_table, images, 0.0, summary["model_id"])
     assert repeated["sr"] == repeated["overlay"] == {"stored": 0, "already_present": 2, "failed": 0}
     # `--report all` reports every scored study, `flagged` only the flagged ones.

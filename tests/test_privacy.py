@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
@@ -26,6 +27,7 @@ from lungray.ingest import IngestConfig, SourceSpec
 from lungray.io.decode import patient_key
 from lungray.privacy import SALT_ENV, MissingSaltError, Pseudonymizer, resolve_salt, scrub_path
 from lungray.screen.pipeline import ScreenConfig
+from lungray.screen.tables import read_table
 
 PLANTED_FOLDER = "DOE_JANE_12345678"
 PLANTED_STUDY_UID = "1.2.826.0.1.3680043.99.424242"
@@ -199,9 +201,9 @@ def test_pseudonymized_ingest_and_screen_leave_no_planted_name_mrn_uid_or_date_a
     data = pq.read_table(output / "ingested" / "data").drop_columns(["image"]).to_pylist()
     assert {row["study_date"] for row in data if row["format"] == "dicom"} == {"1987"}
     assert len({row["study_id"] for row in data if row["format"] == "dicom"}) == 1  # still one study, under its key
-    images = pq.read_table(output / "screen" / "images").to_pylist()
+    images = read_table(str(output / "screen"), "images").to_pylist()
     assert sorted(row["status"] for row in images) == ["error", "ok", "ok", "ok", "skipped"]
-    studies = pq.read_table(output / "screen" / "studies" / "scored_date=2026-11-27").to_pylist()
+    studies = read_table(str(output / "screen"), "studies", filter=pc.field("scored_date") == "2026-11-27").to_pylist()
     dicom_study = next(row for row in studies if row["n_skipped"] == 1)
     assert dicom_study["n_images"] == 3 and dicom_study["flagged"] and dicom_study["explain_path"] and Path(dicom_study["explain_path"]).is_file()
 

@@ -1,4 +1,4 @@
-"""Nightly screening: the output contract, incremental runs, atomic publish, faults, S3, privacy."""
+"""Nightly screening: the output contract, incremental runs, chunked commits and resume, faults, S3, privacy."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
+import pyarrow.compute as pc
 import pydicom
-import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
@@ -24,15 +24,15 @@ from scope_factory import CHEST_STUDY, LATERALS_STUDY, scope_archive
 from pydicom.data import get_testdata_file
 
 from lungray.io.scope import Scope
-from lungray.screen import commit
 from lungray.screen.pipeline import ActorPlan, ScreenConfig, files_per_task, plan_actors, run_screen
+from lungray.screen.tables import open_table, read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
 DATE = "2026-11-27"
 PLANTED_NAME, PLANTED_ID = "Prefect^Ford", "MRN-777111"
-IMAGE_COLUMNS = {"path", "study_id", "sop_uid", "status", "error", "skip_reason", "prob", "model_id", "scored_date"}
-STUDY_COLUMNS = {"study_id", "n_images", "n_errors", "n_skipped", "prob", "flagged", "threshold", "model_id", "scored_date"}
+IMAGE_COLUMNS = {"path", "study_id", "sop_uid", "status", "error", "skip_reason", "prob", "model_id", "size", "mtime_ns", "etag", "tries", "run_id", "scored_date"}
+STUDY_COLUMNS = {"study_id", "n_images", "n_errors", "n_skipped", "prob", "flagged", "threshold", "aggregate", "model_id", "run_id", "explain_path", "scored_date"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ def listed(root: Path) -> list[str]:
 
 
 def images_table(output: Path):
-    return pq.read_table(output / "images")
+    return read_table(str(output), "images")
+
+
+def studies_table(output: Path):
+    return read_table(str(output), "studies")
 
 
 def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) -> None:
@@ -95,7 +99,7 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     assert rows["notes.txt"]["sop_uid"] is None
     assert {str(row["scored_date"]) for row in rows.values()} == {DATE}
 
-    studies = pq.read_table(output / "studies").to_pylist()
+    studies = studies_table(output).to_pylist()
     assert STUDY_COLUMNS <= set(studies[0])
     by_study = {row["study_id"]: row for row in studies}
     # A DICOM file that fails to decode counts in its header's study, the rest of the junk in its folder's;
@@ -118,7 +122,7 @@ def test_schema_and_one_row_per_file_with_junk(tmp_path: Path, model_dir: Path) 
     assert run["by_status"] == {"ok": 14, "error": 6, "skipped": 1} and run["files_listed"] == 21
     assert run["config"]["scope"] == {"modality": ["CR", "DX"], "body_part": ["CHEST", "THORAX", "LUNG"], "view": ["PA", "AP"]}
     assert run["studies_flagged"] == sum(row["flagged"] for row in studies)
-    assert not list((output / "_staging").glob("*"))
+    assert run["chunks"] == 1 and all(row["tries"] == 1 for row in rows.values())
 
 
 def test_out_of_scope_objects_are_skipped_rows_never_scored_and_counted_per_study(tmp_path: Path) -> None:
@@ -139,7 +143,7 @@ def test_out_of_scope_objects_are_skipped_rows_never_scored_and_counted_per_stud
         assert (row["prob"] is None) == skipped and (row["skip_reason"] is not None) == skipped and row["error"] is None
     assert rows["knee.dcm"]["study_id"] == CHEST_STUDY and rows["ct-slice.dcm"]["sop_uid"]
 
-    studies = {row["study_id"]: row for row in pq.read_table(tmp_path / "out" / "studies").to_pylist()}
+    studies = {row["study_id"]: row for row in studies_table(tmp_path / "out").to_pylist()}
     chest = studies[CHEST_STUDY]
     assert (chest["n_images"], chest["n_errors"], chest["n_skipped"], chest["flagged"]) == (4, 0, 2, True)
     assert chest["prob"] == pytest.approx(max(rows[name]["prob"] for name in ("pa.dcm", "no-body-part.dcm")))
@@ -165,19 +169,24 @@ def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_
     run_screen(config)
     first = images_table(output)
 
-    again = run_screen(config)
-    assert again["files_scored"] == 0 and again["files_skipped"] == 21
+    again = run_screen(config)  # the six files in error are tried again; nothing else is
+    assert (again["files_scored"], again["files_retried"], again["files_skipped"]) == (6, 6, 15)
+    images = images_table(output)
+    assert images.num_rows == first.num_rows
+    assert sorted(images.filter(pc.equal(images["status"], "error"))["tries"].to_pylist()) == [2] * 6
+    settled = run_screen(replace(config, max_retries=2))
+    assert (settled["files_scored"], settled["files_given_up"]) == (0, 6)
     assert images_table(output).num_rows == first.num_rows
 
     extra = sorted((SAMPLES / "kermany-mini" / "PNEUMONIA").glob("*.jpeg"))[10:13]
     for path in extra:
         shutil.copy(path, archive / "study-normal" / path.name)
-    grown = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date="2026-11-28", incremental=True))
+    grown = run_screen(replace(config, date="2026-11-28", max_retries=2))
     assert grown["files_scored"] == 3 and grown["studies_written"] == 1
     images = images_table(output)
     assert images.num_rows == first.num_rows + 3
     assert sorted(set(images["path"].to_pylist())) == listed(archive)  # every file once, none twice
-    newest = pq.read_table(output / "studies" / "scored_date=2026-11-28").to_pylist()
+    newest = read_table(str(output), "studies", filter=pc.field("scored_date") == "2026-11-28").to_pylist()
     assert [(row["study_id"], row["n_images"]) for row in newest] == [("study-normal", 9)]
     all_probs = [row["prob"] for row in images.to_pylist() if row["study_id"] == "study-normal"]
     assert newest[0]["prob"] == pytest.approx(max(all_probs))
@@ -192,25 +201,8 @@ def test_rerun_on_the_same_date_replaces_instead_of_duplicating(tmp_path: Path, 
     images = images_table(output)
     assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
     # 4 folder studies, the SR's own study and the header studies of the truncated and bomb DICOMs
-    assert len(pq.read_table(output / "studies")) == 7
+    assert len(studies_table(output)) == 7
     assert len(list((output / "runs").glob("*.json"))) == 2
-
-
-def test_publish_interrupted_after_commit_point_is_finished_by_the_next_run(tmp_path: Path) -> None:
-    store = commit.Store.open(str(tmp_path / "out"))
-    staging = commit.staging_dir(store, "run-a")
-    store.write(f"{staging}/images.parquet", b"images")
-    store.write(f"{staging}/run.json", b"{}")
-    moves = {f"{staging}/images.parquet": store.path("images", "x.parquet"), f"{staging}/run.json": store.path("runs", "run-a.json")}
-    store.write(f"{staging}/{commit.MANIFEST}", json.dumps(moves).encode())
-    store.fs.create_dir(store.path("images"))
-    store.fs.move(f"{staging}/images.parquet", store.path("images", "x.parquet"))  # killed after the first move
-    store.write(f"{commit.staging_dir(store, 'run-b')}/images.parquet", b"uncommitted")
-
-    assert commit.recover(store) == ["run-a"]
-    assert store.read(store.path("runs", "run-a.json")) == b"{}"
-    assert store.read(store.path("images", "x.parquet")) == b"images"
-    assert not store.files(store.path(commit.STAGING))
 
 
 def screen_command(model_dir: Path, archive: Path, output: Path, *extra: str) -> list[str]:
@@ -224,26 +216,34 @@ def big_archive(root: Path, copies: int) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_nothing_visible_and_its_rerun_one_copy(tmp_path: Path, model_dir: Path) -> None:
+def test_driver_killed_after_a_chunk_commits_resumes_with_the_rest(tmp_path: Path, model_dir: Path) -> None:
     archive = big_archive(tmp_path / "archive", copies=8)
     output = tmp_path / "out"
+    total, chunk = len(listed(archive)), 40
+    command = screen_command(model_dir, archive, output, "--chunk-files", str(chunk))
     env = {**os.environ, "RAY_ADDRESS": ""}
-    process = subprocess.Popen(screen_command(model_dir, archive, output), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ray_worker_pids("ray::MapWorker(MapBatches(Predictor))") and process.poll() is None:
-        time.sleep(0.5)
-    time.sleep(3)  # scoring has begun; the run is far from its end
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and images_table(output).num_rows == 0:
+        time.sleep(0.2)
     assert process.poll() is None, "the run finished before it could be killed: make the archive larger"
-    os.killpg(process.pid, signal.SIGKILL)
+    os.kill(process.pid, signal.SIGKILL)  # the driver, by its PID
     process.wait()
-    visible = [path for path in output.rglob("*") if path.is_file() and commit.STAGING not in path.parts]
-    assert visible == []
+    os.killpg(process.pid, signal.SIGKILL)  # then the local Ray it started, so the rerun has the cores
+    committed = images_table(output)
+    assert 0 < committed.num_rows < total and committed.num_rows % chunk == 0  # whole chunks only
+    assert committed.num_rows == len(set(committed["path"].to_pylist()))
 
-    rerun = subprocess.run(screen_command(model_dir, archive, output, "--incremental"), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)  # the same command
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    run = json.loads(next((output / "runs").glob("*.json")).read_text())
+    assert run["files_scored"] == total - committed.num_rows and run["files_resumed"] == committed.num_rows
+    assert len(run["resumes"]) == 1 and run["files_listed"] == total
     images = images_table(output)
-    assert images.num_rows == len(listed(archive)) == len(set(images["path"].to_pylist()))
-    assert not list((output / "_staging").glob("*"))
+    assert images.num_rows == total and sorted(images["path"].to_pylist()) == listed(archive)
+    studies = studies_table(output)
+    assert sorted(studies["study_id"].to_pylist()) == sorted(set(images["study_id"].to_pylist()))
+    assert sum(studies["n_images"].to_pylist()) == total  # the interrupted run's studies were caught up too
 
 
 def ray_worker_pids(title: str) -> list[int]:
@@ -277,12 +277,13 @@ def test_killing_a_worker_mid_run_still_gives_complete_outputs(tmp_path: Path, m
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
-    summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE, files_per_task=8, batch_size=8))
+    config = ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE, files_per_task=8, batch_size=8, chunk_files=60)
+    summary = run_screen(config)
     killer.join(timeout=5)
     assert killed, f"no {victim} process was found to kill"
     images = images_table(output)
     assert images.num_rows == summary["files_listed"] == len(listed(archive)) == len(set(images["path"].to_pylist()))
-    assert summary["by_status"]["ok"] == len(listed(archive))
+    assert summary["by_status"]["ok"] == len(listed(archive)) and summary["chunks"] == -(-len(listed(archive)) // 60)
 
 
 def test_s3_archive_in_and_outputs_out(tmp_path: Path, model_dir: Path, s3_bucket: str) -> None:
@@ -296,14 +297,20 @@ def test_s3_archive_in_and_outputs_out(tmp_path: Path, model_dir: Path, s3_bucke
     summary = run_screen(config)
     assert summary["files_scored"] == 21
 
-    fs = pafs.S3FileSystem(endpoint_override=client.meta.endpoint_url.split("://")[1], scheme="http", region="us-east-1", access_key="testing", secret_key="testing")
-    images = pq.read_table(f"{s3_bucket}/screen/images", filesystem=fs)
+    images = read_table(f"s3://{s3_bucket}/screen", "images")
     assert images.num_rows == 21 and all(path.startswith(f"s3://{s3_bucket}/archive/") for path in images["path"].to_pylist())
-    assert pq.read_table(f"{s3_bucket}/screen/studies", filesystem=fs).num_rows == 7  # as on a local archive (see the rerun test)
-    assert run_screen(config)["files_scored"] == 0
+    assert all(etag for etag in images["etag"].to_pylist())  # the listing's ETags, part of the incremental key
+    assert read_table(f"s3://{s3_bucket}/screen", "studies").num_rows == 7  # as on a local archive (see the rerun test)
+    again = run_screen(config)
+    assert again["files_scored"] == 6  # the six junk files in error, retried (try 2 of 3)
+    assert run_screen(replace(config, max_retries=2))["files_scored"] == 0
+    client.put_object(Bucket=s3_bucket, Key="archive/junk/notes.txt", Body=b"changed, same name\n")  # a new ETag
+    changed = run_screen(replace(config, max_retries=2))
+    assert changed["files_scored"] == 1 and changed["files_replaced"] == 1
+    assert open_table(f"s3://{s3_bucket}/screen", "images").version() >= 3  # every chunk a Delta commit on S3
     keys = [obj["Key"] for obj in client.list_objects_v2(Bucket=s3_bucket, Prefix="screen/")["Contents"]]
-    assert sum(key.startswith("screen/runs/") and key.endswith(".json") for key in keys) == 2
-    assert not any(key.startswith("screen/_staging/") and key.endswith((".json", ".parquet")) for key in keys)
+    assert sum(key.startswith("screen/runs/") and key.endswith(".json") for key in keys) == 4
+    assert not any(key.startswith("screen/_lungray/active/") and key.endswith(".json") for key in keys)  # every lease released
 
 
 def test_no_patient_name_or_id_in_outputs_or_logs(tmp_path: Path, model_dir: Path) -> None:
@@ -329,7 +336,7 @@ def test_explain_writes_an_overlay_for_each_flagged_study(tmp_path: Path) -> Non
     archive = junk_archive(tmp_path / "archive")
     output = tmp_path / "out"
     run_screen(ScreenConfig(model=str(flag_everything), input=str(archive), output=str(output), date=DATE, explain=True))
-    studies = {row["study_id"]: row for row in pq.read_table(output / "studies").to_pylist()}
+    studies = {row["study_id"]: row for row in studies_table(output).to_pylist()}
     assert studies["junk"]["flagged"] is False and studies["junk"]["explain_path"] is None
     flagged = [row for row in studies.values() if row["flagged"]]
     assert len(flagged) == 3

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SAMPLES
@@ -20,6 +19,7 @@ from lungray.cli import main
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.site.adapt import AdaptConfig, adapt
 from lungray.site.calibrate import CalibrateConfig, calibrate
+from lungray.screen.tables import read_table
 
 torch.set_num_threads(1)
 
@@ -49,12 +49,12 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     for derived, name in ((calibrated, "calibrated"), (adapted, "adapted")):
         output = tmp_path / f"screen-{name}"
         run_screen(ScreenConfig(model=str(derived.path), input=str(archive), output=str(output), date="2026-12-01"))
-        rows = sorted(pq.read_table(output / "images").to_pylist(), key=lambda row: row["path"])
+        rows = sorted(read_table(str(output), "images").to_pylist(), key=lambda row: row["path"])
         assert [row["path"] for row in rows] == films and {row["model_id"] for row in rows} == {derived.model_id}
         screened = np.array([row["prob"] for row in rows])
         np.testing.assert_allclose(screened, derived.predict_proba(stored), rtol=1e-4, atol=1e-5)
         assert np.abs(screened - parent.predict_proba(stored)).max() > 1e-3  # the derivation changed the scores
-        studies = pq.read_table(output / "studies").to_pylist()
+        studies = read_table(str(output), "studies").to_pylist()
         assert {row["threshold"] for row in studies} == {derived.threshold}
 
     # evaluate and compare score the site's images through the same temperature (its test split here).

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -82,6 +84,78 @@ def list_files(root: str) -> list[FileEntry]:
         mtime = item.mtime_ns if item.mtime is not None else None
         entries.append(FileEntry(uri=uri, relpath=relpath, size=int(item.size), mtime_ns=mtime))
     return sorted(entries, key=lambda entry: entry.relpath)
+
+
+LISTING_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("relpath", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string())]
+)
+
+
+def iter_listing(root: str, batch_rows: int = 100_000) -> Iterator[pa.Table]:
+    """The files below `root` as Arrow batches of at most `batch_rows`, streamed as the
+    filesystem or the S3 listing returns them, so an archive of millions is never held whole.
+
+    Local folders are walked in sorted order; S3 keys come in the listing's (lexicographic)
+    order with its size, LastModified and ETag, so no object is opened to learn its version.
+    """
+    rows = _iter_s3_objects(root) if is_s3(root) else _iter_local_files(root)
+    batch: list[tuple[str, str, int, int | None, str | None]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield _listing_table(batch)
+            batch = []
+    if batch:
+        yield _listing_table(batch)
+
+
+def _listing_table(rows: list[tuple[str, str, int, int | None, str | None]]) -> pa.Table:
+    columns = list(zip(*rows))
+    return pa.Table.from_arrays([pa.array(column, field.type) for column, field in zip(columns, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
+
+
+def _iter_local_files(root: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+    base = os.path.abspath(root)
+    if os.path.isfile(base):
+        stat = os.stat(base)
+        yield base, os.path.basename(base), stat.st_size, stat.st_mtime_ns, None
+        return
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"input not found: {root}")
+    for folder, subfolders, names in os.walk(base):
+        subfolders.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # vanished between the walk and the stat: not in tonight's listing
+                continue
+            if os.path.isfile(path):
+                yield path, os.path.relpath(path, base).replace(os.sep, "/"), stat.st_size, stat.st_mtime_ns, None
+
+
+def _iter_s3_objects(root: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+    import boto3  # the listing API gives ETags, which pyarrow's filesystem does not
+
+    bucket, _, prefix = root[len("s3://") :].partition("/")
+    prefix = prefix.rstrip("/")
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            if key.endswith("/"):
+                continue
+            found = True
+            mtime = int(item["LastModified"].timestamp() * 1_000_000) * 1000
+            yield f"s3://{bucket}/{key}", key[len(prefix) + 1 :] if prefix else key, int(item["Size"]), mtime, item["ETag"].strip('"')
+    if not found and prefix:
+        try:
+            head = client.head_object(Bucket=bucket, Key=prefix)
+        except client.exceptions.ClientError:
+            raise FileNotFoundError(f"input not found: {root}") from None
+        mtime = int(head["LastModified"].timestamp() * 1_000_000) * 1000
+        yield root, posixpath.basename(prefix), int(head["ContentLength"]), mtime, head["ETag"].strip('"')
 
 
 def read_bytes(uri: str) -> bytes:

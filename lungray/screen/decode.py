@@ -13,8 +13,12 @@ from lungray.io.decode import DecodeOptions
 from lungray.io.rows import rows_table
 from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
+from lungray.privacy import Pseudonymizer
+from lungray.screen.tables import IMAGE_SCHEMA
 
 SCREEN_COLUMNS = ["path", "study_id", "sop_uid", "status", "error", "skip_reason"]
+# Planned columns that travel with each file through decode and scoring to its row.
+CARRIED = ["size", "mtime_ns", "etag", "tries", "replaces"]
 
 
 def decode_for_screening(
@@ -27,4 +31,18 @@ def decode_for_screening(
     table = rows_table(
         batch["uri"].to_pylist(), batch["relpath"].to_pylist(), batch["size"].to_pylist(), preprocess, decode, max_file_bytes, scope, None
     )
-    return table.select([*SCREEN_COLUMNS, "image"]).append_column("size", batch["size"]).append_column("mtime_ns", batch["mtime_ns"])
+    table = table.select([*SCREEN_COLUMNS, "image"])
+    for name in CARRIED:
+        table = table.append_column(name, batch[name])
+    return table
+
+
+def as_image_rows(batch: pa.Table, model_id: str, run_id: str, date: str, pseudonymizer: Pseudonymizer | None) -> pa.Table:
+    """Ray Data task: scored rows -> rows of the images table (keyed here, on the worker,
+    with `--pseudonymize`), plus `replaces` for the commit to route them."""
+    if pseudonymizer is not None:
+        batch = pseudonymizer.table(batch)
+    rows = batch.num_rows
+    for name, value in (("model_id", model_id), ("run_id", run_id), ("scored_date", date)):
+        batch = batch.append_column(name, pa.array([value] * rows, pa.string()))
+    return batch.select([*IMAGE_SCHEMA.names, "replaces"]).cast(IMAGE_SCHEMA.append(pa.field("replaces", pa.bool_())))

@@ -1,12 +1,16 @@
 """Nightly screening: an archive in, per-image and per-study predictions out, nothing lost.
 
-list -> (incremental: drop files this model already scored at the same size and mtime)
--> CPU decode tasks (the ingest's read/scope check/decode/preprocess, driven by the model's
-recorded decode options and preprocessing; a model whose decode this lungray cannot
-reproduce is refused before anything is read) -> model actors (GPU when there are GPUs)
--> small result rows streamed to the driver -> (`pseudonymize`: identifying columns keyed)
--> one images and one studies Parquet file per date, published atomically with the run
-summary (see `lungray.screen.commit`).
+listing, streamed in batches -> the ledger (`lungray.screen.ledger`: a join against the
+images table's key columns decides what to score) -> chunks of at most `chunk_files` files
+or about `chunk_minutes` of work, each: CPU decode tasks (the ingest's read/scope check/
+decode/preprocess, driven by the model's recorded decode options and preprocessing; a
+model whose decode this lungray cannot reproduce is refused before anything is read) ->
+model actors (GPU when there are GPUs) -> image rows, keyed on the workers with
+`--pseudonymize` -> one Delta commit of the chunk's new rows, written by the workers
+(`Dataset.write_delta`), and one MERGE of the rows that replace earlier ones (retried
+errors, changed files) -> the studies the chunk touched re-aggregated and upserted
+(`lungray.screen.studies`). A killed run loses at most its uncommitted chunk; its rerun
+resumes (`lungray.screen.lease`). `runs/<run>.json` is written last.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,33 +29,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data import SaveMode
 
 from lungray import __version__
 from lungray.io.base import DecodeOptions, decode_record, options_from_record
-from lungray.io.listing import FileEntry, join_uri, list_files
+from lungray.io.listing import LISTING_SCHEMA, filesystem_for, is_s3, iter_listing, join_uri, write_bytes
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
-from lungray.modeldir import load_model_dir, read_meta
+from lungray.modeldir import ModelDir, load_model_dir, read_meta
 from lungray.pacs import dicomweb, source
 from lungray.preprocess import PreprocessConfig
 from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
-from lungray.screen import commit
-from lungray.screen.decode import SCREEN_COLUMNS, decode_for_screening
+from lungray.screen import ledger
+from lungray.screen.decode import as_image_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
+from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
+from lungray.screen.progress import Chunker, Progress
+from lungray.screen.studies import sync_studies
+from lungray.screen.tables import ensure_table, merge, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports
-from lungray.screen.tables import (
-    IMAGE_SCHEMA,
-    STUDY_SCHEMA,
-    aggregate_studies,
-    already_scored,
-    latest_per_path,
-    partition_file,
-    read_all_images,
-    read_partition,
-    replace_rows,
-    to_parquet_bytes,
-)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +78,10 @@ class ScreenConfig:
     report_to: str | None = None  # a DICOMweb service to store an SR per reported study into, after the commit
     report: str = "flagged"  # which studies get an SR: flagged, or all scored
     report_overlay: bool = False  # also the Grad-CAM overlay of each flagged study, as a Secondary Capture
+    max_retries: int = 3  # --incremental scores a file whose last row is an error again, up to this many tries in all
+    chunk_files: int = 10_000  # a chunk (one commit) holds at most this many files...
+    chunk_minutes: float = 10.0  # ...and, once the rate is known, about this much work
+    listing_batch: int = 100_000  # listed files joined to the ledger at a time
 
     def __post_init__(self) -> None:
         require_salt(self.throwaway_salt)
@@ -100,7 +102,9 @@ class ScreenConfig:
                 raise ValueError("--report-to writes the real study and instance UIDs into the PACS; --pseudonymize is for outputs that leave the site")
         elif self.report_overlay:
             raise ValueError("--report-overlay needs --report-to")
-        for name in ("actors", "batch_size", "files_per_task"):
+        if self.chunk_minutes <= 0:
+            raise ValueError(f"chunk_minutes must be positive, got {self.chunk_minutes}")
+        for name in ("actors", "batch_size", "files_per_task", "max_retries", "chunk_files", "listing_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -147,22 +151,87 @@ def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
     return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32)
 
 
-def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: PreprocessConfig, decode: DecodeOptions) -> pa.Table:
-    """Stream the files through decode tasks and model actors; returns one small row per file."""
-    listing = pa.table(
-        {
-            "uri": pa.array([entry.uri for entry in entries], pa.string()),
-            "relpath": pa.array([entry.relpath for entry in entries], pa.string()),
-            "size": pa.array([entry.size for entry in entries], pa.int64()),
-            "mtime_ns": pa.array([entry.mtime_ns for entry in entries], pa.int64()),
-        }
-    )
+
+def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
+    """The input's files in Arrow batches (uri, relpath, size, mtime_ns, etag): a folder or
+    prefix as listed, or the instances a PACS query finds (streamed, paged).
+
+    A PACS instance has no size, mtime or ETag: its `uri` names its SOP Instance UID, the
+    incremental key. Its relpath STUDY/SOP gives an unreadable instance its study.
+    """
+    if not source.is_pacs_uri(config.input):
+        yield from iter_listing(config.input, config.listing_batch)
+        return
+    seen: set[str] = set()  # a study can come back on two pages of a query; one night's instances
+    batch: list[dict[str, Any]] = []
+    for record in source.search_instances(config.input, config.since, config.until, config.modalities):
+        if record.path in seen:
+            continue
+        seen.add(record.path)
+        batch.append({"uri": record.path, "relpath": f"{record.study_uid}/{record.sop_uid}", "size": None, "mtime_ns": None, "etag": None})
+        if len(batch) >= config.listing_batch:
+            yield pa.Table.from_pylist(batch, schema=LISTING_SCHEMA)
+            batch = []
+    if batch:
+        yield pa.Table.from_pylist(batch, schema=LISTING_SCHEMA)
+
+
+def as_written(listing: pa.Table, pseudonymizer: Pseudonymizer | None) -> pa.Table:
+    """`listing` with the ledger's key as the images table holds it: `path` (the URI, keyed
+    with --pseudonymize) and `mtime_ns` keyed too; the real mtime stays in `listed_mtime_ns`."""
+    path, mtime = listing["uri"], listing["mtime_ns"]
+    if pseudonymizer is not None:
+        path = pa.array([pseudonymizer.key("path", uri) for uri in path.to_pylist()], pa.string())
+        mtime = pa.array([pseudonymizer.mtime(value) for value in mtime.to_pylist()], pa.int64())
+    return listing.rename_columns(["uri", "relpath", "size", "listed_mtime_ns", "etag"]).append_column("path", path).append_column("mtime_ns", mtime)
+
+
+@dataclass
+class Counts:
+    """What the run did, for its summary."""
+
+    listed: int = 0
+    already_done: int = 0
+    resumed: int = 0
+    given_up: int = 0
+    scored: int = 0
+    replaced: int = 0
+    retried: int = 0
+    chunks: int = 0
+    scoring_seconds: float = 0.0
+    by_status: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "skipped": 0})
+    studies_written: int = 0
+    studies_flagged: int = 0
+    reports: dict[str, dict[str, int]] | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every chunk of one run shares."""
+
+    config: ScreenConfig
+    run_id: str
+    model_id: str
+    threshold: float
+    preprocess: PreprocessConfig
+    decode: DecodeOptions
+    pseudonymizer: Pseudonymizer | None
+    model_path: Path
+
+
+def score_chunk(run: Run, chunk: pa.Table) -> ray.data.Dataset:
+    """Decode, score and shape one chunk's files into image rows, held in the object store
+    (never in the driver) until its commit."""
+    config = run.config
     cluster = ray.cluster_resources()
     plan = plan_actors(config, cluster)
-    per_task = config.files_per_task or files_per_task(len(entries), cluster.get("CPU", 1.0))
-    decoded = dataset_of_blocks(listing, per_task).map_batches(
+    per_task = config.files_per_task or files_per_task(chunk.num_rows, cluster.get("CPU", 1.0))
+    files = chunk.select(["uri", "relpath", "size", "listed_mtime_ns", "etag", "tries", "replaces"]).rename_columns(
+        ["uri", "relpath", "size", "mtime_ns", "etag", "tries", "replaces"]
+    )
+    decoded = dataset_of_blocks(files, per_task).map_batches(
         decode_for_screening,
-        fn_kwargs={"preprocess": preprocess, "decode": decode, "max_file_bytes": config.max_file_bytes, "scope": config.scope},
+        fn_kwargs={"preprocess": run.preprocess, "decode": run.decode, "max_file_bytes": config.max_file_bytes, "scope": config.scope},
         batch_format="pyarrow",
         batch_size=None,
     )
@@ -174,165 +243,214 @@ def score_files(entries: list[FileEntry], config: ScreenConfig, preprocess: Prep
         batch_format="pyarrow",
         **plan.resources,
     )
-    columns = [*SCREEN_COLUMNS, "prob", "size", "mtime_ns"]
-    parts = [batch.select(columns) for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
-    return pa.concat_tables(parts) if parts else IMAGE_SCHEMA.empty_table().select(columns)
+    return scored.map_batches(
+        as_image_rows,
+        fn_kwargs={"model_id": run.model_id, "run_id": run.run_id, "date": config.date, "pseudonymizer": run.pseudonymizer},
+        batch_format="pyarrow",
+        batch_size=None,
+    ).materialize()
 
 
-def list_input(config: ScreenConfig) -> list[FileEntry]:
-    """The files below a folder or prefix, or the instances a PACS query finds (streamed, paged).
+def rows_where(rows: ray.data.Dataset, replaces: bool) -> ray.data.Dataset:
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.equal(batch["replaces"], replaces)).drop_columns(["replaces"])
 
-    A PACS instance has no size or mtime: its `uri` names its SOP Instance UID, the
-    incremental key. Its relpath STUDY/SOP gives an unreadable instance its study.
+    return rows.map_batches(keep, batch_format="pyarrow", batch_size=None)
+
+
+def check_complete(rows: ray.data.Dataset, chunk: pa.Table) -> pa.Table:
+    """Nothing lost, nothing duplicated: exactly one row per file of the chunk, or no commit.
+    Returns the rows' (path, status): a chunk's worth of small values."""
+    refs = rows.select_columns(["path", "status"]).to_arrow_refs()
+    got = pa.concat_tables(ray.get(refs)) if refs else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    distinct = pc.count_distinct(got["path"]).as_py() if got.num_rows else 0
+    if got.num_rows != chunk.num_rows or distinct != chunk.num_rows or not pc.all(pc.is_in(got["path"], chunk["path"])).as_py():
+        raise RuntimeError(f"screening produced {got.num_rows} rows ({distinct} distinct) for {chunk.num_rows} files: nothing committed")
+    return got
+
+
+def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> None:
+    """The chunk's new rows appended by the workers in one Delta commit; the rows that replace
+    earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE."""
+    uri = table_uri(run.config.output, "images")
+    replacing = int(pc.sum(chunk["replaces"]).as_py() or 0)
+    if replacing < chunk.num_rows:
+        rows_where(rows, replaces=False).write_delta(
+            uri,
+            mode=SaveMode.APPEND,
+            partition_by=["scored_date"],
+            storage_options=storage_options(uri),
+            filesystem=filesystem_for(uri)[0] if is_s3(uri) else None,
+        )
+    if replacing:
+        refs = rows_where(rows, replaces=True).to_arrow_refs()
+        merge(ensure_table(run.config.output, "images"), "images", pa.concat_tables(ray.get(refs)))
+
+
+def overlays(run: Run, chunk_uris: dict[str, str]) -> Any:
+    """The study sync's decoration for --explain: a Grad-CAM overlay per flagged study, written
+    to OUTPUT/explain/scored_date=D/ before the study rows that name it are committed.
+
+    `chunk_uris` maps the chunk's written (keyed, with --pseudonymize) paths to the files.
     """
-    if not source.is_pacs_uri(config.input):
-        return list_files(config.input)
-    entries = {
-        record.path: FileEntry(uri=record.path, relpath=f"{record.study_uid}/{record.sop_uid}", size=None, mtime_ns=None)
-        for record in source.search_instances(config.input, config.since, config.until, config.modalities)
-    }
-    return list(entries.values())
+    model: list[ModelDir] = []
+
+    def decorate(studies: pa.Table, images: pa.Table) -> pa.Table:
+        flagged = pc.filter(studies["study_id"], studies["flagged"]).to_pylist()
+        paths: dict[str, str] = {}
+        for study, row in driving_images(images, flagged).items():
+            location = chunk_uris.get(row["path"], None if run.pseudonymizer else row["path"])
+            if location is None:
+                continue  # a keyed path from an earlier run: this run cannot read its file
+            model or model.append(load_model_dir(run.model_path))
+            png = explain({**row, "path": location}, model[0], run.decode, run.config.max_file_bytes)
+            if png is None:
+                continue
+            name = overlay_name(study)
+            target = join_uri(run.config.output, "explain", f"scored_date={run.config.date}", name)
+            write_bytes(target, png)
+            paths[study] = target
+        column = pa.array([paths.get(study) for study in studies["study_id"].to_pylist()], pa.string())
+        return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", column)
+
+    return decorate
 
 
-def check_complete(scored: pa.Table, entries: list[FileEntry]) -> None:
-    """Nothing lost, nothing duplicated: exactly one row per listed file, or no publish at all."""
-    paths = scored["path"].to_pylist()
-    if len(paths) != len(set(paths)) or set(paths) != {entry.uri for entry in entries}:
-        raise RuntimeError(f"screening produced {len(paths)} rows ({len(set(paths))} distinct) for {len(entries)} files")
+def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> None:
+    """Bring the model's studies up to date with the images table; then the PACS reports."""
+    config = run.config
+    decorate = overlays(run, chunk_uris or {}) if config.explain or config.report_overlay else None
+    studies, images = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate)
+    counts.studies_written += studies.num_rows
+    counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
+    if config.report_to and studies.num_rows:
+        stored = store_reports(config.report_to, config.report, config.report_overlay, studies, images, run.threshold, run.model_id)
+        counts.reports = stored if counts.reports is None else {
+            kind: {key: counts.reports[kind][key] + value for key, value in numbers.items()} for kind, numbers in stored.items()
+        }
 
 
-def as_written(entry: FileEntry, pseudonymizer: Pseudonymizer | None) -> tuple[str, int, int | None]:
-    """A listed file's (path, size, mtime_ns) as the images table holds them, the incremental
-    ledger's key: keyed when pseudonymized."""
-    if pseudonymizer is None:
-        return entry.uri, entry.size, entry.mtime_ns
-    return pseudonymizer.key("path", entry.uri), entry.size, pseudonymizer.mtime(entry.mtime_ns)
+def score_and_commit(run: Run, chunk: pa.Table, counts: Counts) -> None:
+    started = time.time()
+    rows = score_chunk(run, chunk)
+    statuses = check_complete(rows, chunk)["status"]
+    commit_chunk(run, rows, chunk)
+    counts.scoring_seconds += time.time() - started
+    counts.chunks += 1
+    counts.scored += chunk.num_rows
+    counts.replaced += int(pc.sum(chunk["replaces"]).as_py() or 0)
+    counts.retried += int(pc.sum(pc.greater(chunk["tries"], 1)).as_py() or 0)
+    for status in counts.by_status:
+        counts.by_status[status] += int(pc.sum(pc.equal(statuses, status)).as_py() or 0)
+    needs_uris = run.pseudonymizer is not None and (run.config.explain or run.config.report_overlay)
+    sync(run, counts, dict(zip(chunk["path"].to_pylist(), chunk["uri"].to_pylist())) if needs_uris else None)
 
 
-def add_overlays(
-    studies: pa.Table,
-    images: pa.Table,
-    config: ScreenConfig,
-    decode: DecodeOptions,
-    model_path: Path,
-    store: commit.Store,
-    staging: str,
-    moves: dict[str, str],
-    listed_paths: dict[str, str],
-) -> pa.Table:
-    """Stage a Grad-CAM overlay for every flagged study and record its final URI in `explain_path`.
+def resume_settings(config: ScreenConfig, model_id: str) -> dict[str, Any]:
+    """What makes a rerun "the same command": which files it lists and which rows it writes."""
+    settings = asdict(config)
+    for name in ("batch_size", "actors", "gpu", "files_per_task", "chunk_files", "chunk_minutes", "listing_batch", "report_to", "report", "report_overlay"):
+        settings.pop(name)
+    return {**settings, "model_id": model_id}
 
-    `listed_paths` maps the `path` written in the images table (keyed when pseudonymized)
-    to the file to read.
-    """
-    flagged = [study for study, is_flagged in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist()) if is_flagged]
-    if not flagged:
-        return studies
-    model = load_model_dir(model_path)
-    paths: dict[str, str] = {}
-    for study, row in driving_images(images, flagged).items():
-        png = explain({**row, "path": listed_paths.get(row["path"], row["path"])}, model, decode, config.max_file_bytes)
-        if png is None:
-            continue
-        name = overlay_name(study)
-        staged = f"{staging}/explain/{name}"
-        store.write(staged, png)
-        moves[staged] = store.path("explain", f"scored_date={config.date}", name)
-        paths[study] = join_uri(config.output, "explain", f"scored_date={config.date}", name)
-    column = pa.array([paths.get(study) for study in studies["study_id"].to_pylist()], pa.string())
-    return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", column)
+
+def write_summary(output: str, summary: dict[str, Any]) -> None:
+    """runs/<run>.json, in one write: a temporary name renamed into place on a local disk, one PUT on S3."""
+    target = join_uri(output, "runs", f"{summary['run_id']}.json")
+    data = json.dumps(summary, indent=2).encode()
+    if is_s3(output):
+        write_bytes(target, data)
+        return
+    temporary = f"{target}.tmp"
+    write_bytes(temporary, data)
+    Path(temporary).replace(target)
 
 
 def run_screen(config: ScreenConfig) -> dict[str, Any]:
-    """Score the archive and publish the run; returns the run summary (also in runs/<run>.json)."""
+    """Score the archive chunk by chunk, each committed; returns the run summary (also in runs/<run>.json)."""
     started = time.time()
-    store = commit.Store.open(config.output)
-    commit.recover(store)
     model_path = local_model_dir(config.model)
     meta = read_meta(model_path)
-    preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     decode = replace(options_from_record(meta.get("decode"), f"model {config.model}"), max_pixels=config.max_pixels)
-    model_id, threshold = meta["model_id"], float(meta["threshold"])
     run_id = f"{config.date}_{dt.datetime.now(dt.timezone.utc):%H%M%S}_{uuid.uuid4().hex[:8]}"
     pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
+    run = Run(config, run_id, meta["model_id"], float(meta["threshold"]), PreprocessConfig.from_dict(meta["preprocess"]), decode, pseudonymizer, model_path)
 
-    entries = list_input(config)
-    written = {entry.uri: as_written(entry, pseudonymizer) for entry in entries}
-    history = read_all_images(store, model_id)
-    if config.incremental:
-        seen = already_scored(history)
-        to_score = [entry for entry in entries if written[entry.uri] not in seen]
-    else:
-        to_score = entries
-    log.info("run %s: %d files listed, %d to score", run_id, len(entries), len(to_score))
+    images = ensure_table(config.output, "images")
+    ensure_table(config.output, "studies")
+    lease = Lease(config.output, run.model_id, run_id, fingerprint(resume_settings(config, run.model_id)))
+    resumes = lease.acquire()
+    try:
+        counts = Counts()
+        sync(run, counts)  # studies an interrupted run committed images for but did not reach
+        rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes))
+        chunker, progress = Chunker(config.chunk_files, config.chunk_minutes), Progress()
+        pending: list[pa.Table] = []
+        for listed in listing_batches(config):
+            images.update_incremental()
+            planned = ledger.plan(as_written(listed, pseudonymizer), images, run.model_id, rule)
+            counts.listed += planned.num_rows
+            for name in ("already_done", "resumed", "given_up"):
+                setattr(counts, name, getattr(counts, name) + int(pc.sum(planned[name]).as_py() or 0))
+            pending.append(planned.filter(planned["score"]))
+            progress.listed, progress.to_score = counts.listed, progress.to_score + pending[-1].num_rows
+            pending = commit_full_chunks(run, pending, chunker, counts, progress, final=False)
+        progress.listing_done = True
+        commit_full_chunks(run, pending, chunker, counts, progress, final=True)
+        log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
+        summary = summarize(run, counts, resumes, started)
+        write_summary(config.output, summary)
+    except BaseException:
+        lease.release(failed=True)
+        raise
+    lease.release(failed=False)
+    return summary
 
-    scoring_started = time.time()
-    scored = score_files(to_score, config, preprocess, decode) if to_score else IMAGE_SCHEMA.empty_table().select([*SCREEN_COLUMNS, "prob", "size", "mtime_ns"])
-    scoring_seconds = time.time() - scoring_started
-    check_complete(scored, to_score)
-    if pseudonymizer:
-        scored = pseudonymizer.table(scored)
-    new_images = (
-        scored.append_column("model_id", pa.array([model_id] * scored.num_rows, pa.string()))
-        .append_column("run_id", pa.array([run_id] * scored.num_rows, pa.string()))
-        .select(IMAGE_SCHEMA.names)
-        .cast(IMAGE_SCHEMA)
-    )
-    affected = set(new_images["study_id"].to_pylist())
-    current_images = latest_per_path(history, new_images)
-    new_studies = aggregate_studies(current_images, affected, threshold, config.aggregate, model_id, run_id)
-    staging = commit.staging_dir(store, run_id)
-    moves: dict[str, str] = {}
-    if config.explain or config.report_overlay:
-        listed_paths = {path: uri for uri, (path, _, _) in written.items()}
-        new_studies = add_overlays(new_studies, current_images, config, decode, model_path, store, staging, moves, listed_paths)
 
-    statuses = new_images["status"].to_pylist()
-    summary = {
-        "run_id": run_id,
-        "model_id": model_id,
+def commit_full_chunks(
+    run: Run, pending: list[pa.Table], chunker: Chunker, counts: Counts, progress: Progress, final: bool
+) -> list[pa.Table]:
+    """Score and commit chunks while enough files are pending (all of them when `final`); returns the rest."""
+    table = pa.concat_tables(pending) if pending else None
+    while table is not None and table.num_rows and (final or table.num_rows >= chunker.size()):
+        size = chunker.size()
+        chunk, table = table.slice(0, size), table.slice(size)
+        started = time.time()
+        score_and_commit(run, chunk, counts)
+        chunker.observe(chunk.num_rows, time.time() - started)
+        progress.done = counts.scored
+        progress.report()
+    return [table] if table is not None and table.num_rows else []
+
+
+def summarize(run: Run, counts: Counts, resumes: tuple[str, ...], started: float) -> dict[str, Any]:
+    config = run.config
+    return {
+        "run_id": run.run_id,
+        "model_id": run.model_id,
         "input": config.input,
         "output": config.output,
         "scored_date": config.date,
         "incremental": config.incremental,
-        "files_listed": len(entries),
-        "files_skipped": len(entries) - len(to_score),
-        "files_scored": len(to_score),
-        "by_status": {status: statuses.count(status) for status in ("ok", "error", "skipped")},
-        "studies_written": new_studies.num_rows,
-        "studies_flagged": int(pc.sum(new_studies["flagged"]).as_py() or 0),
-        "threshold": threshold,
+        "files_listed": counts.listed,
+        "files_skipped": counts.listed - counts.scored,  # not scored by this run: current, given up, or resumed
+        "files_scored": counts.scored,
+        "files_resumed": counts.resumed,  # committed by the interrupted run(s) this one resumes
+        "files_replaced": counts.replaced,  # rows that replaced an earlier row of the same file
+        "files_retried": counts.retried,  # of those, files whose last row was an error
+        "files_given_up": counts.given_up,  # errors not retried: --max-retries reached
+        "resumes": list(resumes),
+        "chunks": counts.chunks,
+        "by_status": counts.by_status,
+        "studies_written": counts.studies_written,
+        "studies_flagged": counts.studies_flagged,
+        "threshold": run.threshold,
         "aggregate": config.aggregate,
-        "decode": decode_record(decode),
-        "images_per_second": round(len(to_score) / scoring_seconds, 2) if to_score and scoring_seconds > 0 else None,
-        "wall_seconds": None,
-        "reports": None,  # with --report-to: SRs (and overlays) stored / already present / failed
+        "decode": decode_record(run.decode),
+        "images_per_second": round(counts.scored / counts.scoring_seconds, 2) if counts.scored and counts.scoring_seconds > 0 else None,
+        "wall_seconds": round(time.time() - started, 2),
+        "reports": counts.reports,  # with --report-to: SRs (and overlays) stored / already present / failed
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "lungray_version": __version__,
         "config": {key: value for key, value in asdict(config).items() if key not in ("model", "input", "output")},
     }
-
-    if new_images.num_rows:
-        for table_name, new_rows, schema, keys in (
-            ("images", new_images, IMAGE_SCHEMA, ["path", "model_id"]),
-            ("studies", new_studies, STUDY_SCHEMA, ["study_id", "model_id"]),
-        ):
-            merged = replace_rows(read_partition(store, table_name, config.date, schema), new_rows, keys)
-            staged = f"{staging}/{table_name}.parquet"
-            store.write(staged, to_parquet_bytes(merged))
-            moves[staged] = partition_file(store, table_name, config.date)
-    summary["wall_seconds"] = round(time.time() - started, 2)
-    staged_run = f"{staging}/run.json"
-    store.write(staged_run, json.dumps(summary, indent=2).encode())
-    moves[staged_run] = store.path("runs", f"{run_id}.json")
-    commit.publish(store, run_id, moves)
-    if config.report_to:
-        summary["reports"] = store_reports(
-            config.report_to, config.report, config.report_overlay, new_studies, current_images, threshold, model_id
-        )
-        log.info("run %s: reports to the PACS %s", run_id, summary["reports"])
-        store.write(staged_run, json.dumps(summary, indent=2).encode())  # the committed summary, now with the counts
-        store.fs.move(staged_run, moves[staged_run])
-        store.fs.delete_dir(staging)
-    return summary
-

@@ -1,21 +1,25 @@
-"""The screening output tables: their schemas, the incremental ledger and study aggregation.
+"""The screening output tables: Delta Lake tables `OUTPUT/images` and `OUTPUT/studies`.
 
-`images/scored_date=D/part-0.parquet` and `studies/scored_date=D/part-0.parquet` hold one
-file per date (hive partitioning), rewritten whole by each run that scores on that date,
-so a rerun replaces its rows instead of adding a second copy.
+Both hold the current state, one row per (path, model_id) and per (study_id, model_id),
+partitioned by `scored_date` (the date a row was last written). Every change is one Delta
+transaction: readers see a commit whole or not at all, and the log keeps every earlier
+version for time travel (`DeltaTable(uri, version=N)`). Why Delta and not Iceberg:
+docs/operators.md, "Output tables".
 """
 
 from __future__ import annotations
 
-import io
-import posixpath
+import os
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
+from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from lungray.screen.commit import Store
+from lungray.io.listing import is_s3, join_uri
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -29,7 +33,10 @@ IMAGE_SCHEMA = pa.schema(
         ("model_id", pa.string()),
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
+        ("etag", pa.string()),
+        ("tries", pa.int32()),
         ("run_id", pa.string()),
+        ("scored_date", pa.string()),
     ]
 )
 STUDY_SCHEMA = pa.schema(
@@ -45,98 +52,141 @@ STUDY_SCHEMA = pa.schema(
         ("model_id", pa.string()),
         ("run_id", pa.string()),
         ("explain_path", pa.string()),
+        ("scored_date", pa.string()),
     ]
 )
-PART_FILE = "part-0.parquet"
+SCHEMAS = {"images": IMAGE_SCHEMA, "studies": STUDY_SCHEMA}
+KEYS = {"images": ("path", "model_id"), "studies": ("study_id", "model_id")}
+PARTITION = "scored_date"
 AGGREGATES = ("max", "mean")
+# A MERGE that loses a race with another writer's commit is redone on the new version.
+MERGE_ATTEMPTS = 5
 
 
-def partition_file(store: Store, table: str, date: str) -> str:
-    return store.path(table, f"scored_date={date}", PART_FILE)
+def table_uri(output: str, name: str) -> str:
+    return join_uri(output, name)
 
 
-def read_partition(store: Store, table: str, date: str, schema: pa.Schema) -> pa.Table:
-    path = partition_file(store, table, date)
-    if not store.exists(path):
-        return schema.empty_table()
-    return pq.read_table(io.BytesIO(store.read(path)), schema=schema)
+def storage_options(uri: str) -> dict[str, str] | None:
+    """delta-rs options for an s3:// table from the usual AWS variables (an endpoint for
+    S3-compatible servers); commits use S3's conditional writes, so no lock service is needed."""
+    if not is_s3(uri):
+        return None
+    options = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    return options
 
 
-def read_all_images(store: Store, model_id: str) -> pa.Table:
-    """Every image row this model has published, on any date, with its `scored_date`."""
-    tables = []
-    for path in store.files(store.path("images")):
-        if posixpath.basename(path) != PART_FILE:
-            continue
-        date = posixpath.basename(posixpath.dirname(path)).removeprefix("scored_date=")
-        table = pq.read_table(io.BytesIO(store.read(path)), schema=IMAGE_SCHEMA)
-        table = table.filter(pc.equal(table["model_id"], model_id))
-        tables.append(table.append_column("scored_date", pa.array([date] * table.num_rows, pa.string())))
-    if not tables:
-        return IMAGE_SCHEMA.append(pa.field("scored_date", pa.string())).empty_table()
-    return pa.concat_tables(tables)
+def open_table(output: str, name: str, version: int | None = None) -> DeltaTable | None:
+    """The table, or None before the first run created it."""
+    uri = table_uri(output, name)
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage_options(uri))
+    except TableNotFoundError:
+        return None
 
 
-def already_scored(history: pa.Table) -> set[tuple[str, int, int | None]]:
-    """(path, size, mtime) of every file this model has scored: what an incremental run skips."""
-    return set(zip(history["path"].to_pylist(), history["size"].to_pylist(), history["mtime_ns"].to_pylist()))
+def ensure_table(output: str, name: str) -> DeltaTable:
+    """The table, created empty with its schema if missing (a concurrent creator may win: fine)."""
+    table = open_table(output, name)
+    if table is not None:
+        return table
+    uri = table_uri(output, name)
+    try:
+        DeltaTable.create(uri, SCHEMAS[name], partition_by=[PARTITION], storage_options=storage_options(uri), name=name)
+    except Exception:  # noqa: BLE001 - lost the race to create it; the winner's table is the same
+        if open_table(output, name) is None:
+            raise
+    return open_table(output, name)
 
 
-def latest_per_path(history: pa.Table, new_rows: pa.Table) -> pa.Table:
-    """The newest row of each file: tonight's rows win, then the latest date."""
-    older = history.sort_by([("scored_date", "descending")]).select(IMAGE_SCHEMA.names)
-    combined = pa.concat_tables([new_rows.select(IMAGE_SCHEMA.names), older])
-    seen: set[str] = set()
-    keep = []
-    for index, path in enumerate(combined["path"].to_pylist()):
-        if path not in seen:
-            seen.add(path)
-            keep.append(index)
-    return combined.take(pa.array(keep, pa.int64()))
+def read_table(output: str, name: str, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+    """The current rows of `OUTPUT/<name>` (empty, with its schema, before the first run)."""
+    table = open_table(output, name)
+    if table is None:
+        empty = SCHEMAS[name].empty_table()
+        return empty.select(columns) if columns else empty
+    # Filtered after reading, not pushed into the scan: files that delta-rs wrote hold string_view
+    # columns, which pyarrow's dataset filter cannot compare with a string literal.
+    rows = table.to_pyarrow_dataset().to_table()
+    rows = rows if filter is None else rows.filter(filter)
+    return rows.select(columns) if columns else rows
+
+
+def scan(table: DeltaTable, columns: list[str], filter: pc.Expression | None = None, batch_rows: int = 131_072) -> pads.Scanner:
+    """A streaming scan of some columns: what the ledger and the study sync read instead of the table."""
+    return table.to_pyarrow_dataset().scanner(columns=columns, filter=filter, batch_size=batch_rows)
+
+
+def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Upsert `rows` on the table's keys in one transaction, redone if a concurrent commit won the race."""
+    predicate = " AND ".join(f"t.{key} = s.{key}" for key in KEYS[name])
+    for attempt in range(MERGE_ATTEMPTS):
+        try:
+            return (
+                table.merge(
+                    rows.select(SCHEMAS[name].names).cast(SCHEMAS[name]),
+                    predicate,
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=CommitProperties(custom_metadata=metadata) if metadata else None,
+                )
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+        except CommitFailedError:
+            if attempt == MERGE_ATTEMPTS - 1:
+                raise
+            table.update_incremental()
+    raise AssertionError("unreachable")
 
 
 def aggregate_studies(
-    images: pa.Table, study_ids: set[str], threshold: float, aggregate: str, model_id: str, run_id: str
+    images: pa.Table, threshold: float, aggregate: str, model_id: str, run_id: str, date: str
 ) -> pa.Table:
-    """One row per study in `study_ids`, over all of its images in `images` (only `ok` ones score)."""
+    """One row per study in `images` (all of its current image rows; only `ok` ones score)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    groups: dict[str, list[tuple[str, float | None]]] = {}
-    for study, status, prob in zip(images["study_id"].to_pylist(), images["status"].to_pylist(), images["prob"].to_pylist()):
-        if study in study_ids:
-            groups.setdefault(study, []).append((status, prob))
-    rows = []
-    for study in sorted(groups):
-        probs = [prob for status, prob in groups[study] if status == "ok" and prob is not None]
-        study_prob = (max(probs) if aggregate == "max" else float(np.mean(probs))) if probs else None
-        rows.append(
-            {
-                "study_id": study,
-                "n_images": len(groups[study]),
-                "n_errors": sum(1 for status, _ in groups[study] if status == "error"),
-                "n_skipped": sum(1 for status, _ in groups[study] if status == "skipped"),
-                "prob": study_prob,
-                "flagged": study_prob is not None and study_prob >= threshold,
-                "threshold": threshold,
-                "aggregate": aggregate,
-                "model_id": model_id,
-                "run_id": run_id,
-                "explain_path": None,
-            }
-        )
-    return pa.Table.from_pylist(rows, schema=STUDY_SCHEMA)
+    if images.num_rows == 0:
+        return STUDY_SCHEMA.empty_table()
+    status = images["status"]
+    usable = pc.and_(pc.equal(status, "ok"), pc.is_valid(images["prob"]))
+    counts = pa.table(
+        {
+            "study_id": images["study_id"],
+            "one": pa.array(np.ones(images.num_rows, np.int32)),
+            "is_error": pc.cast(pc.equal(status, "error"), pa.int32()),
+            "is_skipped": pc.cast(pc.equal(status, "skipped"), pa.int32()),
+            "score": pc.if_else(usable, images["prob"], pa.scalar(None, pa.float64())),
+        }
+    ).group_by("study_id").aggregate([("one", "sum"), ("is_error", "sum"), ("is_skipped", "sum"), ("score", aggregate)])
+    counts = counts.sort_by("study_id")
+    prob = counts[f"score_{aggregate}"]
+    flagged = pc.fill_null(pc.greater_equal(prob, threshold), False)
+    rows = counts.num_rows
 
+    def constant(value: Any, kind: pa.DataType) -> pa.Array:
+        return pa.array([value] * rows, kind)
 
-def replace_rows(existing: pa.Table, new_rows: pa.Table, keys: list[str]) -> pa.Table:
-    """`existing` without the rows whose key columns match a new row, plus the new rows."""
-    if existing.num_rows == 0:
-        return new_rows
-    new_keys = set(zip(*(new_rows[key].to_pylist() for key in keys)))
-    keep = [key not in new_keys for key in zip(*(existing[key].to_pylist() for key in keys))]
-    return pa.concat_tables([existing.filter(pa.array(keep)), new_rows])
-
-
-def to_parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
+    return pa.Table.from_arrays(
+        [
+            counts["study_id"],
+            pc.cast(counts["one_sum"], pa.int32()),
+            pc.cast(counts["is_error_sum"], pa.int32()),
+            pc.cast(counts["is_skipped_sum"], pa.int32()),
+            prob,
+            flagged,
+            constant(threshold, pa.float64()),
+            constant(aggregate, pa.string()),
+            constant(model_id, pa.string()),
+            constant(run_id, pa.string()),
+            constant(None, pa.string()),
+            constant(date, pa.string()),
+        ],
+        schema=STUDY_SCHEMA,
+    )

@@ -1,0 +1,90 @@
+"""What a run scores: each listed file against the model's last row for it in `OUTPUT/images`.
+
+A listed batch is joined to the images table's key columns only, streamed batch by batch
+(bounded memory whatever the history's size); no Python set of the history is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+from lungray.screen.tables import IMAGE_SCHEMA, scan
+
+KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
+PLAN_COLUMNS = ["score", "replaces", "tries", "already_done", "resumed", "given_up"]
+
+
+@dataclass(frozen=True)
+class LedgerRule:
+    """`incremental`: skip files whose last row is current (same size, mtime and ETag), except
+    errors tried fewer than `max_retries` times. Rows of `resumed_runs` (this command,
+    interrupted) are always skipped: their files are done for this run whatever the mode."""
+
+    incremental: bool
+    max_retries: int
+    resumed_runs: frozenset[str] = frozenset()
+
+
+def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: str) -> pa.Table:
+    """The model's current row for each of `listing_paths` that has one (key columns only)."""
+    if images is None:
+        return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
+    wanted = pa.table({"path": listing_paths})
+    matched = []
+    for batch in scan(images, KEY_COLUMNS, pc.field("model_id") == model_id).to_batches():
+        if batch.num_rows:
+            matched.append(pa.Table.from_batches([batch]).join(wanted, "path", join_type="left semi"))
+    if not matched:
+        return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
+    return pa.concat_tables(matched).cast(pa.schema(list(key_types().items())))
+
+
+def key_types() -> dict[str, pa.DataType]:
+    return {name: IMAGE_SCHEMA.field(name).type for name in KEY_COLUMNS}
+
+
+def equal_or_both_null(left: pa.ChunkedArray, right: pa.ChunkedArray) -> pa.ChunkedArray:
+    both_null = pc.and_(pc.is_null(left), pc.is_null(right))
+    return pc.or_(pc.fill_null(pc.equal(left, right), False), both_null)
+
+
+def plan(listing: pa.Table, images: DeltaTable | None, model_id: str, rule: LedgerRule) -> pa.Table:
+    """`listing` (with `path`, `size`, `mtime_ns`, `etag` as the images table writes them) plus
+    what to do with each file: `score` it (`replaces` an existing row; its `tries`), or why not."""
+    previous = previous_rows(listing["path"], images, model_id)
+    renamed = previous.rename_columns([f"prev_{name}" if name != "path" else "path" for name in previous.column_names])
+    joined = listing.join(renamed, "path", join_type="left outer")
+    exists = pc.is_valid(joined["prev_status"])
+    same_version = pc.and_(
+        exists,
+        pc.and_(
+            equal_or_both_null(joined["size"], joined["prev_size"]),
+            pc.and_(equal_or_both_null(joined["mtime_ns"], joined["prev_mtime_ns"]), equal_or_both_null(joined["etag"], joined["prev_etag"])),
+        ),
+    )
+    was_error = pc.and_(same_version, pc.fill_null(pc.equal(joined["prev_status"], "error"), False))
+    prev_tries = pc.fill_null(joined["prev_tries"], 1)
+    retryable = pc.and_(was_error, pc.less(prev_tries, rule.max_retries))
+    resumed = pc.and_(same_version, pc.is_in(joined["prev_run_id"], pa.array(sorted(rule.resumed_runs), pa.string())))
+    resumed = pc.fill_null(resumed, False)
+    current = pc.and_(same_version, pc.invert(retryable))
+    if rule.incremental:
+        score = pc.and_(pc.invert(resumed), pc.invert(current))
+    else:
+        score = pc.invert(resumed)
+    tries = pc.if_else(was_error, pc.add(prev_tries, 1), 1)
+    planned = joined.select(listing.column_names)
+    for name, column in (
+        ("score", score),
+        ("replaces", exists),
+        ("tries", pc.cast(tries, pa.int32())),
+        ("already_done", pc.and_(pc.invert(score), pc.invert(resumed))),
+        ("resumed", pc.and_(pc.invert(score), resumed)),
+        ("given_up", pc.and_(pc.invert(score), pc.and_(was_error, pc.invert(retryable)))),
+    ):
+        planned = planned.append_column(name, column)
+    return planned

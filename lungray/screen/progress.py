@@ -1,0 +1,61 @@
+"""How big a run's chunks are, and the progress lines a person reads while it runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+PROGRESS_LOGGER = "lungray.progress"
+log = logging.getLogger(PROGRESS_LOGGER)
+
+# Before any rate is known a chunk is this big at most, so a slow archive (full-size
+# JPEG 2000 on a small node) still commits within minutes of the start.
+FIRST_CHUNK_FILES = 1_000
+
+
+class Chunker:
+    """Chunk sizes bounded by files, and by minutes once the scoring rate is known."""
+
+    def __init__(self, max_files: int, minutes: float) -> None:
+        self.max_files, self.seconds = max_files, minutes * 60
+        self.rate: float | None = None
+
+    def size(self) -> int:
+        if self.rate is None:
+            return min(self.max_files, FIRST_CHUNK_FILES)
+        return max(1, min(self.max_files, int(self.rate * self.seconds)))
+
+    def observe(self, files: int, seconds: float) -> None:
+        if files and seconds > 0:
+            self.rate = files / seconds
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class Progress:
+    """`screen: 4,000 of 12,000 to score (33%), listing done · 41.2 files/s · about 3 min 14 s left`."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.listed = self.to_score = self.done = 0
+        self.listing_done = False
+
+    def report(self) -> str:
+        elapsed = max(time.time() - self.started, 1e-9)
+        rate = self.done / elapsed
+        share = f" ({100 * self.done / self.to_score:.0f}%)" if self.to_score else ""
+        listing = "listing done" if self.listing_done else "still listing"
+        line = f"screen: {self.done:,} of {self.to_score:,} to score{share}, {self.listed:,} listed, {listing} · {rate:.1f} files/s"
+        if self.listing_done and rate > 0 and self.done < self.to_score:
+            line += f" · about {duration((self.to_score - self.done) / rate)} left"
+        log.info(line)
+        return line

@@ -1,0 +1,104 @@
+"""Keeping `OUTPUT/studies` in step with `OUTPUT/images`, whatever point a run was killed at.
+
+Each studies MERGE records, in its Delta commit, the images-table version it reflects for
+its model (`lungray.images_version.<model_id>`). A sync re-aggregates exactly the studies
+of the image files added or removed since that version (the difference of two versions'
+file lists: no scan of the history) and upserts them. A run syncs after every chunk it
+commits, so a run killed between an images commit and its studies MERGE is caught up by
+the next run's first sync.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+
+from lungray.io.listing import filesystem_for
+from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, open_table, scan
+
+log = logging.getLogger(__name__)
+
+WATERMARK = "lungray.images_version"
+STUDY_IMAGE_COLUMNS = ["path", "study_id", "sop_uid", "status", "prob", "size"]
+# A decoration of the new study rows (the Grad-CAM overlays) from them and their image rows.
+Decorate = Callable[[pa.Table, pa.Table], pa.Table]
+
+
+def watermark_key(model_id: str) -> str:
+    return f"{WATERMARK}.{model_id}"
+
+
+def watermark(studies: DeltaTable, model_id: str) -> int | None:
+    """The images version the model's study rows last reflected (None: never synced)."""
+    key = watermark_key(model_id)
+    for commit in studies.history():
+        if key in commit:
+            return int(commit[key])
+    return None
+
+
+def changed_files(output: str, images: DeltaTable, since: int | None) -> list[str] | None:
+    """Data files added or removed between version `since` and now; None when `since` is
+    no longer in the log (then every study of the model is re-aggregated)."""
+    now = set(images.file_uris())
+    if since is None:
+        return sorted(now)
+    try:
+        then = set(open_table(output, "images", version=since).file_uris())
+    except Exception:  # noqa: BLE001 - that version's log was cleaned up
+        log.warning("images version %d is no longer in the log: re-aggregating every study", since)
+        return None
+    return sorted(now ^ then)
+
+
+def touched_studies(files: list[str], model_id: str) -> pa.Array:
+    if not files:
+        return pa.array([], pa.string())
+    fs, _ = filesystem_for(files[0])
+    paths = [filesystem_for(uri)[1] for uri in files]
+    dataset = pads.dataset(paths, format="parquet", filesystem=fs)
+    table = dataset.to_table(columns=["study_id", "model_id"])  # no pushed-down filter: delta-rs may write string_view
+    ids = table["study_id"].cast(pa.string()).filter(pc.equal(table["model_id"].cast(pa.string()), model_id))
+    return pc.unique(pc.drop_null(ids.combine_chunks()))
+
+
+def sync_studies(
+    output: str, model_id: str, threshold: float, aggregate: str, run_id: str, date: str, decorate: Decorate | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """Re-aggregate and upsert the model's studies touched since the last sync.
+
+    Returns the study rows written and the image rows they were aggregated from.
+    """
+    images, studies = ensure_table(output, "images"), ensure_table(output, "studies")
+    images.update_incremental()
+    studies.update_incremental()
+    version = images.version()
+    since = watermark(studies, model_id)
+    if since == version:
+        return STUDY_SCHEMA.empty_table(), IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS)
+    files = changed_files(output, images, since)
+    rows = study_images(images, model_id, None if files is None else touched_studies(files, model_id))
+    new = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
+    if decorate is not None and new.num_rows:
+        new = decorate(new, rows)
+    if new.num_rows or since is None or files:
+        merge(studies, "studies", new, {watermark_key(model_id): str(version)})
+    return new, rows
+
+
+
+def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) -> pa.Table:
+    """The model's current image rows of `studies` (all of its studies when None), streamed
+    batch by batch. The study filter is applied per batch rather than pushed into the scan:
+    pyarrow cannot compare the string_view statistics delta-rs writes with a string set."""
+    kept = []
+    for batch in scan(images, STUDY_IMAGE_COLUMNS, pc.field("model_id") == model_id).to_batches():
+        if batch.num_rows:
+            kept.append(batch if studies is None else batch.filter(pc.is_in(batch["study_id"], studies)))
+    schema = IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS).schema
+    return pa.Table.from_batches(kept, schema=schema) if kept else schema.empty_table()

@@ -1,0 +1,327 @@
+"""The screening tables at archive scale: the ledger, the study sync, leases and resume, readers, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import SAMPLES
+from deltalake import DeltaTable, write_deltalake
+from model_factory import untrained_model_dir
+
+from lungray.io.listing import iter_listing
+from lungray.screen import lease as lease_module
+from lungray.screen.lease import ConcurrentRunError, Lease
+from lungray.screen.ledger import LedgerRule, plan
+from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.progress import Chunker
+from lungray.screen.studies import sync_studies, watermark
+from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, open_table, read_table
+
+DATE = "2026-11-29"
+MODEL = "cnn-0123456789ab"
+
+
+def image_rows(rows: list[dict]) -> pa.Table:
+    defaults = {name: None for name in IMAGE_SCHEMA.names}
+    defaults.update(model_id=MODEL, status="ok", tries=1, run_id="r0", scored_date=DATE)
+    return pa.Table.from_pylist([{**defaults, **row} for row in rows], schema=IMAGE_SCHEMA)
+
+
+def listing(rows: list[tuple[str, int, int | None, str | None]]) -> pa.Table:
+    return pa.table(
+        {
+            "uri": [row[0] for row in rows],
+            "relpath": [row[0] for row in rows],
+            "size": pa.array([row[1] for row in rows], pa.int64()),
+            "listed_mtime_ns": pa.array([row[2] for row in rows], pa.int64()),
+            "etag": pa.array([row[3] for row in rows], pa.string()),
+            "path": [row[0] for row in rows],
+            "mtime_ns": pa.array([row[2] for row in rows], pa.int64()),
+        }
+    )
+
+
+def test_ledger_decides_from_the_last_row_of_each_file(tmp_path: Path) -> None:
+    ensure_table(str(tmp_path), "images")
+    history = image_rows(
+        [
+            {"path": "/a/same", "size": 10, "mtime_ns": 1},
+            {"path": "/a/grown", "size": 10, "mtime_ns": 1},
+            {"path": "/a/touched", "size": 10, "mtime_ns": 1},
+            {"path": "/a/retag", "size": 10, "mtime_ns": 1, "etag": "x"},
+            {"path": "/a/error-once", "size": 10, "mtime_ns": 1, "status": "error", "tries": 1},
+            {"path": "/a/error-max", "size": 10, "mtime_ns": 1, "status": "error", "tries": 3},
+            {"path": "/a/resumed", "size": 10, "mtime_ns": 1, "run_id": "interrupted"},
+            {"path": "/a/other-model", "size": 10, "mtime_ns": 1, "model_id": "cnn_lstm-ffffffffffff"},
+        ]
+    )
+    write_deltalake(str(tmp_path / "images"), history, mode="append", partition_by=["scored_date"])
+    listed = listing(
+        [
+            ("/a/same", 10, 1, None), ("/a/grown", 11, 1, None), ("/a/touched", 10, 2, None), ("/a/retag", 10, 1, "y"),
+            ("/a/error-once", 10, 1, None), ("/a/error-max", 10, 1, None), ("/a/resumed", 10, 1, None),
+            ("/a/other-model", 10, 1, None), ("/a/new", 5, 1, None),
+        ]
+    )
+    images = open_table(str(tmp_path), "images")
+
+    def decided(rule: LedgerRule) -> dict[str, tuple]:
+        planned = plan(listed, images, MODEL, rule)
+        return {row["path"]: (row["score"], row["replaces"], row["tries"]) for row in planned.to_pylist()}
+
+    incremental = decided(LedgerRule(incremental=True, max_retries=3, resumed_runs=frozenset({"interrupted"})))
+    assert incremental == {
+        "/a/same": (False, True, 1),
+        "/a/grown": (True, True, 1),
+        "/a/touched": (True, True, 1),
+        "/a/retag": (True, True, 1),
+        "/a/error-once": (True, True, 2),  # a transient failure is tried again...
+        "/a/error-max": (False, True, 4),  # ...until --max-retries
+        "/a/resumed": (False, True, 1),
+        "/a/other-model": (True, False, 1),  # another model's row is not this model's ledger
+        "/a/new": (True, False, 1),
+    }
+    full = decided(LedgerRule(incremental=False, max_retries=3, resumed_runs=frozenset({"interrupted"})))
+    assert [path for path, (score, _, _) in full.items() if not score] == ["/a/resumed"]  # a rerun of the same command resumes
+    planned = plan(listed, images, MODEL, LedgerRule(incremental=True, max_retries=3))
+    assert pc.sum(planned["given_up"]).as_py() == 1 and pc.sum(planned["resumed"]).as_py() == 0
+
+
+def test_ledger_with_no_table_yet_scores_everything() -> None:
+    planned = plan(listing([("/x", 1, 1, None)]), None, MODEL, LedgerRule(incremental=True, max_retries=3))
+    assert planned["score"].to_pylist() == [True] and planned["replaces"].to_pylist() == [False]
+
+
+def test_study_aggregation_matches_a_pandas_groupby() -> None:
+    rows = image_rows(
+        [
+            {"path": "1", "study_id": "s1", "prob": 0.2},
+            {"path": "2", "study_id": "s1", "prob": 0.9},
+            {"path": "3", "study_id": "s1", "status": "error"},
+            {"path": "4", "study_id": "s2", "status": "skipped"},
+            {"path": "5", "study_id": "s3", "prob": 0.3},
+            {"path": "6", "study_id": "s3", "prob": 0.6},
+        ]
+    )
+    frame = rows.to_pandas()
+    for how in ("max", "mean"):
+        studies = aggregate_studies(rows, 0.5, how, MODEL, "r1", DATE).to_pandas().set_index("study_id")
+        usable = frame[frame["status"] == "ok"].groupby("study_id")["prob"].agg(how)
+        expected = frame.groupby("study_id").agg(n_images=("path", "size"))
+        assert studies["n_images"].to_dict() == expected["n_images"].to_dict()
+        assert studies["n_errors"].to_dict() == {"s1": 1, "s2": 0, "s3": 0}
+        assert studies["n_skipped"].to_dict() == {"s1": 0, "s2": 1, "s3": 0}
+        assert studies["prob"].dropna().to_dict() == pytest.approx(usable.to_dict())
+        assert pd.isna(studies.loc["s2", "prob"]) and not studies.loc["s2", "flagged"]
+        assert studies["flagged"].to_dict() == {"s1": True, "s2": False, "s3": how == "max"}
+
+
+def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path: Path) -> None:
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    first = image_rows([{"path": "1", "study_id": "s1", "prob": 0.2}, {"path": "2", "study_id": "s2", "prob": 0.7}])
+    write_deltalake(str(tmp_path / "images"), first, mode="append", partition_by=["scored_date"])
+    written, _ = sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
+    assert sorted(written["study_id"].to_pylist()) == ["s1", "s2"]
+    assert watermark(open_table(output, "studies"), MODEL) == open_table(output, "images").version()
+    assert sync_studies(output, MODEL, 0.5, "max", "r2", DATE)[0].num_rows == 0  # nothing changed since
+
+    # An images commit whose run was killed before its studies MERGE: the next sync finds it.
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "3", "study_id": "s1", "prob": 0.95}]), mode="append", partition_by=["scored_date"])
+    written, _ = sync_studies(output, MODEL, 0.5, "max", "r3", DATE)
+    assert written["study_id"].to_pylist() == ["s1"]
+    studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
+    assert (studies["s1"]["n_images"], studies["s1"]["prob"], studies["s1"]["run_id"]) == (2, 0.95, "r3")
+    assert studies["s2"]["run_id"] == "r1" and len(studies) == 2
+
+
+def marker(tmp_path: Path, **changes) -> Path:
+    now = time.time()
+    fields = {
+        "run_id": "old-run", "model_id": MODEL, "fingerprint": "f1", "host": socket.gethostname(), "pid": os.getpid(),
+        "started_at": now - 60, "heartbeat_at": now, "state": "running", "resumes": [],
+    }
+    fields.update(changes)
+    folder = tmp_path / lease_module.ACTIVE / MODEL
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{fields['run_id']}.json"
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def dead_pid() -> int:
+    pid = 4_000_000
+    while lease_module.pid_alive(pid):
+        pid -= 1
+    return pid
+
+
+def test_a_live_run_refuses_a_second_one_and_leaves_no_claim(tmp_path: Path) -> None:
+    marker(tmp_path)  # this very process, heartbeat now: live
+    with pytest.raises(ConcurrentRunError, match="run old-run on .* Nothing was written"):
+        Lease(str(tmp_path), MODEL, "new-run", "f1").acquire()
+    assert [path.name for path in (tmp_path / lease_module.ACTIVE / MODEL).iterdir()] == ["old-run.json"]
+    other_host = marker(tmp_path, run_id="remote", host="another-node", pid=1)
+    os.remove(tmp_path / lease_module.ACTIVE / MODEL / "old-run.json")
+    with pytest.raises(ConcurrentRunError, match="another-node"):
+        Lease(str(tmp_path), MODEL, "new-run", "f1").acquire()
+    other_host.unlink()
+    other_model = Lease(str(tmp_path), "cnn_lstm-ffffffffffff", "x", "f1")
+    assert other_model.acquire() == ()  # another model's runs do not conflict
+    other_model.release(failed=False)
+
+
+@pytest.mark.parametrize(
+    "interrupted",
+    [
+        {"pid": None},  # the driver was killed: its pid is gone
+        {"host": "another-node", "heartbeat_at": time.time() - 10 * lease_module.STALE_AFTER_SECONDS},  # silent for too long
+        {"state": "failed"},  # the run raised and left its marker for the rerun
+    ],
+)
+def test_an_interrupted_run_of_the_same_command_is_resumed(tmp_path: Path, interrupted: dict) -> None:
+    marker(tmp_path, run_id="older", pid=dead_pid(), state="failed", started_at=1.0, heartbeat_at=1.0)
+    marker(tmp_path, **{**interrupted, "pid": interrupted.get("pid") or dead_pid(), "resumes": ["older"]})
+    marker(tmp_path, run_id="other-command", fingerprint="f2", pid=dead_pid())
+    run = Lease(str(tmp_path), MODEL, "new-run", "f1")
+    assert run.acquire() == ("older", "old-run")
+    names = sorted(path.name for path in (tmp_path / lease_module.ACTIVE / MODEL).iterdir())
+    assert names == ["new-run.json", "other-command.json"]  # another command's marker is left for its own rerun
+    assert json.loads((tmp_path / lease_module.ACTIVE / MODEL / "new-run.json").read_text())["resumes"] == ["older", "old-run"]
+    run.release(failed=True)
+    assert json.loads((tmp_path / lease_module.ACTIVE / MODEL / "new-run.json").read_text())["state"] == "failed"
+
+
+def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:
+    for index in range(23):
+        folder = tmp_path / f"d{index % 3}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"f{index:02d}.bin").write_bytes(b"x" * index)
+    batches = list(iter_listing(str(tmp_path), batch_rows=5))
+    assert [batch.num_rows for batch in batches] == [5, 5, 5, 5, 3]
+    relpaths = [path for batch in batches for path in batch["relpath"].to_pylist()]
+    assert relpaths == sorted(relpaths) and len(set(relpaths)) == 23
+    sizes = {row["relpath"]: row["size"] for batch in batches for row in batch.to_pylist()}
+    assert sizes["d1/f22.bin"] == 22 and all(row["etag"] is None for batch in batches for row in batch.to_pylist())
+    with pytest.raises(FileNotFoundError):
+        list(iter_listing(str(tmp_path / "missing")))
+
+
+def test_chunks_are_bounded_by_files_then_by_minutes() -> None:
+    chunker = Chunker(max_files=5000, minutes=2)
+    assert chunker.size() == 1000  # no rate yet
+    chunker.observe(1000, 50.0)  # 20 files/s: two minutes are 2,400 files
+    assert chunker.size() == 2400
+    chunker.observe(1000, 1.0)
+    assert chunker.size() == 5000
+    assert Chunker(max_files=40, minutes=10).size() == 40
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label.lower()).mkdir()
+        for path in sorted((SAMPLES / "kermany-mini" / label).glob("*.jpeg"))[:5]:
+            shutil.copy(path, root / label.lower() / path.name)
+    return root
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(600)
+def test_tables_read_back_with_pandas_polars_and_duckdb(tmp_path: Path, archive: Path) -> None:
+    model = untrained_model_dir(tmp_path / "model", threshold=0.5)
+    output = tmp_path / "out"
+    run_screen(ScreenConfig(model=str(model), input=str(archive), output=str(output), date=DATE))
+    expected = read_table(str(output), "images")
+
+    with_pandas = DeltaTable(str(output / "images")).to_pandas()
+    with_polars = pl.read_delta(str(output / "images"))
+    images = DeltaTable(str(output / "images")).to_pyarrow_dataset()  # DuckDB scans the Arrow dataset: no extension download
+    with_duckdb = duckdb.sql("select path, prob from images order by path").fetchall()
+    assert sorted(with_pandas["path"]) == sorted(with_polars["path"].to_list()) == sorted(expected["path"].to_pylist())
+    assert [path for path, _ in with_duckdb] == sorted(expected["path"].to_pylist())
+    assert dict(with_duckdb) == pytest.approx(dict(zip(expected["path"].to_pylist(), expected["prob"].to_pylist())))
+    studies = pl.read_delta(str(output / "studies")).sort("study_id")
+    assert studies["study_id"].to_list() == ["normal", "pneumonia"] and studies["n_images"].to_list() == [5, 5]
+    counts = DeltaTable(str(output / "studies")).to_pyarrow_dataset()
+    assert duckdb.sql("select sum(n_images) from counts").fetchall() == [(10,)]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(600)
+def test_a_file_unreadable_then_readable_again_is_retried_and_its_row_replaced(tmp_path: Path, archive: Path) -> None:
+    model = untrained_model_dir(tmp_path / "model", threshold=0.5)
+    local = tmp_path / "archive"
+    shutil.copytree(archive, local)
+    film = sorted((local / "normal").iterdir())[0]
+    good, stat = film.read_bytes(), film.stat()
+    film.write_bytes(b"\0" * len(good))  # a transient failure: unreadable, same size and mtime
+    os.utime(film, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    output = tmp_path / "out"
+    config = ScreenConfig(model=str(model), input=str(local), output=str(output), date=DATE, incremental=True)
+    run_screen(config)
+    row = read_table(str(output), "images", filter=pc.field("path") == str(film)).to_pylist()
+    assert [(r["status"], r["tries"]) for r in row] == [("error", 1)]
+
+    film.write_bytes(good)
+    os.utime(film, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    healed = run_screen(replace(config, date="2026-11-30"))
+    assert (healed["files_scored"], healed["files_retried"], healed["files_replaced"]) == (1, 1, 1)
+    images = read_table(str(output), "images")
+    assert images.num_rows == 10 and len(set(images["path"].to_pylist())) == 10
+    row = images.filter(pc.equal(images["path"], str(film))).to_pylist()[0]
+    assert (row["status"], row["tries"], row["scored_date"]) == ("ok", 2, "2026-11-30") and 0 <= row["prob"] <= 1
+    normal = read_table(str(output), "studies", filter=pc.field("study_id") == "normal").to_pylist()[0]
+    assert (normal["n_errors"], normal["n_images"], normal["scored_date"]) == (0, 5, "2026-11-30")
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(600)
+def test_runs_of_two_models_at_once_both_commit_and_a_second_run_of_one_is_refused(tmp_path: Path, archive: Path) -> None:
+    models = [untrained_model_dir(tmp_path / name, threshold=0.5, arch=name) for name in ("cnn", "cnn_lstm")]
+    output = tmp_path / "out"
+    configs = [ScreenConfig(model=str(model), input=str(archive), output=str(output), date=DATE, chunk_files=4) for model in models]
+    results: list[object] = []
+
+    def screen(config: ScreenConfig) -> None:
+        try:
+            results.append(run_screen(config))
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=screen, args=(config,)) for config in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=500)
+    assert all(isinstance(result, dict) for result in results), results
+    images = read_table(str(output), "images")
+    assert images.num_rows == 20 and images.group_by("model_id").aggregate([("path", "count_distinct")])["path_count_distinct"].to_pylist() == [10, 10]
+    studies = read_table(str(output), "studies")
+    assert sorted(zip(studies["model_id"].to_pylist(), studies["n_images"].to_pylist())) == sorted(
+        (result["model_id"], 5) for result in results for _ in range(2)
+    )
+
+    holder = Lease(str(output), results[0]["model_id"], "someone-else", "f")
+    holder.acquire()
+    try:
+        version = open_table(str(output), "images").version()
+        with pytest.raises(ConcurrentRunError, match="run someone-else"):
+            run_screen(configs[[r["model_id"] for r in results].index(results[0]["model_id"])])
+        assert open_table(str(output), "images").version() == version  # refused before anything was written
+    finally:
+        holder.release(failed=False)
