@@ -324,7 +324,6 @@ def screen_config_from_args(args: argparse.Namespace) -> ScreenConfig:
 def cmd_screen(args: argparse.Namespace) -> int:
     config = screen_config_from_args(args)
     init_ray(progress_bars=args.verbose)
-    quiet_ray(args.verbose)
     try:
         summary = run_screen(config)
     except PacsError as exc:  # the PACS cannot be queried (refused connection, bad credential): nothing was run
@@ -492,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # progress lines a person reads, without --verbose
+    quiet_ray(args.verbose)
     try:
         return args.run(args)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -85,7 +85,7 @@ def cluster_cpus() -> float:
 
 def quiet_ray(verbose: bool) -> None:
     """Without --verbose, a long job prints its own progress lines, not Ray Data's INFO lines
-    (dozens per dataset: execution plans, operator stats, commits)."""
+    (dozens per dataset: execution plans, operator stats, commits). Called before Ray starts."""
     if verbose:
         return
     from ray.data import DataContext

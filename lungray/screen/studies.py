@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from lungray.io.listing import filesystem_for
@@ -53,7 +54,14 @@ def changed_files(output: str, images: DeltaTable, since: int | None) -> list[st
     except Exception:  # noqa: BLE001 - that version's log was cleaned up
         log.warning("images version %d is no longer in the log: re-aggregating every study", since)
         return None
-    return sorted(now ^ then)
+    changed = sorted(now ^ then)
+    if changed:
+        fs, _ = filesystem_for(changed[0])
+        infos = fs.get_file_info([filesystem_for(uri)[1] for uri in changed])
+        if any(info.type == pafs.FileType.NotFound for info in infos):  # a removed file already vacuumed
+            log.warning("files of images version %d were vacuumed: re-aggregating every study", since)
+            return None
+    return changed
 
 
 def touched_studies(files: list[str], model_id: str) -> pa.Array:

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from lungray.io.listing import is_s3, join_uri
+from lungray.io.listing import absolute_uri, is_s3, join_uri
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -64,7 +64,8 @@ MERGE_ATTEMPTS = 5
 
 
 def table_uri(output: str, name: str) -> str:
-    return join_uri(output, name)
+    """The table's URI; a local path made absolute (Ray's Delta writer needs one)."""
+    return join_uri(absolute_uri(output), name)
 
 
 def storage_options(uri: str) -> dict[str, str] | None:
