@@ -13,7 +13,7 @@ import functools
 import io
 import posixpath
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,6 +21,9 @@ from PIL import Image, ImageOps
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
 from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, rgb_to_gray
 from lungray.privacy import keyed
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -115,8 +118,12 @@ def decode_bytes(
     relpath: str,
     options: DecodeOptions | None = None,
     salt: str | None = None,
+    dataset: Dataset | None = None,
 ) -> Decoded:
     """Decode one file; never raises. `relpath` is the path relative to the archive root.
+
+    `dataset`: the file's DICOM dataset where a caller has parsed it already (the scope
+    check), so that it is not parsed twice; it may be modified.
 
     A DICOM file that fails to decode keeps what its header said (study/series/SOP UIDs)
     in `meta`, so its error row is counted in its study.
@@ -131,7 +138,7 @@ def decode_bytes(
     mask = None
     try:
         if fmt in ("dicom", "unknown"):
-            image, meta, mask = dicom.decode_dicom(data, options, functools.partial(patient_key, salt=salt))
+            image, meta, mask = dicom.decode_dicom(data, options, functools.partial(patient_key, salt=salt), dataset)
         else:
             image, meta = decode_raster(data, fmt, options)
     except DecodeError as exc:
