@@ -20,8 +20,12 @@ import numpy as np
 # Bumped whenever the decoder's pixels change for the same file and options.
 # 2: pydicom's VOI/windowing/presentation functions, Presentation LUT Shape, pixel padding.
 # 3: reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling, binning; lungray.io.codecs).
-DECODER_VERSION = 3
+# 4: reduced decodes no smaller than 4x the model side (was 2x), binning steps that divide
+#    both sides (were cropped): `reduced_decode_for`, `bin_step`.
+DECODER_VERSION = 4
 VERSION_KEY = "decoder_version"
+# Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).
+RETIRED_LIMITS = ("min_side",)
 FRAME_POLICIES = ("first", "middle")
 
 
@@ -38,6 +42,39 @@ class DecodeError(Exception):
 
 
 @dataclass(frozen=True)
+class ReducedDecode:
+    """Shorter-side floors, in decoded pixels, of a reduced decode, one per codec family."""
+
+    wavelet: int  # JPEG 2000 resolution levels (Pillow's OpenJPEG `reduce`)
+    dct: int  # JPEG DCT scaling (libjpeg's scaled IDCT, Pillow `draft`)
+    binning: int  # integer box binning of the decoded values, after any of the above or a full decode
+
+
+# Floors as multiples of the model's input side: what bench/reduced_decode_probs.py measured
+# (max |dprob| against the full-resolution decode, default CNN / CNN-LSTM of site B, full-size
+# twins of 24 site-B films, 2048 px unless said; docs/results.md, reduced-resolution decode).
+# JPEG 2000: 2x (level 2, 512 px) 0.049 / 0.059; 4x (level 1, 1024 px) 0.015 / 0.015, at 2800 px
+# 0.009 / 0.014, but on 96 films 0.030 / 0.018 (one film; median 0.001): the LL band sits half a
+# source pixel per level off a box, and no reduced level met 0.02 on every film. 8x would be a
+# full decode below 3584 px.
+WAVELET_SIDE_MULTIPLE = 4
+# DCT scaling: 2x (1/4, 512 px) 0.021 / 0.020, at 2800 px 3x (1/4, 700 px) 0.023 / 0.016;
+# 4x (1/2) 0.012 / 0.010, at 2800 px 0.011 / 0.012, on 96 films 0.017 / 0.015.
+DCT_SIDE_MULTIPLE = 4
+# Binning: 2x (step 4, 512 px) 0.022 / 0.019; 3x (step 3, cropping 2 px) 0.024 / 0.053;
+# 4x (step 2) 0.010 / 0.007, on 96 films 0.016 / 0.013; 2800 px step 2 0.008 / 0.008; 3072 px
+# step 3 0.004 / 0.007.
+BINNING_SIDE_MULTIPLE = 4
+
+
+def reduced_decode_for(model_side: int) -> ReducedDecode:
+    """The floors for a model that sees `model_side` px."""
+    return ReducedDecode(
+        wavelet=WAVELET_SIDE_MULTIPLE * model_side, dct=DCT_SIDE_MULTIPLE * model_side, binning=BINNING_SIDE_MULTIPLE * model_side
+    )
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
     """Knobs of the decoder; defaults suit chest radiographs.
 
@@ -48,11 +85,10 @@ class DecodeOptions:
     apply_voi: bool = True
     max_pixels: int = field(default=100_000_000, metadata={"pixels": False})  # rows x cols x frames x samples
     frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
-    # Decode no smaller than this on the shorter side where the codec can decode smaller
-    # (JPEG 2000 levels, JPEG DCT scaling, box binning after a full decode; lungray.io.codecs).
-    # None = full resolution. Rows set it to twice the model's input side (lungray.io.rows),
+    # How small the decoder may go where the codec can decode smaller (lungray.io.codecs);
+    # None = full resolution. Rows set it from the model's input side (`reduced_decode_for`),
     # so it follows from the recorded preprocessing and is not recorded itself.
-    min_side: int | None = field(default=None, metadata={"pixels": False})
+    reduced: ReducedDecode | None = field(default=None, metadata={"pixels": False})
 
     def __post_init__(self) -> None:
         if self.frame not in FRAME_POLICIES:
@@ -79,10 +115,18 @@ class Decoded:
         return self.error is None
 
 
-def bin_step(shorter_side: int, min_side: int) -> int:
-    """The integer box-binning step that keeps the shorter side at or above `min_side` (1: no binning)."""
-    step = shorter_side // min_side
-    return step if step >= 2 else 1
+def bin_step(rows: int, cols: int, min_side: int) -> int:
+    """The largest integer box-binning step that keeps the shorter side at or above `min_side`
+    and divides both sides (1: no binning).
+
+    A step that leaves a remainder would crop it, and that slight change of the film's
+    geometry moves probabilities more than the binning itself: 2800 px films binned by 3
+    (a pixel cropped) moved the CNN-LSTM's by up to 0.025, 3072 px ones by 3 (none) 0.007.
+    """
+    for step in range(min(rows, cols) // min_side, 1, -1):
+        if rows % step == 0 and cols % step == 0:
+            return step
+    return 1
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -110,7 +154,7 @@ def normalized_record(record: dict[str, Any] | None) -> dict[str, Any]:
     such files cannot tell which decoder made them. Unknown keys are kept, so they compare
     unequal rather than vanish.
     """
-    limits = {f.name for f in fields(DecodeOptions)} - set(pixel_fields())
+    limits = ({f.name for f in fields(DecodeOptions)} - set(pixel_fields())) | set(RETIRED_LIMITS)
     recorded = {key: value for key, value in (record or {}).items() if key not in limits}
     return {**decode_record(DecodeOptions()), **recorded}
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_format, study_from_relpath
 from lungray.io.listing import read_bytes
 from lungray.io.scope import Scope, skip_reason
@@ -27,10 +28,6 @@ from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-# The decoder may go down to this multiple of the model's input side (lungray.io.codecs):
-# at 2x the area resize still averages 2x2 decoded pixels per model pixel.
-DECODE_SIDE_MULTIPLE = 2
 
 META_SCHEMA = pa.schema(
     [
@@ -112,7 +109,7 @@ def process_file(
             row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
             row.update(status="skipped", skip_reason=reason, study_id=header.get("study_id") or study_from_relpath(relpath))
             return row, None
-    options = replace(decode_options, min_side=DECODE_SIDE_MULTIPLE * preprocess_config.size)
+    options = replace(decode_options, reduced=reduced_decode_for(preprocess_config.size))
     decoded = decode_bytes(data, relpath, options, salt=salt, dataset=dataset)
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
