@@ -7,7 +7,9 @@ The decode options that change pixels are recorded beside the preprocessing, in 
 ingest's summary.json and then in model.json, with `DECODER_VERSION`, so that a model is
 screened and evaluated on images decoded exactly as its training images were
 (`decode_record` writes the record, `options_from_record` reads it and refuses what this
-lungray cannot reproduce).
+lungray cannot reproduce). A file without a record, or a record without a version, was
+written before versions were recorded, by the first decoder: it reads as version 1, never
+as today's decoder, so an old model cannot pass as trained on today's pixels.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any
 import numpy as np
 
 # Bumped whenever the decoder's pixels change for the same file and options.
+# 1: the first released decoder (recorded no version: `normalized_record` reads a missing one as 1).
 # 2: pydicom's VOI/windowing/presentation functions, Presentation LUT Shape, pixel padding.
 # 3: reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling, binning; lungray.io.codecs).
 # 4: reduced decodes no smaller than 4x the model side (was 2x), binning steps that divide
 #    both sides (were cropped): `reduced_decode_for`, `bin_step`.
 DECODER_VERSION = 4
+FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).
 RETIRED_LIMITS = ("min_side",)
@@ -149,14 +153,14 @@ def normalized_record(record: dict[str, Any] | None) -> dict[str, Any]:
     """A recorded decode (summary.json or model.json) with defaults filled in and limits
     dropped, so that two records compare equal exactly when they mean the same pixels.
 
-    A missing record (model directories and ingests written before decode options were
-    recorded) and a record without a decoder version are read as this decoder's defaults:
-    such files cannot tell which decoder made them. Unknown keys are kept, so they compare
-    unequal rather than vanish.
+    A missing record (model directories written before decode options were recorded) and
+    a record without a decoder version (ingests of that time, which wrote the options
+    only) are decoder version 1's: the options they name, else its defaults (today's).
+    Unknown keys are kept, so they compare unequal rather than vanish.
     """
     limits = ({f.name for f in fields(DecodeOptions)} - set(pixel_fields())) | set(RETIRED_LIMITS)
     recorded = {key: value for key, value in (record or {}).items() if key not in limits}
-    return {**decode_record(DecodeOptions()), **recorded}
+    return {**decode_record(DecodeOptions()), VERSION_KEY: FIRST_DECODER_VERSION, **recorded}
 
 
 def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOptions:
@@ -165,13 +169,16 @@ def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOpti
     `where` names the record's owner (a model directory, an ingest) for the message. Limits
     (`max_pixels`) are not part of the record: the caller sets them.
     """
+    unversioned = VERSION_KEY not in (record or {})
     record = normalized_record(record)
     version = record.pop(VERSION_KEY)
     if version != DECODER_VERSION:
+        origin = " (it records no decoder version, so it dates from before versions were recorded)" if unversioned else ""
         raise ValueError(
-            f"{where} was made with images from lungray decoder version {version}; this lungray decodes with "
-            f"version {DECODER_VERSION} and cannot reproduce those pixels: use a lungray with decoder version "
-            f"{version}, or re-ingest and retrain"
+            f"{where} was made with images from lungray decoder version {version}{origin}; this lungray decodes "
+            f"with version {DECODER_VERSION} and cannot reproduce those pixels: use a lungray with decoder version "
+            f"{version}, or re-ingest and retrain; only where a re-ingest by this lungray is shown to give the "
+            f"same tensors (equal content hashes) may its decode record say version {DECODER_VERSION}"
         )
     unknown = sorted(set(record) - set(pixel_fields()))
     if unknown:
