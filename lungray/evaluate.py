@@ -39,8 +39,8 @@ def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "la
 
 def check_preprocessing(model: ModelDir, summary: dict[str, Any], data: str) -> None:
     """Refuse data decoded or preprocessed differently from the model's training data: its
-    scores would describe inputs the model never saw. Records from before decode options
-    were kept read as the defaults (`lungray.io.base.normalized_record`)."""
+    scores would describe inputs the model never saw. Records from before decoder versions
+    were kept read as decoder version 1's (`lungray.io.base.normalized_record`)."""
     if summary["preprocess"] != model.meta["preprocess"]:
         raise ValueError(
             f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "

@@ -7,7 +7,8 @@ Layout:
   (a ModelConfig, or an EnsembleConfig of several), `preprocess` (PreprocessConfig, so scoring reproduces the training input
   exactly), `decode` (the decode options that change pixels and the decoder version, from
   the ingest: `lungray.io.base.decode_record`; a model.json without it, written before it was
-  recorded, is read as the default options of this decoder), `classes`, `threshold`, plus
+  recorded, is read as decoder version 1's defaults, which a later decoder refuses to
+  reproduce), `classes`, `threshold`, plus
   the training record that export adds (metrics,
   history, data fingerprint, versions). `format_version` guards readers against layouts
   they do not know; `weights_sha256` ties the JSON to its weights.

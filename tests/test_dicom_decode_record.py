@@ -13,7 +13,14 @@ from model_factory import untrained_model_dir
 from test_train import write_ingested
 
 from lungray.evaluate import evaluate
-from lungray.io.base import DECODER_VERSION, DecodeOptions, decode_record, normalized_record, options_from_record
+from lungray.io.base import (
+    DECODER_VERSION,
+    FIRST_DECODER_VERSION,
+    DecodeOptions,
+    decode_record,
+    normalized_record,
+    options_from_record,
+)
 from lungray.modeldir import META_FILE, load_model_dir
 from lungray.report.compare import load_models
 from lungray.screen import pipeline
@@ -53,11 +60,24 @@ def test_ingest_summary_record_reads_back() -> None:
     assert normalized_record(summary_record) == decode_record(DecodeOptions(apply_voi=False))
 
 
-def test_old_model_directory_without_decode_reads_as_defaults(model_dir: Path) -> None:
+def test_a_record_without_a_version_is_the_first_decoder_and_refused(model_dir: Path) -> None:
+    """Older runs: a model.json without `decode`, an ingest summary with the options only (as the
+    first decoder wrote it). They read as decoder version 1, never as today's, and are refused."""
+    legacy = {"apply_voi": True, "frame": "first", "decoder_version": FIRST_DECODER_VERSION}
+    assert normalized_record(None) == legacy and FIRST_DECODER_VERSION != DECODER_VERSION
+    old_summary = {"apply_voi": False, "max_pixels": 100, "frame": "first"}
+    assert normalized_record(old_summary) == {**legacy, "apply_voi": False}
     loaded = load_model_dir(with_decode(model_dir, None))
-    assert loaded.decode == DecodeOptions()
-    # an ingest summary from before the version was recorded: the options it names, default version
-    assert options_from_record({"apply_voi": True, "max_pixels": 100, "frame": "first"}, "old ingest") == DecodeOptions()
+    with pytest.raises(ValueError, match=r"decoder version 1 \(it records no decoder version.*version 4 and cannot reproduce"):
+        loaded.decode
+    with pytest.raises(ValueError, match="records no decoder version"):
+        options_from_record(old_summary, "old ingest")
+
+
+def test_a_decoder_3_summary_with_its_retired_limit_reads_back() -> None:
+    """Decoder 3's ingests wrote `min_side` (a limit, since replaced by `reduced`) into summary.json."""
+    summary = {"apply_voi": True, "max_pixels": 5, "frame": "first", "min_side": None, "decoder_version": 3}
+    assert normalized_record(summary) == {"apply_voi": True, "frame": "first", "decoder_version": 3}
 
 
 @pytest.mark.parametrize(
@@ -75,12 +95,19 @@ def test_a_decode_this_lungray_cannot_honour_is_refused(model_dir: Path, record:
         loaded.decode
 
 
-def test_screen_refuses_before_reading_anything(model_dir: Path, tmp_path: Path) -> None:
-    with_decode(model_dir, {"apply_voi": True, "frame": "first", "decoder_version": DECODER_VERSION + 1})
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"apply_voi": True, "frame": "first", "decoder_version": DECODER_VERSION + 1}, f"decoder version {DECODER_VERSION + 1}"),
+        (None, "decoder version 1 \\(it records no decoder version"),  # an old model directory
+    ],
+)
+def test_screen_refuses_before_reading_anything(model_dir: Path, tmp_path: Path, record: dict | None, message: str) -> None:
+    with_decode(model_dir, record)
     archive = tmp_path / "archive"
     archive.mkdir()
     (archive / "a.dcm").write_bytes(dicom_bytes(dicom_dataset(np.zeros((8, 8), np.uint8))))
-    with pytest.raises(ValueError, match=f"decoder version {DECODER_VERSION + 1}"):
+    with pytest.raises(ValueError, match=message):
         run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(tmp_path / "out"), date="2026-12-01"))
     assert not (tmp_path / "out" / "images").exists()
 
@@ -109,6 +136,7 @@ def test_screen_decodes_with_the_model_options(model_dir: Path, tmp_path: Path, 
 def ingest_with_decode(root: Path, record: dict | None) -> Path:
     data = write_ingested(root, size=32)
     summary = json.loads((data / "summary.json").read_text())
+    summary.pop("decode", None)
     if record is not None:
         summary["decode"] = record
     (data / "summary.json").write_text(json.dumps(summary))
@@ -130,7 +158,12 @@ def test_compare_accepts_matching_and_old_records(model_dir: Path, tmp_path: Pat
     data = ingest_with_decode(tmp_path / "data", {**asdict(NO_VOI_MIDDLE), **decode_record(NO_VOI_MIDDLE)})
     summary = json.loads((data / "summary.json").read_text())
     assert load_models([str(model_dir)], str(data), summary, "cpu")[0].decode == NO_VOI_MIDDLE
-    # neither side recorded (both from before the field): both defaults, accepted
+    # neither side recorded (both from before the field): both decoder 1, accepted (no decode happens)
     old_model = with_decode(untrained_model_dir(tmp_path / "old", size=32), None)
     old_data = ingest_with_decode(tmp_path / "old-data", None)
     load_models([str(old_model)], str(old_data), json.loads((old_data / "summary.json").read_text()), "cpu")
+    # an old model on today's data, or today's model on old data: decoded by different decoders
+    with pytest.raises(ValueError, match="'decoder_version': 1"):
+        evaluate(old_model, str(data))
+    with pytest.raises(ValueError, match="'decoder_version': 1"):
+        evaluate(model_dir, str(ingest_with_decode(tmp_path / "old-data-2", {"apply_voi": False, "frame": "middle"})))

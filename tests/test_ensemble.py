@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
 from test_modeldir import TINY
 from test_train import read_split, write_ingested
@@ -95,6 +96,7 @@ def member_dirs(root: Path, data: Path) -> list[Path]:
             "architecture": TINY[arch].to_dict(),
             "preprocess": PreprocessConfig(size=SIZE).to_dict(),
             "threshold": 0.5,
+            "decode": TODAYS_DECODE,
             "data_fingerprint": fingerprint,
         }
         paths.append(save_model_dir(root / arch, network.state_dict(), meta))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_factory import TODAYS_DECODE
 
 from lungray.modeldir import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, load_model_dir, read_meta, save_model_dir, tensor_view
 from lungray.models import ModelConfig, build_model
@@ -28,6 +29,7 @@ def make_model_dir(path: Path, arch: str = "cnn", size: int = 32, threshold: flo
         "architecture": TINY[arch].to_dict(),
         "preprocess": PreprocessConfig(size=size).to_dict(),
         "threshold": threshold,
+        "decode": TODAYS_DECODE,
     }
     return save_model_dir(path, model.state_dict(), meta)
 

@@ -128,7 +128,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory, ingested: str) -> list[
         thresholds[arch] = float(np.median(probe.predict_proba(images)))
     cnn = untrained_model_dir(folder / "cnn", "cnn", size=SIZE, threshold=thresholds["cnn"])
     probe = load_model_dir(folder / "cnn_lstm-probe")
-    meta = {key: probe.meta[key] for key in ("architecture", "preprocess")}
+    meta = {key: probe.meta[key] for key in ("architecture", "preprocess", "decode")}
     record = training_record(load_summary(ingested)["fingerprint"])
     cnn_lstm = save_model_dir(folder / "cnn_lstm", probe.model.state_dict(), {**meta, "threshold": thresholds["cnn_lstm"], **record})
     return [cnn, cnn_lstm]

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
 from scipy.special import softmax
 from sklearn.metrics import log_loss, roc_auc_score
@@ -56,7 +57,11 @@ def write_site_sample(
     half = table.num_rows // 2
     pq.write_table(table.slice(0, half), root / "data" / "part-0.parquet")
     pq.write_table(table.slice(half), root / "data" / "part-1.parquet")
-    summary = {"preprocess": PreprocessConfig(size=size).to_dict(), "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+    summary = {
+        "preprocess": PreprocessConfig(size=size).to_dict(),
+        "decode": TODAYS_DECODE,
+        "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    }
     (root / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -75,7 +80,7 @@ def trained_model_dir(path: Path, size: int = SIZE, arch: str = "cnn", steps: in
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    meta = {"architecture": TINY[arch].to_dict(), "preprocess": PreprocessConfig(size=size).to_dict(), "threshold": 0.5}
+    meta = {"architecture": TINY[arch].to_dict(), "preprocess": PreprocessConfig(size=size).to_dict(), "threshold": 0.5, "decode": TODAYS_DECODE}
     return save_model_dir(path, model.eval().state_dict(), meta)
 
 
@@ -93,7 +98,7 @@ def centred_model_dir(path: Path, parent: Path, images: np.ndarray, scale: float
     weight, bias = state["head.4.weight"], state["head.4.bias"]
     state["head.4.weight"] = torch.stack([torch.zeros_like(weight[0]), scale * (weight[1] - weight[0])])
     state["head.4.bias"] = torch.tensor([0.0, scale * (float(bias[1] - bias[0]) - median)])
-    meta = {key: model.meta[key] for key in ("architecture", "preprocess", "threshold")}
+    meta = {key: model.meta[key] for key in ("architecture", "preprocess", "threshold", "decode")}
     return save_model_dir(path, state, meta)
 
 

@@ -43,7 +43,7 @@ def constant_model_dir(path: Path, arch: str) -> Path:
     last = "head.4" if arch == "cnn" else "head.1"
     state[f"{last}.weight"] = torch.zeros_like(state[f"{last}.weight"])
     state[f"{last}.bias"] = torch.tensor([0.0, 0.7])
-    meta = {key: model.meta[key] for key in ("architecture", "preprocess", "threshold")}
+    meta = {key: model.meta[key] for key in ("architecture", "preprocess", "threshold", "decode")}
     return save_model_dir(path / "constant", state, meta)
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
 
 from lungray.cli import add_train_arguments, train_config_from_args
@@ -79,6 +80,7 @@ def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: 
         pq.write_table(table, root / "data" / f"{split}.parquet")
     summary = {
         "preprocess": PreprocessConfig(size=size).to_dict(),
+        "decode": TODAYS_DECODE,
         "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
         "splits": {split: {"images": n + 1} for split, n in split_sizes.items()},
     }

@@ -7,7 +7,9 @@ The decode options that change pixels are recorded beside the preprocessing, in 
 ingest's summary.json and then in model.json, with `DECODER_VERSION`, so that a model is
 screened and evaluated on images decoded exactly as its training images were
 (`decode_record` writes the record, `options_from_record` reads it and refuses what this
-lungray cannot reproduce).
+lungray cannot reproduce). A file without a record, or a record without a version, was
+written before versions were recorded, by the first decoder: it reads as version 1, never
+as today's decoder, so an old model cannot pass as trained on today's pixels.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from typing import Any
 import numpy as np
 
 # Bumped whenever the decoder's pixels change for the same file and options.
+# 1: the first released decoder (recorded no version: `normalized_record` reads a missing one as 1).
 # 2: pydicom's VOI/windowing/presentation functions, Presentation LUT Shape, pixel padding.
 # 3: reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling, binning; lungray.io.codecs).
-DECODER_VERSION = 3
+# 4: reduced decodes no smaller than 4x the model side (was 2x), binning steps that divide
+#    both sides (were cropped): `reduced_decode_for`, `bin_step`.
+DECODER_VERSION = 4
+FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
+# Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).
+RETIRED_LIMITS = ("min_side",)
 FRAME_POLICIES = ("first", "middle")
 
 
@@ -38,6 +46,39 @@ class DecodeError(Exception):
 
 
 @dataclass(frozen=True)
+class ReducedDecode:
+    """Shorter-side floors, in decoded pixels, of a reduced decode, one per codec family."""
+
+    wavelet: int  # JPEG 2000 resolution levels (Pillow's OpenJPEG `reduce`)
+    dct: int  # JPEG DCT scaling (libjpeg's scaled IDCT, Pillow `draft`)
+    binning: int  # integer box binning of the decoded values, after any of the above or a full decode
+
+
+# Floors as multiples of the model's input side: what bench/reduced_decode_probs.py measured
+# (max |dprob| against the full-resolution decode, default CNN / CNN-LSTM of site B, full-size
+# twins of 24 site-B films, 2048 px unless said; docs/results.md, reduced-resolution decode).
+# JPEG 2000: 2x (level 2, 512 px) 0.049 / 0.059; 4x (level 1, 1024 px) 0.015 / 0.015, at 2800 px
+# 0.009 / 0.014, but on 96 films 0.030 / 0.018 (one film; median 0.001): the LL band sits half a
+# source pixel per level off a box, and no reduced level met 0.02 on every film. 8x would be a
+# full decode below 3584 px.
+WAVELET_SIDE_MULTIPLE = 4
+# DCT scaling: 2x (1/4, 512 px) 0.021 / 0.020, at 2800 px 3x (1/4, 700 px) 0.023 / 0.016;
+# 4x (1/2) 0.012 / 0.010, at 2800 px 0.011 / 0.012, on 96 films 0.017 / 0.015.
+DCT_SIDE_MULTIPLE = 4
+# Binning: 2x (step 4, 512 px) 0.022 / 0.019; 3x (step 3, cropping 2 px) 0.024 / 0.053;
+# 4x (step 2) 0.010 / 0.007, on 96 films 0.016 / 0.013; 2800 px step 2 0.008 / 0.008; 3072 px
+# step 3 0.004 / 0.007.
+BINNING_SIDE_MULTIPLE = 4
+
+
+def reduced_decode_for(model_side: int) -> ReducedDecode:
+    """The floors for a model that sees `model_side` px."""
+    return ReducedDecode(
+        wavelet=WAVELET_SIDE_MULTIPLE * model_side, dct=DCT_SIDE_MULTIPLE * model_side, binning=BINNING_SIDE_MULTIPLE * model_side
+    )
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
     """Knobs of the decoder; defaults suit chest radiographs.
 
@@ -48,11 +89,10 @@ class DecodeOptions:
     apply_voi: bool = True
     max_pixels: int = field(default=100_000_000, metadata={"pixels": False})  # rows x cols x frames x samples
     frame: str = "first"  # which frame of a multi-frame object: "first" or "middle"
-    # Decode no smaller than this on the shorter side where the codec can decode smaller
-    # (JPEG 2000 levels, JPEG DCT scaling, box binning after a full decode; lungray.io.codecs).
-    # None = full resolution. Rows set it to twice the model's input side (lungray.io.rows),
+    # How small the decoder may go where the codec can decode smaller (lungray.io.codecs);
+    # None = full resolution. Rows set it from the model's input side (`reduced_decode_for`),
     # so it follows from the recorded preprocessing and is not recorded itself.
-    min_side: int | None = field(default=None, metadata={"pixels": False})
+    reduced: ReducedDecode | None = field(default=None, metadata={"pixels": False})
 
     def __post_init__(self) -> None:
         if self.frame not in FRAME_POLICIES:
@@ -79,10 +119,18 @@ class Decoded:
         return self.error is None
 
 
-def bin_step(shorter_side: int, min_side: int) -> int:
-    """The integer box-binning step that keeps the shorter side at or above `min_side` (1: no binning)."""
-    step = shorter_side // min_side
-    return step if step >= 2 else 1
+def bin_step(rows: int, cols: int, min_side: int) -> int:
+    """The largest integer box-binning step that keeps the shorter side at or above `min_side`
+    and divides both sides (1: no binning).
+
+    A step that leaves a remainder would crop it, and that slight change of the film's
+    geometry moves probabilities more than the binning itself: 2800 px films binned by 3
+    (a pixel cropped) moved the CNN-LSTM's by up to 0.025, 3072 px ones by 3 (none) 0.007.
+    """
+    for step in range(min(rows, cols) // min_side, 1, -1):
+        if rows % step == 0 and cols % step == 0:
+            return step
+    return 1
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -105,14 +153,14 @@ def normalized_record(record: dict[str, Any] | None) -> dict[str, Any]:
     """A recorded decode (summary.json or model.json) with defaults filled in and limits
     dropped, so that two records compare equal exactly when they mean the same pixels.
 
-    A missing record (model directories and ingests written before decode options were
-    recorded) and a record without a decoder version are read as this decoder's defaults:
-    such files cannot tell which decoder made them. Unknown keys are kept, so they compare
-    unequal rather than vanish.
+    A missing record (model directories written before decode options were recorded) and
+    a record without a decoder version (ingests of that time, which wrote the options
+    only) are decoder version 1's: the options they name, else its defaults (today's).
+    Unknown keys are kept, so they compare unequal rather than vanish.
     """
-    limits = {f.name for f in fields(DecodeOptions)} - set(pixel_fields())
+    limits = ({f.name for f in fields(DecodeOptions)} - set(pixel_fields())) | set(RETIRED_LIMITS)
     recorded = {key: value for key, value in (record or {}).items() if key not in limits}
-    return {**decode_record(DecodeOptions()), **recorded}
+    return {**decode_record(DecodeOptions()), VERSION_KEY: FIRST_DECODER_VERSION, **recorded}
 
 
 def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOptions:
@@ -121,13 +169,16 @@ def options_from_record(record: dict[str, Any] | None, where: str) -> DecodeOpti
     `where` names the record's owner (a model directory, an ingest) for the message. Limits
     (`max_pixels`) are not part of the record: the caller sets them.
     """
+    unversioned = VERSION_KEY not in (record or {})
     record = normalized_record(record)
     version = record.pop(VERSION_KEY)
     if version != DECODER_VERSION:
+        origin = " (it records no decoder version, so it dates from before versions were recorded)" if unversioned else ""
         raise ValueError(
-            f"{where} was made with images from lungray decoder version {version}; this lungray decodes with "
-            f"version {DECODER_VERSION} and cannot reproduce those pixels: use a lungray with decoder version "
-            f"{version}, or re-ingest and retrain"
+            f"{where} was made with images from lungray decoder version {version}{origin}; this lungray decodes "
+            f"with version {DECODER_VERSION} and cannot reproduce those pixels: use a lungray with decoder version "
+            f"{version}, or re-ingest and retrain; only where a re-ingest by this lungray is shown to give the "
+            f"same tensors (equal content hashes) may its decode record say version {DECODER_VERSION}"
         )
     unknown = sorted(set(record) - set(pixel_fields()))
     if unknown:

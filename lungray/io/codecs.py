@@ -2,9 +2,9 @@
 
 Why: hospital films are 2,000-3,000 px and the model sees 224 px, so a full-resolution
 decode is most of a screening job's time. Where the codec can decode a smaller image
-directly, it does, down to `DecodeOptions.min_side` on the shorter side (rows set it to
-twice the model's input side, so the later area resize still averages over at least
-2x2 pixels and anti-aliases). The values keep their stored dtype, bit depth and sign, so
+directly, it does, down to the floor `DecodeOptions.reduced` sets for its codec family on
+the shorter side (rows derive the floors from the model's input side: `reduced_decode_for`,
+whose figures say why each floor is where it is). The values keep their stored dtype, bit depth and sign, so
 the Modality LUT, VOI and padding logic downstream see stored values as before.
 
 Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
@@ -23,8 +23,9 @@ Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
   `pixel_array`, which keeps pydicom's corrections (unused bits, sign); for JPEG-LS
   through pyjpegls (CharLS, 70 ms) rather than pydicom's default pylibjpeg-libjpeg
   (330 ms; imagecodecs' CharLS: 63 ms). Then integer box binning of the stored values
-  down towards `min_side`, so the float pipeline after it runs on a film of about 2x the
-  model's side instead of the full size. OpenCV (a 50 MB wheel) was not measured.
+  down towards the binning floor (by a step that divides both sides), so the float
+  pipeline after it runs on a film of about 4x the model's side instead of the full size.
+  OpenCV (a 50 MB wheel) was not measured.
 A reduced decode that fails for any reason falls back to the full decode; the reason is
 kept in `StoredPixels.decoder`, which ends up in the row.
 """
@@ -49,7 +50,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from lungray.io.base import DecodeOptions, bin_step
+from lungray.io.base import DecodeOptions, ReducedDecode, bin_step
 
 J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
@@ -67,30 +68,30 @@ class StoredPixels(NamedTuple):
 
 
 def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> StoredPixels:
-    """One frame's stored values, at reduced resolution where the codec and `options.min_side` allow.
+    """One frame's stored values, at reduced resolution where the codec and `options.reduced` allow.
 
     Errors of the full decode propagate (the caller turns them into error rows); errors of
     a reduced decode only send it to the full decode.
     """
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    min_side = options.min_side
+    floors = options.reduced
     reducible = (
-        min_side is not None
+        floors is not None
         and int(ds.get("SamplesPerPixel", 1) or 1) == 1
         and str(ds.get("PhotometricInterpretation", "")).strip().upper() in MONOCHROME
     )
     failure = ""
     if reducible:
         try:
-            reduced = decode_reduced(ds, frame_index, frames, min_side)
+            reduced = decode_reduced(ds, frame_index, frames, floors)
         except Exception as exc:  # noqa: BLE001 - codecs raise anything; the full decode decides
             reduced, failure = None, f" (reduced decode failed: {type(exc).__name__})"
         if reduced is not None:
-            return bin_stored(*reduced, min_side)
+            return bin_stored(*reduced, floors.binning)
     values = full_decode(ds, frame_index if frames > 1 else None)
     if not reducible:
         return StoredPixels(values, 1, "pydicom")
-    binned = bin_stored(values, 1, "pydicom", min_side)
+    binned = bin_stored(values, 1, "pydicom", floors.binning)
     return binned._replace(decoder=binned.decoder + failure)
 
 
@@ -103,14 +104,14 @@ def full_decode(ds: Dataset, index: int | None) -> np.ndarray:
     return pixel_array(ds, index=index)
 
 
-def decode_reduced(ds: Dataset, frame_index: int, frames: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
+def decode_reduced(ds: Dataset, frame_index: int, frames: int, floors: ReducedDecode) -> tuple[np.ndarray, int, str] | None:
     """(values, linear factor, decoder) from a codec's own reduced decode, or None where it has none."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     rows, cols = int(ds.Rows), int(ds.Columns)
     if syntax in J2K_SYNTAXES:
-        return decode_j2k_reduced(frame_bytes(ds, frame_index, frames), ds, rows, cols, min_side)
+        return decode_j2k_reduced(frame_bytes(ds, frame_index, frames), ds, rows, cols, floors.wavelet)
     if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8:
-        return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, min_side)
+        return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, floors.dct)
     return None
 
 
@@ -190,14 +191,14 @@ def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) ->
 
 def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
     """Box-average stored values by the integer step that keeps the shorter side >= min_side."""
-    step = bin_step(min(values.shape[:2]), min_side)
+    step = bin_step(values.shape[0], values.shape[1], min_side)
     if values.ndim != 2 or step == 1:
         return StoredPixels(values, factor, decoder)
     return StoredPixels(box_mean(values, step), factor * step, f"{decoder}+bin{step}")
 
 
 def box_mean(values: np.ndarray, step: int) -> np.ndarray:
-    """Mean of each step x step block, rounded, in the input's dtype (the last partial blocks dropped).
+    """Mean of each step x step block, rounded, in the input's dtype (partial blocks dropped; `bin_step` leaves none).
 
     Strided sums: one pass per row and column offset, about 2 ms for 2048 px at step 4,
     where a 4-axis reshape sum takes 15 ms and Pillow's `reduce` needs an int32 copy first.

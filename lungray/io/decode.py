@@ -13,7 +13,7 @@ import functools
 import io
 import posixpath
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,6 +21,9 @@ from PIL import Image, ImageOps
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
 from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, rgb_to_gray
 from lungray.privacy import keyed
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -71,7 +74,7 @@ def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image
     """A PNG/JPEG PIL image box-averaged to >= min_side on the shorter side (no-op when None)."""
     if min_side is None:
         return image, 1
-    step = bin_step(min(image.size), min_side)
+    step = bin_step(image.size[1], image.size[0], min_side)
     if step == 1:
         return image, 1
     if image.mode in ("I;16", "I;16B", "I;16L"):
@@ -84,8 +87,8 @@ def shrink_raster(image: Image.Image, min_side: int | None) -> tuple[Image.Image
 def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.ndarray, dict[str, Any]]:
     """PNG / JPEG (8 or 16 bit, gray, palette, RGB(A)) -> [0,1] gray, checked against the bomb limit.
 
-    With `options.min_side`, a JPEG is decoded through libjpeg's DCT scaling (`draft`) and
-    any raster is then box-averaged, never below min_side on the shorter side.
+    With `options.reduced`, a JPEG is decoded through libjpeg's DCT scaling (`draft`) and
+    any raster is then box-averaged, never below the floors on the shorter side.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -96,11 +99,12 @@ def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.nda
                 f"image too large: {rows}x{cols} pixels exceeds the limit of {options.max_pixels} "
                 "(decompression bomb guard)"
             )
-        if fmt == "jpeg" and options.min_side is not None:
-            image.draft(image.mode, (options.min_side, options.min_side))
+        floors = options.reduced
+        if fmt == "jpeg" and floors is not None:
+            image.draft(image.mode, (floors.dct, floors.dct))
         drafted = round(cols / image.size[0])
         mode = image.mode
-        image, binned = shrink_raster(ImageOps.exif_transpose(image), options.min_side)
+        image, binned = shrink_raster(ImageOps.exif_transpose(image), None if floors is None else floors.binning)
         gray, full_scale = _raster_to_gray(image)
     decoder = "pillow" + (f" draft=1/{drafted}" if drafted > 1 else "") + (f"+bin{binned}" if binned > 1 else "")
     meta = {
@@ -115,8 +119,12 @@ def decode_bytes(
     relpath: str,
     options: DecodeOptions | None = None,
     salt: str | None = None,
+    dataset: Dataset | None = None,
 ) -> Decoded:
     """Decode one file; never raises. `relpath` is the path relative to the archive root.
+
+    `dataset`: the file's DICOM dataset where a caller has parsed it already (the scope
+    check), so that it is not parsed twice; it may be modified.
 
     A DICOM file that fails to decode keeps what its header said (study/series/SOP UIDs)
     in `meta`, so its error row is counted in its study.
@@ -131,7 +139,7 @@ def decode_bytes(
     mask = None
     try:
         if fmt in ("dicom", "unknown"):
-            image, meta, mask = dicom.decode_dicom(data, options, functools.partial(patient_key, salt=salt))
+            image, meta, mask = dicom.decode_dicom(data, options, functools.partial(patient_key, salt=salt), dataset)
         else:
             image, meta = decode_raster(data, fmt, options)
     except DecodeError as exc:

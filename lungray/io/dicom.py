@@ -306,9 +306,11 @@ def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) ->
 
 
 def decode_dicom(
-    data: bytes, options: DecodeOptions, key_patient: KeyPatient
+    data: bytes, options: DecodeOptions, key_patient: KeyPatient, ds: Dataset | None = None
 ) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
     """DICOM bytes -> ([0,1] float32 2-D image, metadata, padding mask or None).
+
+    `ds` is `data` already parsed by `read_dataset` (not parsed again), or None.
 
     Raises DecodeError for unusable files, carrying the header's metadata (UIDs) when the
     header could be read. Error messages never carry the patient's name or IDs, even where
@@ -316,7 +318,7 @@ def decode_dicom(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = read_dataset(data)
+        ds = read_dataset(data) if ds is None else ds
         secrets = identifying_values(ds)
         meta = header_metadata(ds, key_patient)
         try:

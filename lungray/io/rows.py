@@ -13,21 +13,21 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_format, study_from_relpath
 from lungray.io.listing import read_bytes
 from lungray.io.scope import Scope, skip_reason
 from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
 
-# The decoder may go down to this multiple of the model's input side (lungray.io.codecs):
-# at 2x the area resize still averages 2x2 decoded pixels per model pixel.
-DECODE_SIDE_MULTIPLE = 2
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 META_SCHEMA = pa.schema(
     [
@@ -57,19 +57,23 @@ META_SCHEMA = pa.schema(
 )
 
 
-def dicom_header(data: bytes, salt: str | None) -> dict[str, Any]:
-    """The header fields of a DICOM file (about a millisecond, no pixel decode); {} for PNG/JPEG
-    and for bytes that are no DICOM, which the decoder then reports as errors."""
+def dicom_header(data: bytes, salt: str | None) -> tuple[dict[str, Any], Dataset | None]:
+    """(header fields, parsed dataset) of a DICOM file (about a millisecond, no pixel decode).
+
+    The dataset goes on to the decode, so that a file is parsed once. ({}, None) for PNG/JPEG
+    and for bytes that are no DICOM, which the decoder then reports as errors.
+    """
     if sniff_format(data) not in ("dicom", "unknown"):
-        return {}
+        return {}, None
     from lungray.io import dicom  # as in decode_bytes: PNG-only users never import pydicom
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return dicom.header_metadata(dicom.read_dataset(data), functools.partial(patient_key, salt=salt))
+            ds = dicom.read_dataset(data)
+            return dicom.header_metadata(ds, functools.partial(patient_key, salt=salt)), ds
         except Exception:  # noqa: BLE001 - no readable header: the decode reports why, as an error row
-            return {}
+            return {}, None
 
 
 def process_file(
@@ -97,14 +101,16 @@ def process_file(
         row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
         row["study_id"] = study_from_relpath(relpath)
         return row, None
+    dataset = None
     if scope is not None:
-        header = dicom_header(data, salt)
+        header, dataset = dicom_header(data, salt)
         reason = skip_reason(header, scope)
         if reason is not None:
             row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
             row.update(status="skipped", skip_reason=reason, study_id=header.get("study_id") or study_from_relpath(relpath))
             return row, None
-    decoded = decode_bytes(data, relpath, replace(decode_options, min_side=DECODE_SIDE_MULTIPLE * preprocess_config.size), salt=salt)
+    options = replace(decode_options, reduced=reduced_decode_for(preprocess_config.size))
+    decoded = decode_bytes(data, relpath, options, salt=salt, dataset=dataset)
     row.update({key: value for key, value in decoded.meta.items() if key in META_SCHEMA.names})
     if not decoded.ok:
         row["error"] = decoded.error

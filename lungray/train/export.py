@@ -52,9 +52,10 @@ def export_model_dir(
     """Write the best weights of `checkpoint`'s run to `output` (local or s3://) as a model directory.
 
     `preprocess` and `decode` are the ingest summary's, copied so that scoring reproduces
-    the training input exactly (`decode` None: an ingest from before decode options were
-    recorded, read as the defaults). On S3 the directory is written locally, then uploaded
-    weights first and model.json last, so a reader that finds model.json finds its weights.
+    the training input exactly (`decode` None or without a version: an ingest from before
+    decoder versions were recorded, stamped decoder version 1, never today's). On S3 the
+    directory is written locally, then uploaded weights first and model.json last, so a
+    reader that finds model.json finds its weights.
     """
     if not is_s3(str(output)):
         save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity, decode=decode))
