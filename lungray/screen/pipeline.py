@@ -47,7 +47,7 @@ from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
 from lungray.screen.progress import Chunker, Progress
 from lungray.screen.studies import sync_studies
-from lungray.screen.tables import ensure_table, merge, storage_options, table_uri
+from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> None:
     earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE."""
     uri = table_uri(run.config.output, "images")
     replacing = int(pc.sum(chunk["replaces"]).as_py() or 0)
+    ensure_table(run.config.output, "images")  # created with its schema and partitioning, once, whoever commits first
     if replacing < chunk.num_rows:
         rows_where(rows, replaces=False).write_delta(
             uri,
@@ -323,7 +324,7 @@ def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> 
     studies, images = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate)
     counts.studies_written += studies.num_rows
     counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
-    if config.report_to and studies.num_rows:
+    if config.report_to:  # also with nothing to report: the summary then says 0 stored
         stored = store_reports(config.report_to, config.report, config.report_overlay, studies, images, run.threshold, run.model_id)
         counts.reports = stored if counts.reports is None else {
             kind: {key: counts.reports[kind][key] + value for key, value in numbers.items()} for kind, numbers in stored.items()
@@ -376,8 +377,6 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
     run = Run(config, run_id, meta["model_id"], float(meta["threshold"]), PreprocessConfig.from_dict(meta["preprocess"]), decode, pseudonymizer, model_path)
 
-    images = ensure_table(config.output, "images")
-    ensure_table(config.output, "studies")
     lease = Lease(config.output, run.model_id, run_id, fingerprint(resume_settings(config, run.model_id)))
     resumes = lease.acquire()
     try:
@@ -387,7 +386,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         chunker, progress = Chunker(config.chunk_files, config.chunk_minutes), Progress()
         pending: list[pa.Table] = []
         for listed in listing_batches(config):
-            images.update_incremental()
+            images = open_table(config.output, "images")  # created by the first commit; this batch's ledger reads the latest version
             planned = ledger.plan(as_written(listed, pseudonymizer), images, run.model_id, rule)
             counts.listed += planned.num_rows
             for name in ("already_done", "resumed", "given_up"):

@@ -82,9 +82,10 @@ def sync_studies(
 
     Returns the study rows written and the image rows they were aggregated from.
     """
-    images, studies = ensure_table(output, "images"), ensure_table(output, "studies")
-    images.update_incremental()
-    studies.update_incremental()
+    images = open_table(output, "images")
+    if images is None:  # nothing committed yet
+        return STUDY_SCHEMA.empty_table(), IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS)
+    studies = ensure_table(output, "studies")
     version = images.version()
     since = watermark(studies, model_id)
     if since == version:
