@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from lungray.screen.tables import IMAGE_SCHEMA, scan
+from lungray.screen.tables import IMAGE_SCHEMA, model_batches
 
 KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
 PLAN_COLUMNS = ["score", "replaces", "tries", "already_done", "resumed", "given_up"]
@@ -35,9 +35,10 @@ def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: 
         return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
     wanted = pa.table({"path": listing_paths})
     matched = []
-    for batch in scan(images, KEY_COLUMNS, pc.field("model_id") == model_id).to_batches():
-        if batch.num_rows:
-            matched.append(pa.Table.from_batches([batch]).join(wanted, "path", join_type="left semi"))
+    for batch in model_batches(images, KEY_COLUMNS, model_id):
+        found = pa.Table.from_batches([batch]).join(wanted, "path", join_type="left semi")
+        if found.num_rows:
+            matched.append(found)
     if not matched:
         return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
     return pa.concat_tables(matched).cast(pa.schema(list(key_types().items())))

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from lungray.io.listing import filesystem_for
-from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, open_table, scan
+from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, model_batches, open_table
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) ->
     batch by batch. The study filter is applied per batch rather than pushed into the scan:
     pyarrow cannot compare the string_view statistics delta-rs writes with a string set."""
     kept = []
-    for batch in scan(images, STUDY_IMAGE_COLUMNS, pc.field("model_id") == model_id).to_batches():
-        if batch.num_rows:
-            kept.append(batch if studies is None else batch.filter(pc.is_in(batch["study_id"], studies)))
+    for batch in model_batches(images, STUDY_IMAGE_COLUMNS, model_id):
+        kept.append(batch if studies is None else batch.filter(pc.is_in(batch["study_id"].cast(pa.string()), studies)))
     schema = IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS).schema
     return pa.Table.from_batches(kept, schema=schema) if kept else schema.empty_table()

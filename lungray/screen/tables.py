@@ -10,12 +10,12 @@ docs/operators.md, "Output tables".
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -118,9 +118,21 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
     return rows.select(columns) if columns else rows
 
 
-def scan(table: DeltaTable, columns: list[str], filter: pc.Expression | None = None, batch_rows: int = 131_072) -> pads.Scanner:
-    """A streaming scan of some columns: what the ledger and the study sync read instead of the table."""
-    return table.to_pyarrow_dataset().scanner(columns=columns, filter=filter, batch_size=batch_rows)
+def model_batches(table: DeltaTable, columns: list[str], model_id: str, batch_rows: int = 131_072) -> Iterator[pa.RecordBatch]:
+    """The model's rows, some columns, streamed batch by batch (one batch read ahead, so
+    memory does not grow with the table): what the ledger and the study sync read.
+
+    The model filter runs on each batch, not in the scan: files delta-rs wrote hold
+    string_view columns, which a pushed-down pyarrow filter cannot compare with a string.
+    """
+    scanner = table.to_pyarrow_dataset().scanner(
+        columns=[*columns, "model_id"], batch_size=batch_rows, batch_readahead=1, fragment_readahead=1
+    )
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            kept = batch.filter(pc.equal(batch["model_id"].cast(pa.string()), model_id)).select(columns)
+            if kept.num_rows:
+                yield kept
 
 
 def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None) -> dict[str, Any]:
