@@ -316,12 +316,13 @@ def test_runs_of_two_models_at_once_both_commit_and_a_second_run_of_one_is_refus
         (result["model_id"], 5) for result in results for _ in range(2)
     )
 
-    holder = Lease(str(output), results[0]["model_id"], "someone-else", "f")
+    cnn_id = next(result["model_id"] for result in results if result["model_id"].startswith("cnn-"))  # configs[0]'s model
+    holder = Lease(str(output), cnn_id, "someone-else", "f")
     holder.acquire()
     try:
         version = open_table(str(output), "images").version()
         with pytest.raises(ConcurrentRunError, match="run someone-else"):
-            run_screen(configs[[r["model_id"] for r in results].index(results[0]["model_id"])])
+            run_screen(configs[0])
         assert open_table(str(output), "images").version() == version  # refused before anything was written
     finally:
         holder.release(failed=False)

@@ -122,16 +122,24 @@ def _iter_local_files(root: str) -> Iterator[tuple[str, str, int, int | None, st
         return
     if not os.path.isdir(base):
         raise FileNotFoundError(f"input not found: {root}")
-    for folder, subfolders, names in os.walk(base):
-        subfolders.sort()
-        for name in sorted(names):
-            path = os.path.join(folder, name)
-            try:
-                stat = os.stat(path)
-            except OSError:  # vanished between the walk and the stat: not in tonight's listing
-                continue
-            if os.path.isfile(path):
-                yield path, os.path.relpath(path, base).replace(os.sep, "/"), stat.st_size, stat.st_mtime_ns, None
+    yield from _walk(base, base)
+
+
+def _walk(folder: str, base: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+    """Sorted, depth first; one stat per entry (scandir's), none for a folder's type."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:  # vanished or unreadable folder: nothing of it in tonight's listing
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=True):
+                yield from _walk(entry.path, base)
+            elif entry.is_file(follow_symlinks=True):
+                stat = entry.stat(follow_symlinks=True)
+                yield entry.path, os.path.relpath(entry.path, base).replace(os.sep, "/"), stat.st_size, stat.st_mtime_ns, None
+        except OSError:  # vanished between the listing and the stat
+            continue
 
 
 def _iter_s3_objects(root: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from lungray.screen.tables import IMAGE_SCHEMA, model_batches
+from lungray.screen.tables import IMAGE_SCHEMA, model_rows
 
 KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
 PLAN_COLUMNS = ["score", "replaces", "tries", "already_done", "resumed", "given_up"]
@@ -35,8 +35,8 @@ def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: 
         return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
     wanted = pa.table({"path": listing_paths})
     matched = []
-    for batch in model_batches(images, KEY_COLUMNS, model_id):
-        found = pa.Table.from_batches([batch]).join(wanted, "path", join_type="left semi")
+    for rows in model_rows(images, KEY_COLUMNS, model_id):
+        found = rows.join(wanted, "path", join_type="left semi")
         if found.num_rows:
             matched.append(found)
     if not matched:

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from lungray.io.listing import filesystem_for
-from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, model_batches, open_table
+from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, model_rows, open_table
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) ->
     batch by batch. The study filter is applied per batch rather than pushed into the scan:
     pyarrow cannot compare the string_view statistics delta-rs writes with a string set."""
     kept = []
-    for batch in model_batches(images, STUDY_IMAGE_COLUMNS, model_id):
-        kept.append(batch if studies is None else batch.filter(pc.is_in(batch["study_id"].cast(pa.string()), studies)))
+    for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id):
+        kept.append(rows if studies is None else rows.filter(pc.is_in(rows["study_id"].cast(pa.string()), studies)))
     schema = IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS).schema
-    return pa.Table.from_batches(kept, schema=schema) if kept else schema.empty_table()
+    return pa.concat_tables(kept).cast(schema) if kept else schema.empty_table()

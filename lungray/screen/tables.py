@@ -118,21 +118,31 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
     return rows.select(columns) if columns else rows
 
 
-def model_batches(table: DeltaTable, columns: list[str], model_id: str, batch_rows: int = 131_072) -> Iterator[pa.RecordBatch]:
-    """The model's rows, some columns, streamed batch by batch (one batch read ahead, so
-    memory does not grow with the table): what the ledger and the study sync read.
+def model_rows(table: DeltaTable, columns: list[str], model_id: str, chunk_rows: int = 1_000_000) -> Iterator[pa.Table]:
+    """The model's rows, some columns, streamed in tables of about `chunk_rows` (one batch read
+    ahead, so memory does not grow with the history): what the ledger and the study sync read.
 
-    The model filter runs on each batch, not in the scan: files delta-rs wrote hold
-    string_view columns, which a pushed-down pyarrow filter cannot compare with a string.
+    Batches are gathered to `chunk_rows` before they are returned: a table of many small files
+    (a few per chunk a run commits) gives one tiny batch per file, and a join per tiny batch
+    costs more than the scan. The model filter runs on each batch, not in the scan: files
+    delta-rs wrote hold string_view columns, which a pushed-down pyarrow filter cannot
+    compare with a string.
     """
     scanner = table.to_pyarrow_dataset().scanner(
-        columns=[*columns, "model_id"], batch_size=batch_rows, batch_readahead=1, fragment_readahead=1
+        columns=[*columns, "model_id"], batch_size=131_072, batch_readahead=1, fragment_readahead=1
     )
+    gathered: list[pa.RecordBatch] = []
+    rows = 0
     for batch in scanner.to_batches():
         if batch.num_rows:
             kept = batch.filter(pc.equal(batch["model_id"].cast(pa.string()), model_id)).select(columns)
-            if kept.num_rows:
-                yield kept
+            gathered.append(kept)
+            rows += kept.num_rows
+        if rows >= chunk_rows:
+            yield pa.Table.from_batches(gathered)
+            gathered, rows = [], 0
+    if rows:
+        yield pa.Table.from_batches(gathered)
 
 
 def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None) -> dict[str, Any]:
