@@ -118,7 +118,7 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
     return rows.select(columns) if columns else rows
 
 
-def model_rows(table: DeltaTable, columns: list[str], model_id: str, chunk_rows: int = 1_000_000) -> Iterator[pa.Table]:
+def model_rows(table: DeltaTable, columns: list[str], model_id: str, chunk_rows: int = 200_000) -> Iterator[pa.Table]:
     """The model's rows, some columns, streamed in tables of about `chunk_rows` (one batch read
     ahead, so memory does not grow with the history): what the ledger and the study sync read.
 
