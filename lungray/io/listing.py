@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -65,30 +65,18 @@ def join_uri(root: str, *parts: str) -> str:
 
 
 def list_files(root: str) -> list[FileEntry]:
-    """Every regular file below `root`, recursively, sorted by relative path."""
-    fs, base = filesystem_for(root)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input not found: {root}")
-    if info.type == pafs.FileType.File:
-        infos = [info]
-        base = posixpath.dirname(base)
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    entries = []
-    for item in infos:
-        if item.type != pafs.FileType.File:
-            continue
-        relpath = posixpath.relpath(item.path.replace(os.sep, "/"), base.replace(os.sep, "/"))
-        uri = f"s3://{item.path}" if is_s3(root) else item.path
-        mtime = item.mtime_ns if item.mtime is not None else None
-        entries.append(FileEntry(uri=uri, relpath=relpath, size=int(item.size), mtime_ns=mtime))
+    """Every regular file below `root`, recursively, sorted by relative path (the listing
+    `iter_listing` streams, held whole: for an ingest, which splits by patient over all of it)."""
+    entries = (FileEntry(uri, relpath, size, mtime_ns) for uri, relpath, size, mtime_ns, _ in _listed_rows(root))
     return sorted(entries, key=lambda entry: entry.relpath)
 
 
 LISTING_SCHEMA = pa.schema(
     [("uri", pa.string()), ("relpath", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string())]
 )
+
+
+ListedRow = tuple[str, str, int | None, int | None, str | None]  # uri, relpath, size, mtime_ns, etag
 
 
 def iter_listing(root: str, batch_rows: int = 100_000) -> Iterator[pa.Table]:
@@ -98,8 +86,12 @@ def iter_listing(root: str, batch_rows: int = 100_000) -> Iterator[pa.Table]:
     Local folders are walked in sorted order; S3 keys come in the listing's (lexicographic)
     order with its size, LastModified and ETag, so no object is opened to learn its version.
     """
-    rows = _iter_s3_objects(root) if is_s3(root) else _iter_local_files(root)
-    batch: list[tuple[str, str, int, int | None, str | None]] = []
+    return listing_tables(_listed_rows(root), batch_rows)
+
+
+def listing_tables(rows: Iterable[ListedRow], batch_rows: int) -> Iterator[pa.Table]:
+    """Listed rows gathered into LISTING_SCHEMA tables of at most `batch_rows`."""
+    batch: list[ListedRow] = []
     for row in rows:
         batch.append(row)
         if len(batch) >= batch_rows:
@@ -109,12 +101,16 @@ def iter_listing(root: str, batch_rows: int = 100_000) -> Iterator[pa.Table]:
         yield _listing_table(batch)
 
 
-def _listing_table(rows: list[tuple[str, str, int, int | None, str | None]]) -> pa.Table:
+def _listed_rows(root: str) -> Iterator[ListedRow]:
+    return _iter_s3_objects(root) if is_s3(root) else _iter_local_files(root)
+
+
+def _listing_table(rows: list[ListedRow]) -> pa.Table:
     columns = list(zip(*rows))
     return pa.Table.from_arrays([pa.array(column, field.type) for column, field in zip(columns, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
 
 
-def _iter_local_files(root: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+def _iter_local_files(root: str) -> Iterator[ListedRow]:
     base = os.path.abspath(root)
     if os.path.isfile(base):
         stat = os.stat(base)
@@ -125,7 +121,7 @@ def _iter_local_files(root: str) -> Iterator[tuple[str, str, int, int | None, st
     yield from _walk(base, base)
 
 
-def _walk(folder: str, base: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+def _walk(folder: str, base: str) -> Iterator[ListedRow]:
     """Sorted, depth first; one stat per entry (scandir's), none for a folder's type."""
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
@@ -142,7 +138,7 @@ def _walk(folder: str, base: str) -> Iterator[tuple[str, str, int, int | None, s
             continue
 
 
-def _iter_s3_objects(root: str) -> Iterator[tuple[str, str, int, int | None, str | None]]:
+def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
     import boto3  # the listing API gives ETags, which pyarrow's filesystem does not
 
     bucket, _, prefix = root[len("s3://") :].partition("/")

@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from lungray.screen.tables import IMAGE_SCHEMA, model_rows
 
 KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
-PLAN_COLUMNS = ["score", "replaces", "tries", "already_done", "resumed", "given_up"]
+KEY_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in KEY_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,14 @@ class LedgerRule:
 def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: str) -> pa.Table:
     """The model's current row for each of `listing_paths` that has one (key columns only)."""
     if images is None:
-        return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
+        return KEY_SCHEMA.empty_table()
     wanted = pa.table({"path": listing_paths})
     matched = []
     for rows in model_rows(images, KEY_COLUMNS, model_id):
         found = rows.join(wanted, "path", join_type="left semi")
         if found.num_rows:
             matched.append(found)
-    if not matched:
-        return pa.table({name: pa.array([], kind) for name, kind in key_types().items()})
-    return pa.concat_tables(matched).cast(pa.schema(list(key_types().items())))
-
-
-def key_types() -> dict[str, pa.DataType]:
-    return {name: IMAGE_SCHEMA.field(name).type for name in KEY_COLUMNS}
+    return pa.concat_tables(matched).cast(KEY_SCHEMA) if matched else KEY_SCHEMA.empty_table()
 
 
 def equal_or_both_null(left: pa.ChunkedArray, right: pa.ChunkedArray) -> pa.ChunkedArray:

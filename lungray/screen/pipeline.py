@@ -33,7 +33,7 @@ from ray.data import SaveMode
 
 from lungray import __version__
 from lungray.io.base import DecodeOptions, decode_record, options_from_record
-from lungray.io.listing import LISTING_SCHEMA, filesystem_for, is_s3, iter_listing, join_uri, write_bytes
+from lungray.io.listing import ListedRow, filesystem_for, is_s3, iter_listing, join_uri, listing_tables, write_bytes
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
 from lungray.modeldir import ModelDir, load_model_dir, read_meta
@@ -46,7 +46,7 @@ from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
 from lungray.screen.progress import Chunker, Progress
-from lungray.screen.studies import sync_studies
+from lungray.screen.studies import Decorate, sync_studies
 from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports
 
@@ -160,20 +160,16 @@ def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
     incremental key. Its relpath STUDY/SOP gives an unreadable instance its study.
     """
     if not source.is_pacs_uri(config.input):
-        yield from iter_listing(config.input, config.listing_batch)
-        return
+        return iter_listing(config.input, config.listing_batch)
+    return listing_tables(pacs_rows(config), config.listing_batch)
+
+
+def pacs_rows(config: ScreenConfig) -> Iterator[ListedRow]:
     seen: set[str] = set()  # a study can come back on two pages of a query; one night's instances
-    batch: list[dict[str, Any]] = []
     for record in source.search_instances(config.input, config.since, config.until, config.modalities):
-        if record.path in seen:
-            continue
-        seen.add(record.path)
-        batch.append({"uri": record.path, "relpath": f"{record.study_uid}/{record.sop_uid}", "size": None, "mtime_ns": None, "etag": None})
-        if len(batch) >= config.listing_batch:
-            yield pa.Table.from_pylist(batch, schema=LISTING_SCHEMA)
-            batch = []
-    if batch:
-        yield pa.Table.from_pylist(batch, schema=LISTING_SCHEMA)
+        if record.path not in seen:
+            seen.add(record.path)
+            yield record.path, f"{record.study_uid}/{record.sop_uid}", None, None, None
 
 
 def as_written(listing: pa.Table, pseudonymizer: Pseudonymizer | None) -> pa.Table:
@@ -269,12 +265,13 @@ def check_complete(rows: ray.data.Dataset, chunk: pa.Table) -> pa.Table:
     return got
 
 
-def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> None:
+def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> int:
     """The chunk's new rows appended by the workers in one Delta commit; the rows that replace
-    earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE."""
+    earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE.
+    Returns how many rows were replaced."""
     uri = table_uri(run.config.output, "images")
     replacing = int(pc.sum(chunk["replaces"]).as_py() or 0)
-    ensure_table(run.config.output, "images")  # created with its schema and partitioning, once, whoever commits first
+    images = ensure_table(run.config.output, "images")  # created with its schema and partitioning, once, whoever commits first
     if replacing < chunk.num_rows:
         rows_where(rows, replaces=False).write_delta(
             uri,
@@ -285,10 +282,12 @@ def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> None:
         )
     if replacing:
         refs = rows_where(rows, replaces=True).to_arrow_refs()
-        merge(ensure_table(run.config.output, "images"), "images", pa.concat_tables(ray.get(refs)))
+        images.update_incremental()  # past the append just committed
+        merge(images, "images", pa.concat_tables(ray.get(refs)))
+    return replacing
 
 
-def overlays(run: Run, chunk_uris: dict[str, str]) -> Any:
+def overlays(run: Run, chunk_uris: dict[str, str]) -> Decorate:
     """The study sync's decoration for --explain: a Grad-CAM overlay per flagged study, written
     to OUTPUT/explain/scored_date=D/ before the study rows that name it are committed.
 
@@ -335,11 +334,10 @@ def score_and_commit(run: Run, chunk: pa.Table, counts: Counts) -> None:
     started = time.time()
     rows = score_chunk(run, chunk)
     statuses = check_complete(rows, chunk)["status"]
-    commit_chunk(run, rows, chunk)
+    counts.replaced += commit_chunk(run, rows, chunk)
     counts.scoring_seconds += time.time() - started
     counts.chunks += 1
     counts.scored += chunk.num_rows
-    counts.replaced += int(pc.sum(chunk["replaces"]).as_py() or 0)
     counts.retried += int(pc.sum(pc.greater(chunk["tries"], 1)).as_py() or 0)
     for status in counts.by_status:
         counts.by_status[status] += int(pc.sum(pc.equal(statuses, status)).as_py() or 0)
