@@ -28,6 +28,7 @@ WATERMARK = "lungray.images_version"
 STUDY_IMAGE_COLUMNS = ["path", "study_id", "sop_uid", "status", "prob", "size"]
 # A decoration of the new study rows (the Grad-CAM overlays) from them and their image rows.
 Decorate = Callable[[pa.Table, pa.Table], pa.Table]
+STUDY_IMAGES_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in STUDY_IMAGE_COLUMNS])
 
 
 def watermark_key(model_id: str) -> str:
@@ -56,19 +57,24 @@ def changed_files(output: str, images: DeltaTable, since: int | None) -> list[st
         return None
     changed = sorted(now ^ then)
     if changed:
-        fs, _ = filesystem_for(changed[0])
-        infos = fs.get_file_info([filesystem_for(uri)[1] for uri in changed])
+        fs, paths = on_filesystem(changed)
+        infos = fs.get_file_info(paths)
         if any(info.type == pafs.FileType.NotFound for info in infos):  # a removed file already vacuumed
             log.warning("files of images version %d were vacuumed: re-aggregating every study", since)
             return None
     return changed
 
 
+def on_filesystem(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem of a table's data files (all on one), and their paths in it."""
+    fs, _ = filesystem_for(uris[0])
+    return fs, [filesystem_for(uri)[1] for uri in uris]
+
+
 def touched_studies(files: list[str], model_id: str) -> pa.Array:
     if not files:
         return pa.array([], pa.string())
-    fs, _ = filesystem_for(files[0])
-    paths = [filesystem_for(uri)[1] for uri in files]
+    fs, paths = on_filesystem(files)
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
     table = dataset.to_table(columns=["study_id", "model_id"])  # no pushed-down filter: delta-rs may write string_view
     ids = table["study_id"].cast(pa.string()).filter(pc.equal(table["model_id"].cast(pa.string()), model_id))
@@ -84,12 +90,12 @@ def sync_studies(
     """
     images = open_table(output, "images")
     if images is None:  # nothing committed yet
-        return STUDY_SCHEMA.empty_table(), IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS)
+        return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     studies = ensure_table(output, "studies")
     version = images.version()
     since = watermark(studies, model_id)
     if since == version:
-        return STUDY_SCHEMA.empty_table(), IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS)
+        return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     files = changed_files(output, images, since)
     rows = study_images(images, model_id, None if files is None else touched_studies(files, model_id))
     new = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
@@ -100,7 +106,6 @@ def sync_studies(
     return new, rows
 
 
-
 def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) -> pa.Table:
     """The model's current image rows of `studies` (all of its studies when None), streamed
     batch by batch. The study filter is applied per batch rather than pushed into the scan:
@@ -108,5 +113,4 @@ def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) ->
     kept = []
     for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id):
         kept.append(rows if studies is None else rows.filter(pc.is_in(rows["study_id"].cast(pa.string()), studies)))
-    schema = IMAGE_SCHEMA.empty_table().select(STUDY_IMAGE_COLUMNS).schema
-    return pa.concat_tables(kept).cast(schema) if kept else schema.empty_table()
+    return pa.concat_tables(kept).cast(STUDY_IMAGES_SCHEMA) if kept else STUDY_IMAGES_SCHEMA.empty_table()
