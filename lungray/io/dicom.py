@@ -293,7 +293,6 @@ def redact(message: str, secrets: list[str]) -> str:
 def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> codecs.StoredPixels:
     """The stored values of one frame, reduced where `lungray.io.codecs` can (any size:
     padding and LUTs work element-wise), with decode errors as DecodeErrors."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         return codecs.read_stored_pixels(ds, frame_index, options)
     except (NotImplementedError, RuntimeError) as exc:

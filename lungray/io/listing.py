@@ -32,9 +32,18 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint from the usual AWS variables; None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    kwargs: dict[str, object] = {"region": region or "us-east-1"}
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict[str, object] = {"region": region}
     if endpoint:
         scheme, _, rest = endpoint.partition("://")
         kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
@@ -44,11 +53,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     if is_s3(uri):
-        fs = _s3_filesystem(
-            os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-        )
-        return fs, uri[len("s3://") :].rstrip("/")
+        return _s3_filesystem(s3_endpoint(), s3_region()), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -143,7 +148,7 @@ def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
 
     bucket, _, prefix = root[len("s3://") :].partition("/")
     prefix = prefix.rstrip("/")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    client = boto3.client("s3", endpoint_url=s3_endpoint())
     found = False
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
         for item in page.get("Contents", []):

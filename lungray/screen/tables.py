@@ -9,7 +9,6 @@ docs/operators.md, "Output tables".
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from lungray.io.listing import absolute_uri, is_s3, join_uri
+from lungray.io.listing import absolute_uri, is_s3, join_uri, s3_endpoint, s3_region
 
 IMAGE_SCHEMA = pa.schema(
     [
@@ -73,8 +72,8 @@ def storage_options(uri: str) -> dict[str, str] | None:
     S3-compatible servers); commits use S3's conditional writes, so no lock service is needed."""
     if not is_s3(uri):
         return None
-    options = {"AWS_REGION": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"AWS_REGION": s3_region()}
+    endpoint = s3_endpoint()
     if endpoint:
         options["AWS_ENDPOINT_URL"] = endpoint
         if endpoint.startswith("http://"):
