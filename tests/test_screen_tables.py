@@ -27,8 +27,8 @@ from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.progress import Chunker
-from lungray.screen.studies import sync_studies, watermark
-from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, open_table, read_table
+from lungray.screen.studies import study_images, sync_studies, watermark
+from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
 DATE = "2026-11-29"
 MODEL = "cnn-0123456789ab"
@@ -103,6 +103,46 @@ def test_ledger_decides_from_the_last_row_of_each_file(tmp_path: Path) -> None:
 def test_ledger_with_no_table_yet_scores_everything() -> None:
     planned = plan(listing([("/x", 1, 1, None)]), None, MODEL, LedgerRule(incremental=True, max_retries=3))
     assert planned["score"].to_pylist() == [True] and planned["replaces"].to_pylist() == [False]
+
+
+def corrupt_partition(table_dir: Path, date: str) -> None:
+    """Overwrite the partition's data files with bytes no Parquet reader accepts."""
+    for data_file in (table_dir / f"scored_date={date}").glob("*.parquet"):
+        data_file.write_bytes(b"not parquet")
+
+
+def test_ledger_study_sync_and_merge_read_only_history_their_range_can_hold(tmp_path: Path) -> None:
+    """A night under new folders must not read earlier nights: their files are corrupted here,
+    so any read of them fails the test. A listing that reaches into them shows they would."""
+    old, new = "2026-10-01", DATE
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    ensure_table(output, "studies")
+    for date in (old, new):
+        rows = image_rows(
+            [{"path": f"/archive/{date}/s{i}/{i}.dcm", "study_id": f"{date}/s{i}", "size": 10, "mtime_ns": 1, "prob": 0.1, "scored_date": date} for i in range(4)]
+            + [{"path": f"/archive/{date}/O'Brien/x.dcm", "study_id": f"{date}/O'Brien", "size": 10, "mtime_ns": 1, "prob": 0.9, "scored_date": date}]
+        )
+        write_deltalake(str(tmp_path / "images"), rows, mode="append", partition_by=["scored_date"])
+        write_deltalake(str(tmp_path / "studies"), aggregate_studies(rows, 0.5, "max", MODEL, "r0", date), mode="append", partition_by=["scored_date"])
+    corrupt_partition(tmp_path / "images", old)
+    corrupt_partition(tmp_path / "studies", old)
+    images = open_table(output, "images")
+
+    tonight = listing([(f"/archive/{new}/O'Brien/x.dcm", 10, 1, None), (f"/archive/{new}/s1/1.dcm", 10, 1, None), (f"/archive/{new}/s9/9.dcm", 10, 1, None)])
+    planned = plan(tonight, images, MODEL, LedgerRule(incremental=True, max_retries=3))
+    assert planned["score"].to_pylist() == [False, False, True]  # the quoted path found, the new file to score
+
+    found = study_images(images, MODEL, pa.array([f"{new}/O'Brien", f"{new}/s2"]))
+    assert sorted(found["path"].to_pylist()) == [f"/archive/{new}/O'Brien/x.dcm", f"/archive/{new}/s2/2.dcm"]
+
+    rescored = image_rows([{"path": f"/archive/{new}/s2/2.dcm", "study_id": f"{new}/s2", "prob": 0.8, "scored_date": new}])
+    merge(open_table(output, "studies"), "studies", aggregate_studies(rescored, 0.5, "max", MODEL, "r1", new))
+    studies = pa.Table.from_batches(open_table(output, "studies").to_pyarrow_dataset(partitions=[("scored_date", "=", new)]).to_batches())
+    assert studies.num_rows == 5 and studies.filter(pc.equal(studies["study_id"].cast(pa.string()), f"{new}/s2"))["run_id"].to_pylist() == ["r1"]
+
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the reader gives for a corrupt file
+        plan(listing([(f"/archive/{old}/s1/1.dcm", 10, 1, None)]), images, MODEL, LedgerRule(incremental=True, max_retries=3))
 
 
 def test_study_aggregation_matches_a_pandas_groupby() -> None:

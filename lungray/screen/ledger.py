@@ -1,7 +1,8 @@
 """What a run scores: each listed file against the model's last row for it in `OUTPUT/images`.
 
 A listed batch is joined to the images table's key columns only, streamed batch by batch
-(bounded memory whatever the history's size); no Python set of the history is built.
+(bounded memory whatever the history's size), and only in the batch's range of paths; no
+Python set of the history is built.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: 
     """The model's current row for each of `listing_paths` that has one (key columns only)."""
     if images is None:
         return KEY_SCHEMA.empty_table()
+    if len(listing_paths) == listing_paths.null_count:
+        return KEY_SCHEMA.empty_table()
     wanted = pa.table({"path": listing_paths})
+    bounds = pc.min_max(listing_paths)
     matched = []
-    for rows in model_rows(images, KEY_COLUMNS, model_id):
+    # Only history whose paths fall in the listing batch's range is read: a sorted listing's
+    # batch under tonight's folders skips every data file of earlier nights.
+    for rows in model_rows(images, KEY_COLUMNS, model_id, within=("path", bounds["min"].as_py(), bounds["max"].as_py())):
         found = rows.join(wanted, "path", join_type="left semi")
         if found.num_rows:
             matched.append(found)

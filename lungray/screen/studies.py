@@ -108,9 +108,14 @@ def sync_studies(
 
 def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) -> pa.Table:
     """The model's current image rows of `studies` (all of its studies when None), streamed
-    batch by batch. The study filter is applied per batch rather than pushed into the scan:
-    pyarrow cannot compare the string_view statistics delta-rs writes with a string set."""
+    batch by batch; only data files whose study ids can fall in the studies' range are read."""
+    if studies is not None and len(studies) == 0:
+        return STUDY_IMAGES_SCHEMA.empty_table()
+    within = None
+    if studies is not None:
+        bounds = pc.min_max(studies)
+        within = ("study_id", bounds["min"].as_py(), bounds["max"].as_py())
     kept = []
-    for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id):
-        kept.append(rows if studies is None else rows.filter(pc.is_in(rows["study_id"].cast(pa.string()), studies)))
-    return pa.concat_tables(kept).cast(STUDY_IMAGES_SCHEMA) if kept else STUDY_IMAGES_SCHEMA.empty_table()
+    for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id, within=within):
+        kept.append(rows if studies is None else rows.filter(pc.is_in(rows["study_id"], studies)))
+    return pa.concat_tables(kept) if kept else STUDY_IMAGES_SCHEMA.empty_table()

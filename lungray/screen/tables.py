@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, QueryBuilder
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from lungray.io.listing import absolute_uri, is_s3, join_uri, s3_endpoint, s3_region
@@ -117,36 +117,62 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
     return rows.select(columns) if columns else rows
 
 
-def model_rows(table: DeltaTable, columns: list[str], model_id: str, chunk_rows: int = 200_000) -> Iterator[pa.Table]:
-    """The model's rows, some columns, streamed in tables of about `chunk_rows` (one batch read
-    ahead, so memory does not grow with the history): what the ledger and the study sync read.
+def sql_string(value: str) -> str:
+    """`value` as an SQL string literal (a path may hold a quote)."""
+    return "'" + value.replace("'", "''") + "'"
 
-    Batches are gathered to `chunk_rows` before they are returned: a table of many small files
-    (a few per chunk a run commits) gives one tiny batch per file, and a join per tiny batch
-    costs more than the scan. The model filter runs on each batch, not in the scan: files
-    delta-rs wrote hold string_view columns, which a pushed-down pyarrow filter cannot
-    compare with a string.
+
+def model_rows(
+    table: DeltaTable,
+    columns: list[str],
+    model_id: str,
+    within: tuple[str, str, str] | None = None,
+    chunk_rows: int = 200_000,
+) -> Iterator[pa.Table]:
+    """The model's image rows, some columns, streamed in tables of about `chunk_rows`: what
+    the ledger and the study sync read, in memory that does not grow with the history.
+
+    `within` = (column, low, high) keeps rows whose column lies in [low, high]. The query runs
+    in delta-rs's DataFusion engine, which skips the data files and row groups whose min/max
+    statistics (the Delta log's, else the Parquet footer's) rule the filters out: a night's
+    listing under new folders reads next to nothing of the history, however long it is.
+    Batches are gathered to `chunk_rows` before they are returned, since a join per tiny
+    batch (a table of many small files gives many) costs more than the scan.
     """
-    scanner = table.to_pyarrow_dataset().scanner(
-        columns=[*columns, "model_id"], batch_size=131_072, batch_readahead=1, fragment_readahead=1
-    )
+    where = [f'"model_id" = {sql_string(model_id)}']
+    if within is not None:
+        column, low, high = within
+        where.append(f'"{column}" BETWEEN {sql_string(low)} AND {sql_string(high)}')
+    selected = ", ".join(f'"{name}"' for name in columns)
+    query = f"SELECT {selected} FROM images WHERE {' AND '.join(where)}"
+    schema = pa.schema([IMAGE_SCHEMA.field(name) for name in columns])
+    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register("images", table).execute(query))
     gathered: list[pa.RecordBatch] = []
     rows = 0
-    for batch in scanner.to_batches():
+    for batch in reader:
         if batch.num_rows:
-            kept = batch.filter(pc.equal(batch["model_id"].cast(pa.string()), model_id)).select(columns)
-            gathered.append(kept)
-            rows += kept.num_rows
+            gathered.append(batch.cast(schema))  # DataFusion returns string_view; joins want string
+            rows += batch.num_rows
         if rows >= chunk_rows:
-            yield pa.Table.from_batches(gathered)
+            yield pa.Table.from_batches(gathered, schema)
             gathered, rows = [], 0
     if rows:
-        yield pa.Table.from_batches(gathered)
+        yield pa.Table.from_batches(gathered, schema)
 
 
 def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Upsert `rows` on the table's keys in one transaction, redone if a concurrent commit won the race."""
+    """Upsert `rows` on the table's keys in one transaction, redone if a concurrent commit won the race.
+
+    The predicate also bounds each key of the target by the source's literal min and max:
+    delta-rs then skips, from the data files' statistics, every file that cannot hold a
+    matching row (at 2.5M study rows, 0.03 s instead of 0.8 s for a night's studies). The
+    bounds exclude no match, since every source key lies within them.
+    """
     predicate = " AND ".join(f"t.{key} = s.{key}" for key in KEYS[name])
+    for key in KEYS[name]:
+        bounds = pc.min_max(rows[key])
+        if bounds["min"].is_valid:
+            predicate += f" AND t.{key} BETWEEN {sql_string(bounds['min'].as_py())} AND {sql_string(bounds['max'].as_py())}"
     for attempt in range(MERGE_ATTEMPTS):
         try:
             return (
