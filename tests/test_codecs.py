@@ -94,6 +94,17 @@ def box_mean(values: np.ndarray, factor: int) -> np.ndarray:
     return trimmed.reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+@pytest.mark.parametrize("step", [2, 3, 4])
+def test_binning_rounds_the_block_mean_of_stored_values(dtype: type, step: int) -> None:
+    """codecs.box_mean against numpy's float mean of the blocks, rounded half up, in the stored dtype."""
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(step).integers(max(info.min, -2048), min(info.max, 4095), (61, 47)).astype(dtype)
+    expected = np.floor(box_mean(values, step) + 0.5).astype(dtype)
+    binned = codecs.box_mean(values, step)
+    assert binned.dtype == dtype and np.array_equal(binned, expected)
+
+
 def test_j2k_levels_keep_stored_depth_and_sign() -> None:
     """Signed 12-bit J2K: the reduced values are int16 stored values, near pydicom's full decode averaged."""
     rng = np.random.default_rng(3)

@@ -25,7 +25,9 @@ import numpy as np
 # 3: reduced-resolution decoding (JPEG 2000 levels, JPEG DCT scaling, binning; lungray.io.codecs).
 # 4: reduced decodes no smaller than 4x the model side (was 2x), binning steps that divide
 #    both sides (were cropped): `reduced_decode_for`, `bin_step`.
-DECODER_VERSION = 4
+# 5: 8-bit JPEG decoded in full by Pillow's libjpeg-turbo, as the scaled decode is (was pydicom's
+#    default plugin, whose IDCT differs by up to 1 in a few percent of pixels).
+DECODER_VERSION = 5
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).
