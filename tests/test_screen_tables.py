@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import SAMPLES
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from model_factory import untrained_model_dir
 
 from lungray.io.listing import iter_listing
@@ -27,7 +27,7 @@ from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.progress import Chunker
-from lungray.screen.studies import study_images, sync_studies, watermark
+from lungray.screen.studies import study_images, sync_studies, watermark, watermark_key
 from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
 DATE = "2026-11-29"
@@ -186,6 +186,16 @@ def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
     assert (studies["s1"]["n_images"], studies["s1"]["prob"], studies["s1"]["run_id"]) == (2, 0.95, "r3")
     assert studies["s2"]["run_id"] == "r1" and len(studies) == 2
+
+
+def test_a_models_watermark_is_found_behind_many_commits_of_another_model(tmp_path: Path) -> None:
+    table = str(tmp_path / "studies")
+    one = pa.table({"n": [1]})
+    write_deltalake(table, one, commit_properties=CommitProperties(custom_metadata={watermark_key("old-model"): "7"}))
+    for version in range(40):  # more than the first window of the newest commits
+        write_deltalake(table, one, mode="append", commit_properties=CommitProperties(custom_metadata={watermark_key(MODEL): str(version)}))
+    studies = DeltaTable(table)
+    assert (watermark(studies, "old-model"), watermark(studies, MODEL), watermark(studies, "never-synced")) == (7, 39, None)
 
 
 def marker(tmp_path: Path, **changes) -> Path:

@@ -36,12 +36,21 @@ def watermark_key(model_id: str) -> str:
 
 
 def watermark(studies: DeltaTable, model_id: str) -> int | None:
-    """The images version the model's study rows last reflected (None: never synced)."""
+    """The images version the model's study rows last reflected (None: never synced).
+
+    Read from the newest commits first, in windows growing 16-fold: the model's last sync
+    is almost always among the latest few, so a long-lived table's whole log is not read.
+    """
     key = watermark_key(model_id)
-    for commit in studies.history():
-        if key in commit:
-            return int(commit[key])
-    return None
+    limit = 16
+    while True:
+        commits = studies.history(limit=limit)  # newest first
+        for commit in commits:
+            if key in commit:
+                return int(commit[key])
+        if len(commits) < limit:
+            return None
+        limit *= 16
 
 
 def changed_files(output: str, images: DeltaTable, since: int | None) -> list[str] | None:
