@@ -26,7 +26,8 @@ import numpy as np
 # 4: reduced decodes no smaller than 4x the model side (was 2x), binning steps that divide
 #    both sides (were cropped): `reduced_decode_for`, `bin_step`.
 # 5: 8-bit JPEG decoded in full by Pillow's libjpeg-turbo, as the scaled decode is (was pydicom's
-#    default plugin, whose IDCT differs by up to 1 in a few percent of pixels).
+#    default plugin, whose IDCT differs by up to 1 in a few percent of pixels); JPEG 2000 LL
+#    bands resampled onto the box grid (`codecs.onto_box_grid`; they were half a pixel off).
 DECODER_VERSION = 5
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
