@@ -32,9 +32,7 @@ class LedgerRule:
 
 def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: str) -> pa.Table:
     """The model's current row for each of `listing_paths` that has one (key columns only)."""
-    if images is None:
-        return KEY_SCHEMA.empty_table()
-    if len(listing_paths) == listing_paths.null_count:
+    if images is None or len(listing_paths) == listing_paths.null_count:
         return KEY_SCHEMA.empty_table()
     wanted = pa.table({"path": listing_paths})
     bounds = pc.min_max(listing_paths)
