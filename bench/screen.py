@@ -36,6 +36,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
+from lungray.io.base import DecodeOptions, decode_record  # noqa: E402
 from lungray.io.decode import decode_bytes  # noqa: E402
 from lungray.modeldir import ModelDir, load_model_dir, save_model_dir  # noqa: E402
 from lungray.models import build_model, default_config  # noqa: E402
@@ -268,7 +269,10 @@ def main() -> None:
         config = default_config("cnn")
         model_dir = save_model_dir(
             root / "model", build_model(config).state_dict(),
-            {"architecture": config.to_dict(), "preprocess": PreprocessConfig(size=args.size).to_dict(), "threshold": 0.5},
+            {
+                "architecture": config.to_dict(), "preprocess": PreprocessConfig(size=args.size).to_dict(), "threshold": 0.5,
+                "decode": decode_record(DecodeOptions()),  # today's decoder: screen refuses a model without a record
+            },
         )
         archive = make_full_size_archive if args.full_size else make_archive
         small = archive(root / "small", args.files)
