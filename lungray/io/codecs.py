@@ -9,16 +9,17 @@ the Modality LUT, VOI and padding logic downstream see stored values as before.
 
 Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
 - JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels;
-  the LL band is an anti-aliased half-size image per level): 420 ms for a lossless film
-  in full, 106 ms at level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
+  the LL band is an anti-aliased half-size image per level, resampled onto the box grid
+  of a full decode: `onto_box_grid`): 420 ms for a lossless film in full, 106 ms at
+  level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
   and imagecodecs 2026.3 `jpeg2k_decode` have no reduce argument (full: 420 / 407 ms).
   Pillow refuses a level where a side's ceil and rounded reduced sizes differ (side mod
   2^r in 1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
 - JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8):
   4 ms at 1/4 against 36 ms for pydicom's default full decode (pylibjpeg-libjpeg) and
-  5 ms for imagecodecs' full one. Where no scale is allowed, Pillow's full decode (2.5 ms
-  for the 1024 px SIIM film against pydicom's default 10 ms; values within 1 of it). simplejpeg and PyTurboJPEG, not measured, wrap the same
-  libjpeg-turbo scaling for 8-bit only. 12-bit JPEG: Pillow cannot open it, so it is a
+  5 ms for imagecodecs' full one. Where no scale is allowed, Pillow's full decode (2.2 ms
+  for the 1024 px SIIM film against pydicom's default 10 ms; values within 1 of it).
+  simplejpeg and PyTurboJPEG, not measured, wrap the same libjpeg-turbo scaling for 8-bit only. 12-bit JPEG: Pillow cannot open it, so it is a
   full decode.
 - JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
   `pixel_array`, which keeps pydicom's corrections (unused bits, sign); for JPEG-LS
@@ -200,7 +201,7 @@ def onto_box_grid(values: np.ndarray, level: int) -> np.ndarray:
 def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
     """An 8-bit JPEG frame through libjpeg-turbo's scaled IDCT (1/2, 1/4, 1/8), shorter side >= min_side;
     in full through the same library where no scale keeps that side (a 1024 px film for a
-    224 px model), 4x faster than pydicom's default plugin for the same values."""
+    224 px model), 4x faster than pydicom's default plugin."""
     image = Image.open(io.BytesIO(codestream), formats=["JPEG"])
     if image.mode != "L" or image.size != (cols, rows):
         return None
