@@ -32,14 +32,13 @@ class LedgerRule:
 
 def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: str) -> pa.Table:
     """The model's current row for each of `listing_paths` that has one (key columns only)."""
-    if images is None or len(listing_paths) == listing_paths.null_count:
+    if images is None:
         return KEY_SCHEMA.empty_table()
     wanted = pa.table({"path": listing_paths})
-    bounds = pc.min_max(listing_paths)
     matched = []
     # Only history whose paths fall in the listing batch's range is read: a sorted listing's
     # batch under tonight's folders skips every data file of earlier nights.
-    for rows in model_rows(images, KEY_COLUMNS, model_id, within=("path", bounds["min"].as_py(), bounds["max"].as_py())):
+    for rows in model_rows(images, KEY_COLUMNS, model_id, within=("path", listing_paths)):
         found = rows.join(wanted, "path", join_type="left semi")
         if found.num_rows:
             matched.append(found)

@@ -151,7 +151,6 @@ def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
     return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32)
 
 
-
 def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
     """The input's files in Arrow batches (uri, relpath, size, mtime_ns, etag): a folder or
     prefix as listed, or the instances a PACS query finds (streamed, paged).

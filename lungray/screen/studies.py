@@ -118,13 +118,7 @@ def sync_studies(
 def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) -> pa.Table:
     """The model's current image rows of `studies` (all of its studies when None), streamed
     batch by batch; only data files whose study ids can fall in the studies' range are read."""
-    if studies is not None and len(studies) == 0:
-        return STUDY_IMAGES_SCHEMA.empty_table()
-    within = None
-    if studies is not None:
-        bounds = pc.min_max(studies)
-        within = ("study_id", bounds["min"].as_py(), bounds["max"].as_py())
     kept = []
-    for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id, within=within):
+    for rows in model_rows(images, STUDY_IMAGE_COLUMNS, model_id, within=None if studies is None else ("study_id", studies)):
         kept.append(rows if studies is None else rows.filter(pc.is_in(rows["study_id"], studies)))
     return pa.concat_tables(kept) if kept else STUDY_IMAGES_SCHEMA.empty_table()

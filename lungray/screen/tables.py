@@ -122,17 +122,24 @@ def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def value_range(values: pa.Array | pa.ChunkedArray) -> tuple[str, str] | None:
+    """(smallest, largest) of string `values`; None when there is no value."""
+    bounds = pc.min_max(values)
+    return (bounds["min"].as_py(), bounds["max"].as_py()) if bounds["min"].is_valid else None
+
+
 def model_rows(
     table: DeltaTable,
     columns: list[str],
     model_id: str,
-    within: tuple[str, str, str] | None = None,
+    within: tuple[str, pa.Array] | None = None,
     chunk_rows: int = 200_000,
 ) -> Iterator[pa.Table]:
     """The model's image rows, some columns, streamed in tables of about `chunk_rows`: what
     the ledger and the study sync read, in memory that does not grow with the history.
 
-    `within` = (column, low, high) keeps rows whose column lies in [low, high]. The query runs
+    `within` = (column, values) keeps rows whose column lies in the values' range (none when
+    they hold no value); the caller filters to the values themselves. The query runs
     in delta-rs's DataFusion engine, which skips the data files and row groups whose min/max
     statistics (the Delta log's, else the Parquet footer's) rule the filters out: a night's
     listing under new folders reads next to nothing of the history, however long it is.
@@ -141,8 +148,11 @@ def model_rows(
     """
     where = [f'"model_id" = {sql_string(model_id)}']
     if within is not None:
-        column, low, high = within
-        where.append(f'"{column}" BETWEEN {sql_string(low)} AND {sql_string(high)}')
+        column, values = within
+        bounds = value_range(values)
+        if bounds is None:
+            return
+        where.append(f'"{column}" BETWEEN {sql_string(bounds[0])} AND {sql_string(bounds[1])}')
     selected = ", ".join(f'"{name}"' for name in columns)
     query = f"SELECT {selected} FROM images WHERE {' AND '.join(where)}"
     schema = pa.schema([IMAGE_SCHEMA.field(name) for name in columns])
@@ -170,9 +180,9 @@ def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str]
     """
     predicate = " AND ".join(f"t.{key} = s.{key}" for key in KEYS[name])
     for key in KEYS[name]:
-        bounds = pc.min_max(rows[key])
-        if bounds["min"].is_valid:
-            predicate += f" AND t.{key} BETWEEN {sql_string(bounds['min'].as_py())} AND {sql_string(bounds['max'].as_py())}"
+        bounds = value_range(rows[key])
+        if bounds is not None:
+            predicate += f" AND t.{key} BETWEEN {sql_string(bounds[0])} AND {sql_string(bounds[1])}"
     for attempt in range(MERGE_ATTEMPTS):
         try:
             return (
