@@ -7,6 +7,7 @@ cluster with an instance profile, and against a test server on loopback.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import posixpath
@@ -156,15 +157,18 @@ def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
             if key.endswith("/"):
                 continue
             found = True
-            mtime = int(item["LastModified"].timestamp() * 1_000_000) * 1000
-            yield f"s3://{bucket}/{key}", key[len(prefix) + 1 :] if prefix else key, int(item["Size"]), mtime, item["ETag"].strip('"')
+            yield f"s3://{bucket}/{key}", key[len(prefix) + 1 :] if prefix else key, int(item["Size"]), _mtime_ns(item["LastModified"]), item["ETag"].strip('"')
     if not found and prefix:
         try:
             head = client.head_object(Bucket=bucket, Key=prefix)
         except client.exceptions.ClientError:
             raise FileNotFoundError(f"input not found: {root}") from None
-        mtime = int(head["LastModified"].timestamp() * 1_000_000) * 1000
-        yield root, posixpath.basename(prefix), int(head["ContentLength"]), mtime, head["ETag"].strip('"')
+        yield root, posixpath.basename(prefix), int(head["ContentLength"]), _mtime_ns(head["LastModified"]), head["ETag"].strip('"')
+
+
+def _mtime_ns(modified: datetime.datetime) -> int:
+    """An S3 LastModified in nanoseconds (via microseconds, as a datetime holds it)."""
+    return int(modified.timestamp() * 1_000_000) * 1000
 
 
 def read_bytes(uri: str) -> bytes:
