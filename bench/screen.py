@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+
+from proctree import TreeSampler  # noqa: E402 - beside this script
 
 from lungray.io.base import DecodeOptions, decode_record  # noqa: E402
 from lungray.io.decode import decode_bytes  # noqa: E402
@@ -130,63 +131,18 @@ def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int, fold: b
     return scored / (time.perf_counter() - started)
 
 
-class MemorySampler:
-    """Peak total RSS of this process and its descendants (the local Ray it started), from /proc.
-
-    Descendants rather than every Ray process: another Ray instance on the machine (a test
-    suite, a training job) must not count towards this run's memory.
-    """
-
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss_mb() -> float:
-        parents: dict[int, int] = {}
-        rss: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                # The command name in field 2 may hold spaces; the fields after its ")" do not.
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = int(fields[1])
-                rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError, IndexError):
-                continue
-        ours = {os.getpid()}
-        grew = True
-        while grew:
-            children = {pid for pid, parent in parents.items() if parent in ours} - ours
-            ours |= children
-            grew = bool(children)
-        return sum(rss.get(pid, 0) for pid in ours) / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
-            time.sleep(0.25)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size: int) -> tuple[float, float]:
     from lungray.screen.pipeline import ScreenConfig, run_screen
 
-    with MemorySampler() as memory:
-        started = time.perf_counter()
+    memory = TreeSampler(os.getpid()).start()  # this process and the local Ray it started
+    started = time.perf_counter()
+    try:
         summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), batch_size=batch_size, throwaway_salt=True))
+    finally:
         seconds = time.perf_counter() - started
+        memory.stop()
     assert summary["by_status"]["ok"] == summary["files_listed"], summary
-    return summary["files_listed"] / seconds, memory.peak_mb
+    return summary["files_listed"] / seconds, memory.peak_tree_rss / 2**20
 
 
 def inference_stage(model_dir: Path, count: int, size: int, batch_size: int) -> dict[str, float]:
