@@ -2,7 +2,8 @@
 
 The oracle for every storage is the full-resolution path (pydicom's `pixel_array` or
 Pillow's full decode, then the same preprocessing); for stored values, pydicom's full
-decode box-averaged by numpy; for which JPEG 2000 levels Pillow refuses, Pillow itself.
+decode box-averaged by numpy; for which JPEG 2000 levels Pillow refuses, Pillow itself; for the LL band's shift onto the box grid,
+scipy.ndimage.shift.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
 from pydicom.uid import JPEG2000Lossless
+from scipy import ndimage
 
 from lungray.io import codecs
 from lungray.io.base import ReducedDecode, bin_step
@@ -103,6 +105,18 @@ def test_binning_rounds_the_block_mean_of_stored_values(dtype: type, step: int) 
     expected = np.floor(box_mean(values, step) + 0.5).astype(dtype)
     binned = codecs.box_mean(values, step)
     assert binned.dtype == dtype and np.array_equal(binned, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_ll_band_is_shifted_as_scipy_shifts_it(dtype: type, level: int) -> None:
+    """codecs.onto_box_grid against scipy.ndimage.shift (linear, edges held) by (1 - 2^-level) / 2, rounded."""
+    info = np.iinfo(dtype)
+    values = np.random.default_rng(level).integers(max(info.min, -2048), min(info.max, 4095), (37, 53)).astype(dtype)
+    fraction = (1 - 2.0**-level) / 2
+    expected = np.rint(ndimage.shift(values.astype(np.float64), (-fraction, -fraction), order=1, mode="nearest"))
+    shifted = codecs.onto_box_grid(values, level)
+    assert shifted.dtype == dtype and np.array_equal(shifted, expected.astype(dtype))
 
 
 def test_j2k_levels_keep_stored_depth_and_sign() -> None:
