@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from lungray.io.allocator import keep_freed_memory
 from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_format, study_from_relpath
 from lungray.io.listing import read_bytes
@@ -140,6 +141,7 @@ def rows_table(
     Error and skipped rows carry an all-zero image so that the tensor column keeps one fixed
     shape; `status` says which rows are real.
     """
+    keep_freed_memory()
     shape = (preprocess_config.size, preprocess_config.size)
     blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
     rows, images = [], []
