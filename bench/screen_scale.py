@@ -141,7 +141,7 @@ def child_main(raw: str) -> None:
     timed_generator(pipeline, "listing_batches")
     for name in ("plan", "previous_rows"):
         timed(ledger, name)
-    for name in ("score_chunk", "check_complete", "commit_chunk", "sync", "ensure_table", "open_table"):
+    for name in ("score_and_commit", "commit_blocks", "check_chunk", "commit_chunk", "sync", "ensure_table", "open_table"):
         timed(pipeline, name)
     for name in ("watermark", "changed_files", "touched_studies", "study_images", "aggregate_studies", "merge"):
         timed(studies, name)
@@ -220,12 +220,13 @@ def run_child(spec: dict[str, Any], scratch: Path, label: str) -> dict[str, Any]
         raise RuntimeError(f"{label}: exit {process.returncode}\n{log.read_text()[-4000:]}")
     result = json.loads(stdout.decode().strip().splitlines()[-1])
     summary = result.pop("summary")
-    scoring = result["stages"].get("pipeline.score_chunk", {}).get("seconds", 0.0)
+    stages = result["stages"]
+    scoring = stages.get("pipeline.score_and_commit", {}).get("seconds", 0.0) - stages.get("pipeline.commit_blocks", {}).get("seconds", 0.0)
     return {
         "label": label,
         "process_wall_s": round(wall, 2),
         "run_wall_s": summary["wall_seconds"],
-        # the run less decoding and scoring (score_chunk): listing, ledger, commits, study sync
+        # the run less decoding and scoring (score_and_commit less its commits): listing, ledger, commits, study sync
         "run_wall_outside_scoring_s": round(summary["wall_seconds"] - scoring, 2),
         "images_data_files_added": data_files(spec["output"]) - files_before,
         "files_listed": summary["files_listed"],

@@ -281,11 +281,11 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chunk-files", type=int, default=ScreenConfig.chunk_files, metavar="N",
-        help="commit the image rows in chunks of at most N files: a killed run loses at most one chunk",
+        help="commit the image rows in chunks of at most N files (one Ray Data execution each): a killed run loses at most one chunk",
     )
     parser.add_argument(
         "--chunk-minutes", type=float, default=ScreenConfig.chunk_minutes, metavar="M",
-        help="once the rate is known, size chunks to about M minutes of work",
+        help="also commit whenever M minutes have passed since the last commit",
     )
     parser.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study probability from its images")
     parser.add_argument("--batch-size", type=int, default=None, help="inference batch (default: 32 on CPU, 512 on GPU)")

@@ -123,11 +123,11 @@ def test_screen_decodes_with_the_model_options(model_dir: Path, tmp_path: Path, 
     class Stop(Exception):
         pass
 
-    def fake_score_chunk(run, chunk):  # noqa: ANN001, ANN202 - stands in for Ray
+    def fake_score_window(run, window):  # noqa: ANN001, ANN202 - stands in for Ray
         seen["decode"] = run.decode
         raise Stop
 
-    monkeypatch.setattr(pipeline, "score_chunk", fake_score_chunk)
+    monkeypatch.setattr(pipeline, "score_window", fake_score_window)
     with pytest.raises(Stop):
         run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(tmp_path / "out"), date="2026-12-01", max_pixels=1234))
     assert seen["decode"] == DecodeOptions(apply_voi=False, frame="middle", max_pixels=1234)

@@ -26,7 +26,6 @@ from lungray.screen import lease as lease_module
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, run_screen
-from lungray.screen.progress import Chunker
 from lungray.screen.studies import study_images, sync_studies, watermark, watermark_key
 from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
@@ -270,16 +269,6 @@ def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:
         list(iter_listing(str(tmp_path / "missing")))
 
 
-def test_chunks_are_bounded_by_files_then_by_minutes() -> None:
-    chunker = Chunker(max_files=5000, minutes=2)
-    assert chunker.size() == 1000  # no rate yet
-    chunker.observe(1000, 50.0)  # 20 files/s: two minutes are 2,400 files
-    assert chunker.size() == 2400
-    chunker.observe(1000, 1.0)
-    assert chunker.size() == 5000
-    assert Chunker(max_files=40, minutes=10).size() == 40
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("archive")
@@ -309,6 +298,27 @@ def test_tables_read_back_with_pandas_polars_and_duckdb(tmp_path: Path, archive:
     assert studies["study_id"].to_list() == ["normal", "pneumonia"] and studies["n_images"].to_list() == [5, 5]
     counts = DeltaTable(str(output / "studies")).to_pyarrow_dataset()
     assert duckdb.sql("select sum(n_images) from counts").fetchall() == [(10,)]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(600)
+def test_a_window_commits_chunks_as_its_rows_stream_out(tmp_path: Path, archive: Path) -> None:
+    """Windows of 8 files (two executions for 10 files), a commit whenever the minutes bound has
+    passed (here: at every block of 2 files, decoded and scored 2 at a time): more chunks than windows, each its own Delta
+    commit of at most a window's files, and one row per file in the end."""
+    model = untrained_model_dir(tmp_path / "model", threshold=0.5)
+    output = tmp_path / "out"
+    summary = run_screen(
+        ScreenConfig(model=str(model), input=str(archive), output=str(output), date=DATE, chunk_files=8, chunk_minutes=1e-9, files_per_task=2, batch_size=2)
+    )
+    writes = [entry for entry in DeltaTable(str(output / "images")).history() if entry["operation"] == "WRITE"]
+    assert summary["chunks"] == len(writes) >= 3
+    rows_at = [DeltaTable(str(output / "images"), version=entry["version"]).to_pyarrow_table().num_rows for entry in writes]
+    added = [after - before for before, after in zip([0, *sorted(rows_at)], sorted(rows_at))]
+    assert all(0 < rows <= 8 for rows in added) and sum(added) == 10
+    images = read_table(str(output), "images")
+    assert images.num_rows == 10 and len(set(images["path"].to_pylist())) == 10
+    assert sum(read_table(str(output), "studies")["n_images"].to_pylist()) == 10
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -1,16 +1,23 @@
 """Nightly screening: an archive in, per-image and per-study predictions out, nothing lost.
 
 listing, streamed in batches -> the ledger (`lungray.screen.ledger`: a join against the
-images table's key columns decides what to score) -> chunks of at most `chunk_files` files
-or about `chunk_minutes` of work, each: CPU decode tasks (the ingest's read/scope check/
+images table's key columns decides what to score) -> windows of at most `chunk_files`
+files, each one Ray Data execution: CPU decode tasks (the ingest's read/scope check/
 decode/preprocess, driven by the model's recorded decode options and preprocessing; a
 model whose decode this lungray cannot reproduce is refused before anything is read) ->
 model actors (GPU when there are GPUs) -> image rows, keyed on the workers with
-`--pseudonymize` -> one Delta commit of the chunk's new rows, written by the workers
+`--pseudonymize`. The rows stream out of the execution as block references and are
+committed in chunks: whenever `chunk_minutes` have passed since the last commit, and at the
+window's end. A chunk is one Delta commit of its new rows, written by the workers
 (`Dataset.write_delta`), and one MERGE of the rows that replace earlier ones (retried
 errors, changed files) -> the studies the chunk touched re-aggregated and upserted
 (`lungray.screen.studies`). A killed run loses at most its uncommitted chunk; its rerun
 resumes (`lungray.screen.lease`). `runs/<run>.json` is written last.
+
+Why windows rather than one execution per chunk: an execution starts its model actors (a
+process, torch, the model) and fills and drains its pipeline, 3.7 s on 2 cores; chunk
+commits from the stream cost none of that, and the minutes bound holds however slow the
+archive is, without first learning its rate.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from lungray.screen.decode import as_image_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
-from lungray.screen.progress import Chunker, Progress
+from lungray.screen.progress import Progress
 from lungray.screen.studies import Decorate, sync_studies
 from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports
@@ -79,8 +86,8 @@ class ScreenConfig:
     report: str = "flagged"  # which studies get an SR: flagged, or all scored
     report_overlay: bool = False  # also the Grad-CAM overlay of each flagged study, as a Secondary Capture
     max_retries: int = 3  # --incremental scores a file whose last row is an error again, up to this many tries in all
-    chunk_files: int = 10_000  # a chunk (one commit) holds at most this many files...
-    chunk_minutes: float = 10.0  # ...and, once the rate is known, about this much work
+    chunk_files: int = 10_000  # a chunk (one commit) holds at most this many files (and one execution scores them)...
+    chunk_minutes: float = 10.0  # ...and at most about this much work
     listing_batch: int = 100_000  # listed files joined to the ledger at a time
 
     def __post_init__(self) -> None:
@@ -214,9 +221,9 @@ class Run:
     model_path: Path
 
 
-def score_chunk(run: Run, chunk: pa.Table) -> ray.data.Dataset:
-    """Decode, score and shape one chunk's files into image rows, held in the object store
-    (never in the driver) until its commit."""
+def score_window(run: Run, chunk: pa.Table) -> ray.data.Dataset:
+    """Decode, score and shape a window's files into image rows: a lazy dataset, whose
+    blocks stay in the object store (never in the driver) until their commit."""
     config = run.config
     cluster = ray.cluster_resources()
     plan = plan_actors(config, cluster)
@@ -243,7 +250,7 @@ def score_chunk(run: Run, chunk: pa.Table) -> ray.data.Dataset:
         fn_kwargs={"model_id": run.model_id, "run_id": run.run_id, "date": config.date, "pseudonymizer": run.pseudonymizer},
         batch_format="pyarrow",
         batch_size=None,
-    ).materialize()
+    )
 
 
 def rows_where(rows: ray.data.Dataset, replaces: bool) -> ray.data.Dataset:
@@ -253,25 +260,30 @@ def rows_where(rows: ray.data.Dataset, replaces: bool) -> ray.data.Dataset:
     return rows.map_batches(keep, batch_format="pyarrow", batch_size=None)
 
 
-def check_complete(rows: ray.data.Dataset, chunk: pa.Table) -> pa.Table:
-    """Nothing lost, nothing duplicated: exactly one row per file of the chunk, or no commit.
-    Returns the rows' (path, status): a chunk's worth of small values."""
-    refs = rows.select_columns(["path", "status"]).to_arrow_refs()
-    got = pa.concat_tables(ray.get(refs)) if refs else pa.table({"path": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-    distinct = pc.count_distinct(got["path"]).as_py() if got.num_rows else 0
-    if got.num_rows != chunk.num_rows or distinct != chunk.num_rows or not pc.all(pc.is_in(got["path"], chunk["path"])).as_py():
-        raise RuntimeError(f"screening produced {got.num_rows} rows ({distinct} distinct) for {chunk.num_rows} files: nothing committed")
+def check_chunk(rows: ray.data.Dataset, window: pa.Table, committed: set[str]) -> pa.Table:
+    """Nothing lost, nothing duplicated: a chunk's rows are distinct files of the window that
+    no earlier chunk of it committed, or nothing is committed. Returns their (path, status,
+    replaces): a chunk's worth of small values."""
+    refs = rows.select_columns(["path", "status", "replaces"]).to_arrow_refs()
+    got = pa.concat_tables(ray.get(refs))
+    paths = got["path"].to_pylist()
+    distinct = set(paths)
+    if len(distinct) != len(paths) or distinct & committed or not pc.all(pc.is_in(got["path"], window["path"])).as_py():
+        raise RuntimeError(
+            f"screening produced {len(paths)} rows ({len(distinct)} distinct, {len(distinct & committed)} already committed) "
+            "that are not distinct files of the window: this chunk is not committed"
+        )
     return got
 
 
-def commit_chunk(run: Run, rows: ray.data.Dataset, chunk: pa.Table) -> int:
+def commit_chunk(run: Run, rows: ray.data.Dataset, checked: pa.Table) -> int:
     """The chunk's new rows appended by the workers in one Delta commit; the rows that replace
     earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE.
     Returns how many rows were replaced."""
     uri = table_uri(run.config.output, "images")
-    replacing = int(pc.sum(chunk["replaces"]).as_py() or 0)
+    replacing = int(pc.sum(checked["replaces"]).as_py() or 0)
     images = ensure_table(run.config.output, "images")  # created with its schema and partitioning, once, whoever commits first
-    if replacing < chunk.num_rows:
+    if replacing < checked.num_rows:
         rows_where(rows, replaces=False).write_delta(
             uri,
             mode=SaveMode.APPEND,
@@ -329,19 +341,42 @@ def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> 
         }
 
 
-def score_and_commit(run: Run, chunk: pa.Table, counts: Counts) -> None:
-    started = time.time()
-    rows = score_chunk(run, chunk)
-    statuses = check_complete(rows, chunk)["status"]
-    counts.replaced += commit_chunk(run, rows, chunk)
+def score_and_commit(run: Run, window: pa.Table, counts: Counts, progress: Progress) -> None:
+    """Score a window in one execution and commit its rows as they stream out: a chunk
+    whenever `chunk_minutes` have passed since the last commit, and the rest at the end.
+    Ends with exactly one committed row per file of the window, or raises."""
+    started = last_commit = time.time()
+    committed: set[str] = set()
+    blocks: list[ray.ObjectRef] = []
+    for bundle in score_window(run, window).iter_internal_ref_bundles():
+        blocks.extend(bundle.block_refs)
+        progress.done += bundle.num_rows()
+        if time.time() - last_commit >= run.config.chunk_minutes * 60:
+            committed |= commit_blocks(run, blocks, window, committed, counts)
+            blocks, last_commit = [], time.time()
+            progress.report()
+    if blocks:
+        committed |= commit_blocks(run, blocks, window, committed, counts)
     counts.scoring_seconds += time.time() - started
+    if len(committed) != window.num_rows:
+        raise RuntimeError(f"screening produced rows for {len(committed)} of {window.num_rows} files; the run can be rerun to score the rest")
+    progress.report()
+
+
+def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, committed: set[str], counts: Counts) -> set[str]:
+    """One chunk: the checked rows of `blocks` committed, counted and synced; returns their paths."""
+    rows = ray.data.from_arrow_refs(blocks)
+    checked = check_chunk(rows, window, committed)
+    counts.replaced += commit_chunk(run, rows, checked)
     counts.chunks += 1
-    counts.scored += chunk.num_rows
-    counts.retried += int(pc.sum(pc.greater(chunk["tries"], 1)).as_py() or 0)
+    counts.scored += checked.num_rows
+    files = window.filter(pc.is_in(window["path"], checked["path"]))
+    counts.retried += int(pc.sum(pc.greater(files["tries"], 1)).as_py() or 0)
     for status in counts.by_status:
-        counts.by_status[status] += int(pc.sum(pc.equal(statuses, status)).as_py() or 0)
+        counts.by_status[status] += int(pc.sum(pc.equal(checked["status"], status)).as_py() or 0)
     needs_uris = run.pseudonymizer is not None and (run.config.explain or run.config.report_overlay)
-    sync(run, counts, dict(zip(chunk["path"].to_pylist(), chunk["uri"].to_pylist())) if needs_uris else None)
+    sync(run, counts, dict(zip(files["path"].to_pylist(), files["uri"].to_pylist())) if needs_uris else None)
+    return set(checked["path"].to_pylist())
 
 
 def resume_settings(config: ScreenConfig, model_id: str) -> dict[str, Any]:
@@ -380,7 +415,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         counts = Counts()
         sync(run, counts)  # studies an interrupted run committed images for but did not reach
         rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes))
-        chunker, progress = Chunker(config.chunk_files, config.chunk_minutes), Progress()
+        progress = Progress()
         pending: list[pa.Table] = []
         for listed in listing_batches(config):
             images = open_table(config.output, "images")  # created by the first commit; this batch's ledger reads the latest version
@@ -390,9 +425,9 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
                 setattr(counts, name, getattr(counts, name) + int(pc.sum(planned[name]).as_py() or 0))
             pending.append(planned.filter(planned["score"]))
             progress.listed, progress.to_score = counts.listed, progress.to_score + pending[-1].num_rows
-            pending = commit_full_chunks(run, pending, chunker, counts, progress, final=False)
+            pending = score_full_windows(run, pending, counts, progress, final=False)
         progress.listing_done = True
-        commit_full_chunks(run, pending, chunker, counts, progress, final=True)
+        score_full_windows(run, pending, counts, progress, final=True)
         log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
         summary = summarize(run, counts, resumes, started)
         write_summary(config.output, summary)
@@ -403,19 +438,13 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     return summary
 
 
-def commit_full_chunks(
-    run: Run, pending: list[pa.Table], chunker: Chunker, counts: Counts, progress: Progress, final: bool
-) -> list[pa.Table]:
-    """Score and commit chunks while enough files are pending (all of them when `final`); returns the rest."""
+def score_full_windows(run: Run, pending: list[pa.Table], counts: Counts, progress: Progress, final: bool) -> list[pa.Table]:
+    """Score windows of `chunk_files` files while that many are pending (all of them when `final`); returns the rest."""
     table = pa.concat_tables(pending) if pending else None
-    while table is not None and table.num_rows and (final or table.num_rows >= chunker.size()):
-        size = chunker.size()
-        chunk, table = table.slice(0, size), table.slice(size)
-        started = time.time()
-        score_and_commit(run, chunk, counts)
-        chunker.observe(chunk.num_rows, time.time() - started)
-        progress.done = counts.scored
-        progress.report()
+    size = run.config.chunk_files
+    while table is not None and table.num_rows and (final or table.num_rows >= size):
+        window, table = table.slice(0, size), table.slice(size)
+        score_and_commit(run, window, counts, progress)
     return [table] if table is not None and table.num_rows else []
 
 

@@ -1,4 +1,4 @@
-"""How big a run's chunks are, and the progress lines a person reads while it runs."""
+"""The progress lines a person reads while a run scores."""
 
 from __future__ import annotations
 
@@ -7,27 +7,6 @@ import time
 
 PROGRESS_LOGGER = "lungray.progress"
 log = logging.getLogger(PROGRESS_LOGGER)
-
-# Before any rate is known a chunk is this big at most, so a slow archive (full-size
-# JPEG 2000 on a small node) still commits within minutes of the start.
-FIRST_CHUNK_FILES = 1_000
-
-
-class Chunker:
-    """Chunk sizes bounded by files, and by minutes once the scoring rate is known."""
-
-    def __init__(self, max_files: int, minutes: float) -> None:
-        self.max_files, self.seconds = max_files, minutes * 60
-        self.rate: float | None = None
-
-    def size(self) -> int:
-        if self.rate is None:
-            return min(self.max_files, FIRST_CHUNK_FILES)
-        return max(1, min(self.max_files, int(self.rate * self.seconds)))
-
-    def observe(self, files: int, seconds: float) -> None:
-        if files and seconds > 0:
-            self.rate = files / seconds
 
 
 def duration(seconds: float) -> str:
