@@ -221,14 +221,14 @@ class Run:
     model_path: Path
 
 
-def score_window(run: Run, chunk: pa.Table) -> ray.data.Dataset:
+def score_window(run: Run, window: pa.Table) -> ray.data.Dataset:
     """Decode, score and shape a window's files into image rows: a lazy dataset, whose
     blocks stay in the object store (never in the driver) until their commit."""
     config = run.config
     cluster = ray.cluster_resources()
     plan = plan_actors(config, cluster)
-    per_task = config.files_per_task or files_per_task(chunk.num_rows, cluster.get("CPU", 1.0))
-    files = chunk.select(["uri", "relpath", "size", "listed_mtime_ns", "etag", "tries", "replaces"]).rename_columns(
+    per_task = config.files_per_task or files_per_task(window.num_rows, cluster.get("CPU", 1.0))
+    files = window.select(["uri", "relpath", "size", "listed_mtime_ns", "etag", "tries", "replaces"]).rename_columns(
         ["uri", "relpath", "size", "mtime_ns", "etag", "tries", "replaces"]
     )
     decoded = dataset_of_blocks(files, per_task).map_batches(
