@@ -174,7 +174,7 @@ def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min
         raise ValueError(f"reduced J2K decode gave {decoded.shape}, expected {expected}")
     # Pillow scales samples to the full 8 or 16 bits and offsets signed ones to unsigned.
     shift = decoded.dtype.itemsize * 8 - precision
-    values = (decoded.astype(np.int32) >> shift) - (1 << (precision - 1)) if signed else decoded >> shift
+    values = ((decoded.astype(np.int32) >> shift) - (1 << (precision - 1))) if signed else decoded >> shift
     values = onto_box_grid(values, level)
     itemsize = {8: 1, 16: 2, 32: 4}.get(int(ds.get("BitsAllocated", 16)), 2)  # pydicom's dtype for the frame
     dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")

@@ -141,7 +141,7 @@ def rows_table(
     Error and skipped rows carry an all-zero image so that the tensor column keeps one fixed
     shape; `status` says which rows are real.
     """
-    keep_freed_memory()
+    keep_freed_memory()  # once per worker process: the next film reuses this one's freed arrays
     shape = (preprocess_config.size, preprocess_config.size)
     blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
     rows, images = [], []
