@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,17 +34,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lungray.metrics import paired_bootstrap_auroc, roc_auc_score  # noqa: E402
-from lungray.modeldir import load_model_dir, model_input, proba_from_logits  # noqa: E402
+from lungray.modeldir import ModelDir, load_model_dir, model_input  # noqa: E402
 from lungray.site.adapt import AdaptConfig, adapt_batchnorm, batchnorm_layers, fine_tune  # noqa: E402
 from lungray.site.data import read_ingest_rows  # noqa: E402
 from lungray.split import patient_array  # noqa: E402
 
 
-@torch.no_grad()
-def log_odds(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    logits = torch.cat([model(model_input(images[start : start + batch_size])) for start in range(0, len(images), batch_size)])
-    logits = logits.float().numpy()
+def log_odds(model_dir: ModelDir, images: np.ndarray) -> np.ndarray:
+    logits = model_dir.predict_logits(images)
     return logits[:, 1] - logits[:, 0]
 
 
@@ -80,9 +78,8 @@ def tent(model: nn.Module, images: np.ndarray, epochs: int = 1, learning_rate: f
     return model
 
 
-def pseudo_labels(model: nn.Module, images: np.ndarray, threshold: float) -> nn.Module:
-    scores = log_odds(model, images)
-    calls = (proba_from_logits(np.stack([np.zeros_like(scores), scores], axis=1)) >= threshold).astype(np.int64)
+def pseudo_labels(model: nn.Module, images: np.ndarray, parent: ModelDir) -> nn.Module:
+    calls = (replace(parent, model=model).predict_proba(images) >= parent.threshold).astype(np.int64)
     fine_tune(model, images, calls, AdaptConfig(model_dir="", data="", output="", labelled=True, epochs=2))
     return model
 
@@ -106,14 +103,14 @@ def main() -> None:
             "bn_mix": lambda m: bn_mix(m, images),
             "tent": lambda m: tent(m, images),
             "tent_x5": lambda m: tent(m, images, epochs=3, learning_rate=5e-3),
-            "pseudo": lambda m: pseudo_labels(m, images, parent.threshold),
+            "pseudo": lambda m: pseudo_labels(m, images, parent),
         }
-        baseline = log_odds(parent.model, images)
+        baseline = log_odds(parent, images)
         result: dict[str, object] = {"model": path, "model_id": parent.meta["model_id"], "n_images": int(labels.size),
                                      "parent_auroc": round(float(roc_auc_score(labels, baseline)), 4), "methods": {}}
         for name, method in methods.items():
             started = time.process_time()
-            scores = log_odds(method(copy.deepcopy(parent.model)), images)
+            scores = log_odds(replace(parent, model=method(copy.deepcopy(parent.model))), images)
             paired = paired_bootstrap_auroc(labels, scores, baseline, groups=patients, n_boot=args.n_boot)
             result["methods"][name] = {
                 "auroc": round(paired["auroc_a"], 4),

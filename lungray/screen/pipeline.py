@@ -260,10 +260,10 @@ def rows_where(rows: ray.data.Dataset, replaces: bool) -> ray.data.Dataset:
     return rows.map_batches(keep, batch_format="pyarrow", batch_size=None)
 
 
-def check_chunk(rows: ray.data.Dataset, window: pa.Table, committed: set[str]) -> pa.Table:
+def check_chunk(rows: ray.data.Dataset, window: pa.Table, committed: set[str]) -> tuple[pa.Table, set[str]]:
     """Nothing lost, nothing duplicated: a chunk's rows are distinct files of the window that
     no earlier chunk of it committed, or nothing is committed. Returns their (path, status,
-    replaces): a chunk's worth of small values."""
+    replaces), a chunk's worth of small values, and their paths."""
     refs = rows.select_columns(["path", "status", "replaces"]).to_arrow_refs()
     got = pa.concat_tables(ray.get(refs))
     paths = got["path"].to_pylist()
@@ -273,7 +273,7 @@ def check_chunk(rows: ray.data.Dataset, window: pa.Table, committed: set[str]) -
             f"screening produced {len(paths)} rows ({len(distinct)} distinct, {len(distinct & committed)} already committed) "
             "that are not distinct files of the window: this chunk is not committed"
         )
-    return got
+    return got, distinct
 
 
 def commit_chunk(run: Run, rows: ray.data.Dataset, checked: pa.Table) -> int:
@@ -366,7 +366,7 @@ def score_and_commit(run: Run, window: pa.Table, counts: Counts, progress: Progr
 def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, committed: set[str], counts: Counts) -> set[str]:
     """One chunk: the checked rows of `blocks` committed, counted and synced; returns their paths."""
     rows = ray.data.from_arrow_refs(blocks)
-    checked = check_chunk(rows, window, committed)
+    checked, paths = check_chunk(rows, window, committed)
     counts.replaced += commit_chunk(run, rows, checked)
     counts.chunks += 1
     counts.scored += checked.num_rows
@@ -376,7 +376,7 @@ def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, commi
         counts.by_status[status] += int(pc.sum(pc.equal(checked["status"], status)).as_py() or 0)
     needs_uris = run.pseudonymizer is not None and (run.config.explain or run.config.report_overlay)
     sync(run, counts, dict(zip(files["path"].to_pylist(), files["uri"].to_pylist())) if needs_uris else None)
-    return set(checked["path"].to_pylist())
+    return paths
 
 
 def resume_settings(config: ScreenConfig, model_id: str) -> dict[str, Any]:
