@@ -2,7 +2,7 @@
 site's labelled films, print JSON.
 
     python bench/site_levers.py --data out/kermany-random --site out/site-b --output out/levers \\
-        [--model cnn cnn_lstm] [--variant baseline augment regularise default] [--seed 0]
+        [--model cnn cnn_lstm] [--variant baseline augment regularise default wide ...] [--seed 0]
 
 Every variant is `lungray train` (the library's `run_training`) on the home data with one
 recipe; `baseline` is the recipe before the site-robust defaults (the affine and photometric
@@ -42,6 +42,10 @@ VARIANTS = {
     "augment": {"augment": AugmentConfig(), "label_smoothing": 0.0, "ema_decay": 0.0},
     "regularise": {"augment": PLAIN_AUGMENT, "label_smoothing": TrainConfig.label_smoothing, "ema_decay": TrainConfig.ema_decay},
     "default": {},
+    # Levers on top of the default recipe, one at a time.
+    "wide": {"model_overrides": {"widths": [24, 48, 96, 192]}},  # a stronger trunk: 1.5x the channels, about 2.2x the FLOPs
+    "mixup": {"mixup_alpha": 0.2},
+    "cosine": {"schedule": "cosine"},
 }
 
 

@@ -32,6 +32,7 @@ from lungray.sources import DATASETS
 from lungray.split import SPLITS
 from lungray.models import ARCHITECTURES
 from lungray.train.augment import AugmentConfig
+from lungray.train.loop import SCHEDULES
 from lungray.train.trainer import TrainConfig, run_training
 from lungray.tune import METRIC_MODES, SCHEDULERS, SweepConfig, load_space, run_tune
 
@@ -82,6 +83,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--ema-decay", type=float, default=TrainConfig.ema_decay,
         help="validate and export an exponential moving average of the weights (0: the raw weights)",
     )
+    parser.add_argument(
+        "--mixup-alpha", type=float, default=TrainConfig.mixup_alpha,
+        help="MixUp training batches with lambda ~ Beta(alpha, alpha) (0: off)",
+    )
+    parser.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule, help="learning-rate schedule")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
     add_min_sensitivity_argument(parser)
@@ -104,6 +110,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         ema_decay=args.ema_decay,
+        mixup_alpha=args.mixup_alpha,
+        schedule=args.schedule,
         seed=args.seed,
         patience=args.patience,
         min_sensitivity=args.min_sensitivity,

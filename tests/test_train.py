@@ -25,7 +25,9 @@ from lungray.models import ModelConfig, build_model
 from lungray.preprocess import PreprocessConfig
 from lungray.screen.predictor import local_model_dir
 from lungray.train.augment import AugmentConfig
-from lungray.train.loop import Progress, evaluate_epoch, moving_average, train_one_epoch
+from lungray.train.loop import (
+    Progress, evaluate_epoch, lr_schedule, moving_average, step_schedule, train_one_epoch, weighted_loss_sums,
+)
 from lungray.train.trainer import (
     RAY_DIR,
     RUN_NAME,
@@ -109,10 +111,10 @@ def test_cli_arguments_build_the_config() -> None:
     add_train_arguments(parser)
     args = parser.parse_args(
         ["--model", "cnn_lstm", "--data", "d", "--output", "o", "--epochs", "3", "--gpu", "--no-augment", "--min-sensitivity", "0.9",
-         "--label-smoothing", "0.05", "--ema-decay", "0"]
+         "--label-smoothing", "0.05", "--ema-decay", "0", "--mixup-alpha", "0.2", "--schedule", "cosine"]
     )
     config = train_config_from_args(args)
-    assert (config.label_smoothing, config.ema_decay) == (0.05, 0.0)
+    assert (config.label_smoothing, config.ema_decay, config.mixup_alpha, config.schedule) == (0.05, 0.0, 0.2, "cosine")
     assert (config.model, config.data, config.output, config.epochs) == ("cnn_lstm", "d", "o", 3)
     assert config.use_gpu and not config.augment.enabled
     assert config.min_sensitivity == 0.9
@@ -123,6 +125,10 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(model="resnet", data="d", output="o")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(model="cnn", data="d", output="o", epochs=0)
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        TrainConfig(model="cnn", data="d", output="o", mixup_alpha=-0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(model="cnn", data="d", output="o", schedule="step")
 
 
 def test_hyperparameters_leave_out_where_and_how_it_runs() -> None:
@@ -171,6 +177,14 @@ def test_a_run_stored_before_the_site_robust_defaults_is_read_as_it_was() -> Non
     check_resumable(Progress(older, "fingerprint", {}), off, "fingerprint")
 
 
+def test_a_run_stored_before_mixup_and_schedules_trained_without_mixup_on_the_plateau_schedule() -> None:
+    config = TrainConfig(model="cnn", data="d", output="o")
+    older = {key: value for key, value in config.hyperparameters().items() if key not in ("mixup_alpha", "schedule")}
+    check_resumable(Progress(older, "fingerprint", {}), config, "fingerprint")
+    with pytest.raises(ValueError, match="mixup_alpha.*schedule"):
+        check_resumable(Progress(older, "fingerprint", {}), replace(config, mixup_alpha=0.2, schedule="cosine"), "fingerprint")
+
+
 def test_class_weights_balance_the_train_labels() -> None:
     weights = balanced_class_weights({"train": np.array([0, 0, 0, 1]), "val": np.array([0, 1])})
     assert weights == pytest.approx((4 / 6, 4 / 2))
@@ -207,6 +221,65 @@ def test_train_one_epoch_learns_separable_data(tmp_path: Path) -> None:
     ]
     assert shards[0].images == SPLIT_SIZES["train"]
     assert shards[-1].loss_sum / shards[-1].weight_sum < 0.5 * shards[0].loss_sum / shards[0].weight_sum
+
+
+def test_probability_targets_weigh_each_image_by_its_mix_of_class_weights() -> None:
+    """One-hot targets give torch's class-index loss and weights; a mixed target gives
+    -sum_c w_c y_c log p_c (label smoothing applied to the targets first), weighed by sum_c w_c y_c."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
+    weights = torch.tensor([1.5, 0.75])
+    one_hot = torch.nn.functional.one_hot(labels, 2).float()
+    for smoothing in (0.0, 0.1):
+        by_index = weighted_loss_sums(logits, labels, weights, smoothing)
+        by_probability = weighted_loss_sums(logits, one_hot, weights, smoothing)
+        torch.testing.assert_close(by_probability, by_index)
+    mixed = 0.7 * one_hot + 0.3 * one_hot.roll(1, 0)
+    loss_sum, weight_sum = weighted_loss_sums(logits, mixed, weights, 0.1)
+    smoothed = mixed * 0.9 + 0.1 / 2
+    expected = -(weights * smoothed * torch.log_softmax(logits, 1)).sum()
+    torch.testing.assert_close(loss_sum, expected)
+    torch.testing.assert_close(weight_sum, (mixed * weights).sum())
+
+
+def test_mixup_trains_on_each_batch_blended_with_itself_rolled_by_one(tmp_path: Path) -> None:
+    data = write_ingested(tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn", widths=(4, 8), fc_hidden=8, dropout=0.0))
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    batches = toy_batches(data, "train")
+    shard = train_one_epoch(model, batches, torch.optim.Adam(model.parameters(), lr=1e-3), torch.ones(2),
+                            AugmentConfig(enabled=False), torch.Generator().manual_seed(0), False, mixup_alpha=0.4)
+    assert len(seen) == len(batches) and np.isfinite(shard.loss_sum)
+    lams = []
+    for batch, inputs in zip(batches, seen):
+        images = batch["image"].float().div(255).unsqueeze(1)
+        rolled = images.roll(1, 0)
+        # inputs = lam * images + (1 - lam) * rolled: solve for lam by least squares, then check the fit.
+        difference = (images - rolled).flatten()
+        lam = float(((inputs - rolled).flatten() @ difference) / (difference @ difference))
+        torch.testing.assert_close(inputs, lam * images + (1 - lam) * rolled, atol=1e-5, rtol=0)
+        lams.append(lam)
+    assert all(0.0 <= lam <= 1.0 for lam in lams) and len(set(round(lam, 6) for lam in lams)) > 1
+
+
+def test_schedules_cosine_decays_to_one_percent_and_plateau_halves_on_a_stall() -> None:
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+
+    cosine = lr_schedule(cosine_optimizer := optimizer(), "cosine", epochs=10)
+    rates = []
+    for _ in range(10):
+        cosine_optimizer.step()
+        step_schedule(cosine, val_loss=1.0)
+        rates.append(cosine_optimizer.param_groups[0]["lr"])
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-5)
+    plateau = lr_schedule(plateau_optimizer := optimizer(), "plateau", epochs=10)
+    for val_loss in (1.0, 0.9, 0.95, 0.95):  # two epochs without a better loss: halved once
+        plateau_optimizer.step()
+        step_schedule(plateau, val_loss)
+    assert plateau_optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
 def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_path: Path) -> None:

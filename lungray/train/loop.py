@@ -35,6 +35,7 @@ from ray.train import Checkpoint, CheckpointConsistencyMode
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
+from torchvision.transforms.v2 import MixUp
 
 from lungray.metrics import binary_metrics
 from lungray.models import ModelConfig, build_model
@@ -47,6 +48,8 @@ STATE_FILE = "state.pt"
 # 10-20 epochs, too short to wait longer before adapting.
 LR_DECAY_FACTOR = 0.5
 LR_DECAY_PATIENCE = 1
+SCHEDULES = ("plateau", "cosine")
+COSINE_FINAL_LR_FRACTION = 0.01
 # Images held by each worker's shuffle buffer: enough to mix rows from several Parquet
 # shards (an ingest writes them grouped by source and label), 50 MB at 224 px uint8.
 SHUFFLE_BUFFER_IMAGES = 1024
@@ -66,6 +69,8 @@ class LoopConfig:
     weight_decay: float
     label_smoothing: float  # of the training loss only
     ema_decay: float  # 0: validate and keep the raw weights
+    mixup_alpha: float  # 0: no MixUp
+    schedule: str  # one of SCHEDULES
     seed: int
     patience: int  # epochs without a better val AUROC before stopping
     use_gpu: bool
@@ -159,11 +164,31 @@ def model_input(stored: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def weighted_loss_sums(
-    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of weighted cross-entropy, sum of weights): their ratio is the weighted mean loss."""
-    loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum", label_smoothing=label_smoothing)
-    return loss_sum, class_weights[labels].sum()
+    """(sum of weighted cross-entropy, sum of weights): their ratio is the weighted mean loss.
+
+    `targets` are class indices (N,) or class probabilities (N, classes), as MixUp makes
+    them; an image's weight is then its targets' mix of the class weights.
+    """
+    loss_sum = F.cross_entropy(logits.float(), targets, weight=class_weights, reduction="sum", label_smoothing=label_smoothing)
+    weights = class_weights[targets] if targets.dtype == torch.long else targets @ class_weights
+    return loss_sum, weights.sum()
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped once per epoch by `step_schedule`."""
+    if schedule == "cosine":
+        final_lr = COSINE_FINAL_LR_FRACTION * optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=final_lr)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=LR_DECAY_FACTOR, patience=LR_DECAY_PATIENCE)
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
 
 
 def moving_average(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -196,20 +221,26 @@ def train_one_epoch(
     use_gpu: bool,
     label_smoothing: float = 0.0,
     average: AveragedModel | None = None,
+    mixup_alpha: float = 0.0,
 ) -> TrainShard:
     """One pass over this worker's shard; returns its loss sums, image count and seconds.
 
-    `average`, if given, is updated from the model after every step.
+    `average`, if given, is updated from the model after every step. `mixup_alpha` > 0 mixes
+    each augmented batch with itself rolled by one image (torchvision's MixUp), labels alike.
     """
     model.train()
+    mixup = MixUp(alpha=mixup_alpha, num_classes=len(class_weights)) if mixup_alpha > 0 else None
     started = time.perf_counter()
     loss_total, weight_total, images = 0.0, 0.0, 0
     for batch in batches:
         inputs = augment_batch(model_input(batch["image"], channels_last=use_gpu), augment, generator)
         labels = batch["label"].long()
+        targets = labels
+        if mixup is not None:
+            inputs, targets = mixup(inputs, labels)
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=use_gpu):
             logits = model(inputs)
-        loss_sum, weight_sum = weighted_loss_sums(logits, labels, class_weights, label_smoothing)
+        loss_sum, weight_sum = weighted_loss_sums(logits, targets, class_weights, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         (loss_sum / weight_sum).backward()
         optimizer.step()
@@ -366,9 +397,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         average.load_state_dict(state["average"])
     # AdamW decays weights apart from the adaptive step (at weight_decay 0 it is Adam).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=LR_DECAY_FACTOR, patience=LR_DECAY_PATIENCE
-    )
+    scheduler = lr_schedule(optimizer, config.schedule, config.epochs)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -390,7 +419,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         )
         trained = train_one_epoch(
             model, train_batches, optimizer, class_weights, config.augment, torch.Generator().manual_seed(seed),
-            config.use_gpu, config.label_smoothing, average,
+            config.use_gpu, config.label_smoothing, average, config.mixup_alpha,
         )
         validated_model = unwrap(model) if average is None else average.module
         share_rank0_buffers(validated_model)
@@ -399,7 +428,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         )
         workers = gather(WorkerEpoch(trained, validated, peak_rss_mb()))
         record, val_prob, val_label = epoch_record(epoch, workers, optimizer.param_groups[0]["lr"], time.perf_counter() - started)
-        scheduler.step(record["val_loss"])
+        step_schedule(scheduler, record["val_loss"])
         improved = progress.record_epoch(record)
         if rank == 0:
             if improved:

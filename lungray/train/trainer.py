@@ -39,7 +39,7 @@ from lungray.preprocess import DTYPES, PreprocessConfig
 from lungray.raysession import cluster_cpus
 from lungray.train.augment import ADDED_SINCE_FIRST_RELEASE, AugmentConfig
 from lungray.train.export import export_model_dir
-from lungray.train.loop import PROGRESS_FILE, LoopConfig, Progress, train_loop_per_worker
+from lungray.train.loop import PROGRESS_FILE, SCHEDULES, LoopConfig, Progress, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class TrainConfig:
     min_sensitivity: float = 0.95
     label_smoothing: float = 0.1  # of the training loss; validation loss is plain cross-entropy
     ema_decay: float = 0.995  # weights validated and exported are this exponential moving average (0: off)
+    mixup_alpha: float = 0.0  # MixUp of training batches, lambda ~ Beta(alpha, alpha) (0: off)
+    schedule: str = "plateau"  # learning rate: "plateau" (halved when val loss stalls) or "cosine" (to 1% over `epochs`)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields other than arch, e.g. dropout
     size: int | None = None  # if set, the image size the data must have
@@ -108,6 +110,10 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be non-negative, got {self.mixup_alpha}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 < self.min_sensitivity <= 1.0:
             raise ValueError(f"min_sensitivity must lie in (0, 1], got {self.min_sensitivity}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -186,7 +192,9 @@ def latest_progress(run_uri: str) -> Progress | None:
 
 
 # Settings added since the first release, at the values the runs before them used.
-TRAINING_ADDED_SINCE_FIRST_RELEASE = {"weight_decay": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0}
+TRAINING_ADDED_SINCE_FIRST_RELEASE = {
+    "weight_decay": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0, "mixup_alpha": 0.0, "schedule": "plateau",
+}
 
 
 def with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +243,8 @@ def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, f
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay,
+        mixup_alpha=config.mixup_alpha,
+        schedule=config.schedule,
         seed=config.seed,
         patience=config.patience,
         use_gpu=config.use_gpu,
