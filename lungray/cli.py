@@ -32,7 +32,7 @@ from lungray.sources import DATASETS
 from lungray.split import SPLITS
 from lungray.models import ARCHITECTURES
 from lungray.train.augment import AugmentConfig
-from lungray.train.loop import SCHEDULES
+from lungray.train.loop import SCHEDULES, SELECTIONS
 from lungray.train.trainer import TrainConfig, run_training
 from lungray.tune import METRIC_MODES, SCHEDULERS, SweepConfig, load_space, run_tune
 
@@ -88,6 +88,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="MixUp training batches with lambda ~ Beta(alpha, alpha) (0: off)",
     )
     parser.add_argument("--schedule", choices=SCHEDULES, default=TrainConfig.schedule, help="learning-rate schedule")
+    parser.add_argument(
+        "--select", choices=SELECTIONS, default=TrainConfig.select,
+        help="export the last epoch's weights or those of the best val AUROC; a finished run re-exports with another",
+    )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--patience", type=int, default=TrainConfig.patience, help="epochs without a better val AUROC before stopping")
     add_min_sensitivity_argument(parser)
@@ -112,6 +116,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_decay=args.ema_decay,
         mixup_alpha=args.mixup_alpha,
         schedule=args.schedule,
+        select=args.select,
         seed=args.seed,
         patience=args.patience,
         min_sensitivity=args.min_sensitivity,

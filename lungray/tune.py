@@ -477,7 +477,10 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
     best = {key: value.item() if isinstance(value, np.generic) else value for key, value in finished.iloc[0].items()}
     filesystem, _ = filesystem_for(config.storage_uri)
     model_dir = output / BEST_DIR
-    export_model_dir(Checkpoint(best["checkpoint"], filesystem=filesystem), model_dir, summary["preprocess"], config.min_sensitivity, decode=summary.get("decode"))
+    export_model_dir(
+        Checkpoint(best["checkpoint"], filesystem=filesystem), model_dir, summary["preprocess"], config.min_sensitivity, plan.base.select,
+        decode=summary.get("decode"),
+    )
     return {
         "trials": len(table),
         "by_status": {status: int(count) for status, count in table["status"].value_counts().items()},

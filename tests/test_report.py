@@ -98,7 +98,7 @@ def split_images(data: str, split: str = "test") -> dict[str, np.ndarray]:
 def training_record(fingerprint: str) -> dict[str, Any]:
     """The training keys export writes to model.json, for a made-up three-epoch run on `fingerprint`."""
     history = [
-        {"epoch": epoch, "train_loss": 0.7 - 0.1 * epoch, "val_loss": 0.75 - 0.05 * epoch, "val_auroc": 0.6 + 0.1 * epoch,
+        {"epoch": epoch, "train_loss": 0.7 - 0.1 * epoch, "val_loss": 0.75 - 0.05 * epoch, "val_auroc": (0.6, 0.8, 0.75)[epoch],
          "lr": 1e-3, "seconds": 40.0 + epoch, "images_per_s": 90.0, "peak_rss_mb": 800.0 + epoch}
         for epoch in range(3)
     ]
@@ -108,7 +108,8 @@ def training_record(fingerprint: str) -> dict[str, Any]:
         "threshold_policy": {"rule": "highest specificity with sensitivity >= min_sensitivity", "min_sensitivity": 0.95, "chosen_on": "val"},
         "wall_time_s": sum(record["seconds"] for record in history),
         "epochs_trained": 3,
-        "best_epoch": 2,
+        "best_epoch": 1,
+        "selected_epoch": 2,  # the last epoch's weights, exported by default
         "peak_memory_mb": 802.0,
         "hardware": {"workers": 2, "device": "NVIDIA H200", "threads_per_worker": 8, "backend": "nccl"},
     }
@@ -291,6 +292,7 @@ def test_markdown_answers_first_and_states_data_and_method(report: tuple[dict[st
     assert re.search(r"^\| CNN-LSTM \| kermany \+ shenzhen \| [^|]+\(in-domain\) \| [^|]+\(in-domain\) \|$", markdown, flags=re.MULTILINE)
     assert "chosen on the val split" in markdown and "does not record how it was chosen" in markdown
     assert "| 2.0 min (2 x NVIDIA H200, nccl) |" in markdown  # 123 s of epochs, and where they ran
+    assert "| 3 (best 1, exported 2) |" in markdown  # the epoch validated best, and the one whose weights the model holds
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (output / target).is_file(), target
 

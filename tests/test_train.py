@@ -111,10 +111,11 @@ def test_cli_arguments_build_the_config() -> None:
     add_train_arguments(parser)
     args = parser.parse_args(
         ["--model", "cnn_lstm", "--data", "d", "--output", "o", "--epochs", "3", "--gpu", "--no-augment", "--min-sensitivity", "0.9",
-         "--label-smoothing", "0.05", "--ema-decay", "0", "--mixup-alpha", "0.2", "--schedule", "cosine"]
+         "--label-smoothing", "0.05", "--ema-decay", "0", "--mixup-alpha", "0.2", "--schedule", "cosine", "--select", "best"]
     )
     config = train_config_from_args(args)
     assert (config.label_smoothing, config.ema_decay, config.mixup_alpha, config.schedule) == (0.05, 0.0, 0.2, "cosine")
+    assert config.select == "best"
     assert (config.model, config.data, config.output, config.epochs) == ("cnn_lstm", "d", "o", 3)
     assert config.use_gpu and not config.augment.enabled
     assert config.min_sensitivity == 0.9
@@ -129,6 +130,8 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(model="cnn", data="d", output="o", mixup_alpha=-0.1)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(model="cnn", data="d", output="o", schedule="step")
+    with pytest.raises(ValueError, match="select"):
+        TrainConfig(model="cnn", data="d", output="o", select="first")
 
 
 def test_hyperparameters_leave_out_where_and_how_it_runs() -> None:
@@ -142,7 +145,7 @@ def test_hyperparameters_leave_out_where_and_how_it_runs() -> None:
 def test_resume_allows_more_epochs_but_not_other_settings() -> None:
     config = TrainConfig(model="cnn", data="d", output="o", epochs=2)
     stored = Progress(config.hyperparameters(), "fingerprint", {})
-    check_resumable(stored, replace(config, epochs=5, patience=9), "fingerprint")
+    check_resumable(stored, replace(config, epochs=5, patience=9, select="best"), "fingerprint")  # export-only settings may change
     with pytest.raises(ValueError, match="batch_size"):
         check_resumable(stored, replace(config, batch_size=64), "fingerprint")
     with pytest.raises(ValueError, match="other data"):
@@ -386,12 +389,20 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert meta["epochs_trained"] == 2 and meta["resumed_at_epochs"] == []
     best = max(meta["history"], key=lambda record: record["val_auroc"])
     assert meta["best_epoch"] == best["epoch"]
+    assert meta["training"]["select"] == "last" and meta["selected_epoch"] == 1  # the default exports the last epoch's weights
     assert meta["val_metrics"]["n"] == SPLIT_SIZES["val"]  # the whole val set, gathered from both workers
-    assert meta["val_metrics"]["auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)
+    assert meta["val_metrics"]["auroc"] == pytest.approx(meta["history"][-1]["val_auroc"], abs=1e-6)
     assert meta["val_metrics"]["recall"] >= meta["training"]["min_sensitivity"]
     assert meta["n_parameters"] > 0 and meta["peak_memory_mb"] > 0
     assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
     assert meta["hardware"] == {"workers": 2, "device": "CPU", "threads_per_worker": 1, "backend": "gloo"}
+
+    # The finished run re-exported with the best epoch's weights: no epoch trained again.
+    run_training(tiny_config(data, tmp_path / "model", model=model, select="best"))
+    reexported = read_meta(output)
+    assert reexported["training"]["select"] == "best" and reexported["selected_epoch"] == best["epoch"]
+    assert reexported["history"] == meta["history"]
+    assert reexported["val_metrics"]["auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)
 
     images, labels = read_split(data, "val")
     probabilities = loaded.predict_proba(images)

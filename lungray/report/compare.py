@@ -305,6 +305,7 @@ def model_results(
             "training_hardware": meta.get("hardware") or None,
             "epochs_trained": meta.get("epochs_trained"),
             "best_epoch": meta.get("best_epoch"),
+            "selected_epoch": meta.get("selected_epoch", meta.get("best_epoch")),  # older lungray exported the best
             "peak_training_memory_mb": meta.get("peak_memory_mb"),
             "inference_images_per_s": images_per_s,
             "inference_device": str(next(model.model.parameters()).device),

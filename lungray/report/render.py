@@ -374,6 +374,13 @@ def training_time(wall: float | None, hardware: dict[str, Any] | None) -> str:
     return f"{wall / 60:.1f} min ({', '.join(where)})"
 
 
+def epoch_note(best: int | None, selected: int | None) -> str:
+    """" (best 8, exported 12)": which epoch validated best and which one's weights the model holds."""
+    if best is None:
+        return ""
+    return f" (best {best})" if selected in (None, best) else f" (best {best}, exported {selected})"
+
+
 def efficiency_table(models: Sequence[dict[str, Any]]) -> Table:
     rows = []
     for model in models:
@@ -385,7 +392,7 @@ def efficiency_table(models: Sequence[dict[str, Any]]) -> Table:
                 model["name"],
                 f"{efficiency['n_parameters']:,}",
                 training_time(wall, efficiency.get("training_hardware")),
-                NOT_RECORDED if epochs is None else f"{epochs}" + ("" if best is None else f" (best {best})"),
+                NOT_RECORDED if epochs is None else f"{epochs}" + epoch_note(best, efficiency.get("selected_epoch")),
                 NOT_RECORDED if memory is None else f"{memory:,.0f} MB",
                 f"{efficiency['inference_images_per_s']:.1f} ({efficiency['inference_device']}, "
                 f"{threads(efficiency['inference_torch_threads'])}, batch {efficiency['inference_batch_size']})",

@@ -1,9 +1,9 @@
 """A training checkpoint -> the model directory that screening, evaluation and the report read.
 
-Every checkpoint carries the best weights so far and their validation probabilities, so
-the latest checkpoint alone is enough: its best weights become the model, and the
-screening threshold is chosen on those validation probabilities (the whole val set, as
-gathered during training).
+Every checkpoint carries the validated weights of the best epoch so far and of the last,
+each with its validation probabilities, so the latest checkpoint alone is enough: the
+selected weights (`TrainConfig.select`) become the model, and the screening threshold is
+chosen on their validation probabilities (the whole val set, as gathered during training).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def operating_point(val_label: np.ndarray, val_prob: np.ndarray, min_sensitivity
 
 
 def export_model_dir(
-    checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float, *, decode: dict[str, Any] | None
+    checkpoint: Checkpoint, output: str | Path, preprocess: dict[str, Any], min_sensitivity: float, select: str,
+    *, decode: dict[str, Any] | None,
 ) -> None:
-    """Write the best weights of `checkpoint`'s run to `output` (local or s3://) as a model directory.
+    """Write the `select`ed weights ("best" or "last") of `checkpoint`'s run to `output` (local or s3://) as a model directory.
 
     `preprocess` and `decode` are the ingest summary's, copied so that scoring reproduces
     the training input exactly (`decode` None or without a version: an ingest from before
@@ -58,27 +59,31 @@ def export_model_dir(
     reader that finds model.json finds its weights.
     """
     if not is_s3(str(output)):
-        save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity, decode=decode))
+        save_model_dir(output, *model_dir_contents(checkpoint, preprocess, min_sensitivity, select, decode=decode))
         return
     with tempfile.TemporaryDirectory(prefix="lungray-export-") as staging:
-        save_model_dir(staging, *model_dir_contents(checkpoint, preprocess, min_sensitivity, decode=decode))
+        save_model_dir(staging, *model_dir_contents(checkpoint, preprocess, min_sensitivity, select, decode=decode))
         for name in (WEIGHTS_FILE, META_FILE):
             write_bytes(join_uri(str(output), name), (Path(staging) / name).read_bytes())
 
 
 def model_dir_contents(
-    checkpoint: Checkpoint, preprocess: dict[str, Any], min_sensitivity: float, *, decode: dict[str, Any] | None
+    checkpoint: Checkpoint, preprocess: dict[str, Any], min_sensitivity: float, select: str, *, decode: dict[str, Any] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(best weights, model.json fields) of `checkpoint`'s run, the threshold chosen on its val probabilities."""
+    """(selected weights, model.json fields) of `checkpoint`'s run, the threshold chosen on their val probabilities."""
     with checkpoint.as_directory() as checkpoint_dir:
         progress = read_progress(checkpoint_dir)
         state = read_state(checkpoint_dir)
+    if f"{select}_model" not in state:
+        raise ValueError(f"this run's checkpoints, written by an older lungray, keep no {select} epoch's weights; export it with --select best")
+    selected_epoch = progress.best_epoch if select == "best" else progress.next_epoch - 1
     meta = {
         "architecture": progress.architecture,
-        "training": progress.hyperparameters,
+        # The export's own settings as this export applied them (a finished run re-exported with others).
+        "training": {**progress.hyperparameters, "min_sensitivity": min_sensitivity, "select": select},
         "preprocess": preprocess,
         "decode": normalized_record(decode),
-        **operating_point(state["best_val_label"].numpy(), state["best_val_prob"].numpy(), min_sensitivity),
+        **operating_point(state[f"{select}_val_label"].numpy(), state[f"{select}_val_prob"].numpy(), min_sensitivity),
         "history": progress.history,
         "data_fingerprint": progress.data_fingerprint,
         "versions": versions(),
@@ -86,9 +91,10 @@ def model_dir_contents(
         "wall_time_s": sum(record["seconds"] for record in progress.history),
         "epochs_trained": progress.next_epoch,
         "best_epoch": progress.best_epoch,
+        "selected_epoch": selected_epoch,
         "resumed_at_epochs": progress.resumed_at_epochs,
         "n_parameters": count_parameters(build_model(ModelConfig.from_dict(progress.architecture))),
         "peak_memory_mb": max(record["peak_rss_mb"] for record in progress.history),
         "hardware": progress.hardware,
     }
-    return state["best_model"], meta
+    return state[f"{select}_model"], meta

@@ -49,6 +49,9 @@ STATE_FILE = "state.pt"
 LR_DECAY_FACTOR = 0.5
 LR_DECAY_PATIENCE = 1
 SCHEDULES = ("plateau", "cosine")
+# Which epoch's validated weights a run exports: the best home-validation AUROC, or the last
+# (the moving average at the end, which ranked a new site's films better: docs/results.md).
+SELECTIONS = ("last", "best")
 COSINE_FINAL_LR_FRACTION = 0.01
 # Images held by each worker's shuffle buffer: enough to mix rows from several Parquet
 # shards (an ingest writes them grouped by source and label), 50 MB at 224 px uint8.
@@ -431,9 +434,12 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         step_schedule(scheduler, record["val_loss"])
         improved = progress.record_epoch(record)
         if rank == 0:
+            this_epoch = {
+                "model": cpu_copy(validated_model.state_dict()), "val_prob": torch.from_numpy(val_prob), "val_label": torch.from_numpy(val_label),
+            }
+            state.update({f"last_{key}": value for key, value in this_epoch.items()})
             if improved:
-                best_val = {"best_val_prob": torch.from_numpy(val_prob), "best_val_label": torch.from_numpy(val_label)}
-                state.update(best_model=cpu_copy(validated_model.state_dict()), **best_val)
+                state.update({f"best_{key}": value for key, value in this_epoch.items()})
             state.update(model=cpu_copy(unwrap(model).state_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             if average is not None:
                 state.update(average=cpu_copy(average.state_dict()))

@@ -39,7 +39,7 @@ from lungray.preprocess import DTYPES, PreprocessConfig
 from lungray.raysession import cluster_cpus
 from lungray.train.augment import ADDED_SINCE_FIRST_RELEASE, AugmentConfig
 from lungray.train.export import export_model_dir
-from lungray.train.loop import PROGRESS_FILE, SCHEDULES, LoopConfig, Progress, train_loop_per_worker
+from lungray.train.loop import PROGRESS_FILE, SCHEDULES, SELECTIONS, LoopConfig, Progress, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ FAULT_MARKER = "fault-injected"
 # others decide the model and are its hyperparameters.
 RUN_SETTINGS = ("data", "output", "size", "max_failures", "cpus_per_worker", "fail_at_epoch")
 # Hyperparameters that a rerun may change and still continue the stored run.
-RESUMABLE_CHANGES = ("epochs", "patience", "min_sensitivity")
+RESUMABLE_CHANGES = ("epochs", "patience", "min_sensitivity", "select")  # the last two only decide the export
 # Ray keeps this many checkpoints by val AUROC and never deletes the latest, so the best
 # and the latest stay; each checkpoint also carries the best weights, so the latest suffices.
 CHECKPOINTS_TO_KEEP = 1
@@ -86,6 +86,7 @@ class TrainConfig:
     ema_decay: float = 0.995  # weights validated and exported are this exponential moving average (0: off)
     mixup_alpha: float = 0.0  # MixUp of training batches, lambda ~ Beta(alpha, alpha) (0: off)
     schedule: str = "plateau"  # learning rate: "plateau" (halved when val loss stalls) or "cosine" (to 1% over `epochs`)
+    select: str = "last"  # the exported weights: the "last" epoch's or those of the "best" val AUROC (SELECTIONS)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields other than arch, e.g. dropout
     size: int | None = None  # if set, the image size the data must have
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be non-negative, got {self.mixup_alpha}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 < self.min_sensitivity <= 1.0:
@@ -193,7 +196,7 @@ def latest_progress(run_uri: str) -> Progress | None:
 
 # Settings added since the first release, at the values the runs before them used.
 TRAINING_ADDED_SINCE_FIRST_RELEASE = {
-    "weight_decay": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0, "mixup_alpha": 0.0, "schedule": "plateau",
+    "weight_decay": 0.0, "label_smoothing": 0.0, "ema_decay": 0.0, "mixup_alpha": 0.0, "schedule": "plateau", "select": "best",
 }
 
 
@@ -337,5 +340,5 @@ def run_training(config: TrainConfig) -> str:
     result = build_trainer(config, loop, cpus_per_worker, storage).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training in {config.output} finished without a checkpoint")
-    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity, decode=summary.get("decode"))
+    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity, config.select, decode=summary.get("decode"))
     return config.output
