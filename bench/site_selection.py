@@ -9,6 +9,11 @@ its latest checkpoint (`MODEL_DIR/_ray/train/checkpoint_*/state.pt`) holds the l
 weights (their moving average where the run kept one, as the exported weights are). Both
 score the same films; the difference (last - exported) comes with its patient bootstrap and
 DeLong's test. The site's labels are used to measure only.
+
+`--export DIR --home HOME_INGEST` also writes each run's last-epoch weights as the model
+directory `lungray train --select last` exports (DIR/<run name>-last), for runs whose
+checkpoints predate lungray keeping the last epoch's validation probabilities: the
+threshold is chosen by the same rule on the same home val split, scored here.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lungray.evaluate import score_split  # noqa: E402
 from lungray.metrics import delong_test, paired_bootstrap_auroc, roc_auc_score  # noqa: E402
-from lungray.modeldir import ModelDir, load_model_dir  # noqa: E402
+from lungray.modeldir import FORMAT_KEYS, ModelDir, load_model_dir, save_model_dir  # noqa: E402
 from lungray.report.compare import read_cases  # noqa: E402
+from lungray.train.export import operating_point  # noqa: E402
 from lungray.train.loop import read_progress, read_state  # noqa: E402
+from site_levers import site_figures  # noqa: E402 - the same figures as the lever table
 
 AVERAGED_PREFIX = "module."  # AveragedModel's keys: the wrapped module's, plus its update count
+LEVER_TABLE_RESAMPLES = 1000  # bootstrap resamples of the AUROC CIs in docs/results.md's lever table
 
 
 def latest_checkpoint(model_dir: str) -> Path:
@@ -49,13 +58,31 @@ def last_epoch_model(exported: ModelDir, checkpoint: Path) -> ModelDir:
     return replace(exported, model=model.eval())
 
 
+def export_last(exported: ModelDir, last: ModelDir, last_epoch: int, home: str, output: Path) -> str:
+    """Save `last` as the model directory a `--select last` export of the same run would be."""
+    labels, prob = score_split(last, home, "val")
+    training = exported.meta["training"]
+    meta = {key: value for key, value in exported.meta.items() if key not in FORMAT_KEYS}
+    meta.update(
+        training={**training, "select": "last"},
+        selected_epoch=last_epoch,
+        **operating_point(labels, prob, training["min_sensitivity"]),
+    )
+    save_model_dir(output, last.model.state_dict(), meta)
+    return str(output)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--site", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--export", type=Path, help="write each run's last-epoch model directory here")
+    parser.add_argument("--home", help="the home ingest whose val split chooses an exported threshold")
     args = parser.parse_args()
+    if args.export and not args.home:
+        parser.error("--export needs --home")
     cases = read_cases(args.site, args.split)
     results = []
     for path in args.models:
@@ -63,7 +90,14 @@ def main() -> None:
         checkpoint = latest_checkpoint(path)
         progress = read_progress(checkpoint)
         exported_prob = exported.predict_proba(cases.images)
-        last_prob = last_epoch_model(exported, checkpoint).predict_proba(cases.images)
+        last = last_epoch_model(exported, checkpoint)
+        last_prob = last.predict_proba(cases.images)
+        figures = {}
+        if args.export:
+            last_dir = export_last(exported, last, progress.next_epoch - 1, args.home, args.export / f"{Path(path).name}-last")
+            home_labels, home_prob = score_split(load_model_dir(last_dir), args.home, "test")
+            figures = {"exported_last": {"model_dir": last_dir, "home_test_auroc": roc_auc_score(home_labels, home_prob),
+                                         "site": site_figures(last_dir, args.site, args.split, LEVER_TABLE_RESAMPLES)}}
         results.append(
             {
                 "model_dir": path,
@@ -73,6 +107,7 @@ def main() -> None:
                 "last_epoch_auroc": roc_auc_score(cases.labels, last_prob),
                 "last_minus_exported": paired_bootstrap_auroc(cases.labels, last_prob, exported_prob, groups=cases.patients, n_boot=args.n_boot),
                 "delong": delong_test(cases.labels, last_prob, exported_prob),
+                **figures,
             }
         )
         print(json.dumps(results[-1], default=float), file=sys.stderr, flush=True)
