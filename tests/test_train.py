@@ -16,6 +16,7 @@ import pytest
 import torch
 from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
+from ray.train import Checkpoint
 
 from lungray.cli import add_train_arguments, train_config_from_args
 from lungray.io.listing import exists, filesystem_for, join_uri
@@ -25,8 +26,9 @@ from lungray.models import ModelConfig, build_model
 from lungray.preprocess import PreprocessConfig
 from lungray.screen.predictor import local_model_dir
 from lungray.train.augment import AugmentConfig
+from lungray.train.export import model_dir_contents
 from lungray.train.loop import (
-    Progress, evaluate_epoch, lr_schedule, moving_average, step_schedule, train_one_epoch, weighted_loss_sums,
+    Progress, evaluate_epoch, lr_schedule, moving_average, step_schedule, train_one_epoch, weighted_loss_sums, write_checkpoint,
 )
 from lungray.train.trainer import (
     RAY_DIR,
@@ -283,6 +285,25 @@ def test_schedules_cosine_decays_to_one_percent_and_plateau_halves_on_a_stall() 
         plateau_optimizer.step()
         step_schedule(plateau, val_loss)
     assert plateau_optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_a_checkpoint_of_an_older_lungray_exports_its_best_weights_and_refuses_the_last(tmp_path: Path) -> None:
+    """Checkpoints written before the last epoch's weights were kept hold only the best epoch's."""
+    architecture = ModelConfig("cnn", widths=(4, 8), fc_hidden=8)
+    weights = build_model(architecture).state_dict()
+    record = {"epoch": 0, "train_loss": 0.7, "val_loss": 0.6, "val_auroc": 0.8, "lr": 1e-3, "seconds": 1.0, "images_per_s": 1.0, "peak_rss_mb": 1.0}
+    progress = Progress(TrainConfig(model="cnn", data="d", output="o").hyperparameters(), "fingerprint", architecture.to_dict())
+    progress.record_epoch(record)
+    write_checkpoint(tmp_path, progress, {
+        "best_model": weights, "best_val_prob": torch.tensor([0.2, 0.9, 0.7]), "best_val_label": torch.tensor([0, 1, 1]),
+    })
+    checkpoint = Checkpoint.from_directory(tmp_path)
+    preprocess = PreprocessConfig().to_dict()
+    with pytest.raises(ValueError, match="--select best"):
+        model_dir_contents(checkpoint, preprocess, 0.95, "last", decode=None)
+    exported, meta = model_dir_contents(checkpoint, preprocess, 0.95, "best", decode=None)
+    assert exported is not None and meta["selected_epoch"] == 0 and meta["training"]["select"] == "best"
+    assert meta["val_metrics"]["n"] == 3
 
 
 def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_path: Path) -> None:
