@@ -3,12 +3,13 @@ last epoch's, each run paired on a site's labelled films; prints JSON.
 
     python bench/site_selection.py MODEL_DIR [MODEL_DIR ...] --site out/site-b [--split test]
 
-Training exports the weights of the epoch with the best validation AUROC on the home split.
-Whether that criterion tracks a new site is measurable from what every run already keeps:
-its latest checkpoint (`MODEL_DIR/_ray/train/checkpoint_*/state.pt`) holds the last epoch's
-weights (their moving average where the run kept one, as the exported weights are). Both
-score the same films; the difference (last - exported) comes with its patient bootstrap and
-DeLong's test. The site's labels are used to measure only.
+Until `lungray train --select last` became the default, training exported the weights of the
+epoch with the best validation AUROC on the home split. Whether that criterion tracks a new
+site is measurable from what every run already keeps: its latest checkpoint
+(`MODEL_DIR/_ray/train/checkpoint_*/state.pt`) holds the last epoch's weights (their moving
+average where the run kept one, as the exported weights are). Both score the same films; the
+difference (last - exported) comes with its patient bootstrap and DeLong's test; for a run
+exported with `--select last` it is 0. The site's labels are used to measure only.
 
 `--export DIR --home HOME_INGEST` also writes each run's last-epoch weights as the model
 directory `lungray train --select last` exports (DIR/<run name>-last), for runs whose
@@ -49,7 +50,9 @@ def latest_checkpoint(model_dir: str) -> Path:
 def last_epoch_model(exported: ModelDir, checkpoint: Path) -> ModelDir:
     """The exported model with the checkpoint's last-epoch weights (averaged where the run averaged)."""
     state = read_state(checkpoint)
-    if "average" in state:
+    if "last_model" in state:  # kept since --select
+        weights = state["last_model"]
+    elif "average" in state:
         weights = {key.removeprefix(AVERAGED_PREFIX): value for key, value in state["average"].items() if key.startswith(AVERAGED_PREFIX)}
     else:
         weights = state["model"]
