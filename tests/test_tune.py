@@ -205,7 +205,8 @@ def val_images(data: str) -> np.ndarray:
 # With three epochs, grace period 1 and reduction factor 2, ASHA decides after epochs 1 and 2.
 # With two epochs it decided once, and on kermany-mini's 18 validation films a trained trial
 # can read below the untrained one after one epoch (0.65 against 0.67): no trial was stopped
-# in 2 of 4 full suites (2026-12-01). With three epochs, 3 of 3 runs stopped one.
+# in 2 of the last 3 full suites and in 1 run alone (2026-12-01). With three epochs, 3 of 3
+# runs alone stopped one.
 EPOCHS = 3
 LR_GRID_SPACE = """model: cnn
 epochs: {epochs}
