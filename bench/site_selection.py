@@ -33,10 +33,9 @@ from lungray.metrics import delong_test, paired_bootstrap_auroc, roc_auc_score  
 from lungray.modeldir import FORMAT_KEYS, ModelDir, load_model_dir, save_model_dir  # noqa: E402
 from lungray.report.compare import read_cases  # noqa: E402
 from lungray.train.export import operating_point  # noqa: E402
-from lungray.train.loop import read_progress, read_state  # noqa: E402
+from lungray.train.loop import last_validated_weights, read_progress, read_state  # noqa: E402
 from site_levers import site_figures  # noqa: E402 - the same figures as the lever table
 
-AVERAGED_PREFIX = "module."  # AveragedModel's keys: the wrapped module's, plus its update count
 LEVER_TABLE_RESAMPLES = 1000  # bootstrap resamples of the AUROC CIs in docs/results.md's lever table
 
 
@@ -49,15 +48,8 @@ def latest_checkpoint(model_dir: str) -> Path:
 
 def last_epoch_model(exported: ModelDir, checkpoint: Path) -> ModelDir:
     """The exported model with the checkpoint's last-epoch weights (averaged where the run averaged)."""
-    state = read_state(checkpoint)
-    if "last_model" in state:  # kept since --select
-        weights = state["last_model"]
-    elif "average" in state:
-        weights = {key.removeprefix(AVERAGED_PREFIX): value for key, value in state["average"].items() if key.startswith(AVERAGED_PREFIX)}
-    else:
-        weights = state["model"]
     model = copy.deepcopy(exported.model)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(last_validated_weights(read_state(checkpoint)), strict=True)
     return replace(exported, model=model.eval())
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
 from ray.train import Checkpoint
@@ -413,6 +414,9 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert meta["training"]["select"] == "last" and meta["selected_epoch"] == 1  # the default exports the last epoch's weights
     assert meta["val_metrics"]["n"] == SPLIT_SIZES["val"]  # the whole val set, gathered from both workers
     assert meta["val_metrics"]["auroc"] == pytest.approx(meta["history"][-1]["val_auroc"], abs=1e-6)
+    val_images, val_labels = read_split(data, "val")
+    # The exported weights are the ones that validated: they give the recorded val AUROC (sklearn).
+    assert roc_auc_score(val_labels, loaded.predict_proba(val_images)) == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-4)
     assert meta["val_metrics"]["recall"] >= meta["training"]["min_sensitivity"]
     assert meta["n_parameters"] > 0 and meta["peak_memory_mb"] > 0
     assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
@@ -424,6 +428,8 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert reexported["training"]["select"] == "best" and reexported["selected_epoch"] == best["epoch"]
     assert reexported["history"] == meta["history"]
     assert reexported["val_metrics"]["auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)
+    best_weights = load_model_dir(output).predict_proba(val_images)
+    assert roc_auc_score(val_labels, best_weights) == pytest.approx(best["val_auroc"], abs=1e-4)
 
     images, labels = read_split(data, "val")
     probabilities = loaded.predict_proba(images)

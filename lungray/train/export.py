@@ -24,7 +24,7 @@ from lungray.io.base import normalized_record
 from lungray.io.listing import is_s3, join_uri, write_bytes
 from lungray.modeldir import META_FILE, WEIGHTS_FILE, save_model_dir
 from lungray.models import ModelConfig, build_model, count_parameters
-from lungray.train.loop import read_progress, read_state
+from lungray.train.loop import last_validated_weights, read_progress, read_state
 
 
 def versions() -> dict[str, str]:
@@ -74,8 +74,8 @@ def model_dir_contents(
     with checkpoint.as_directory() as checkpoint_dir:
         progress = read_progress(checkpoint_dir)
         state = read_state(checkpoint_dir)
-    if f"{select}_model" not in state:
-        raise ValueError(f"this run's checkpoints, written by an older lungray, keep no {select} epoch's weights; export it with --select best")
+    if f"{select}_val_prob" not in state:
+        raise ValueError(f"this run's checkpoints, written by an older lungray, keep no {select} epoch's validation; export it with --select best")
     selected_epoch = progress.best_epoch if select == "best" else progress.next_epoch - 1
     meta = {
         "architecture": progress.architecture,
@@ -97,4 +97,4 @@ def model_dir_contents(
         "peak_memory_mb": max(record["peak_rss_mb"] for record in progress.history),
         "hardware": progress.hardware,
     }
-    return state[f"{select}_model"], meta
+    return (state["best_model"] if select == "best" else last_validated_weights(state)), meta

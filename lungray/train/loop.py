@@ -49,6 +49,7 @@ STATE_FILE = "state.pt"
 LR_DECAY_FACTOR = 0.5
 LR_DECAY_PATIENCE = 1
 SCHEDULES = ("plateau", "cosine")
+AVERAGED_PREFIX = "module."
 # Which epoch's validated weights a run exports: the best home-validation AUROC, or the last
 # (the moving average at the end, which ranked a new site's films better: docs/results.md).
 SELECTIONS = ("last", "best")
@@ -153,6 +154,14 @@ def read_progress(checkpoint_dir: str | os.PathLike[str]) -> Progress:
 def read_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Tensors of a checkpoint; `weights_only` loading cannot run code from the file."""
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def last_validated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights the last epoch validated: the moving average's where the run kept one, else the trained ones."""
+    if "average" not in state:
+        return state["model"]
+    # AveragedModel's keys are its module's, prefixed, beside its own update count.
+    return {key.removeprefix(AVERAGED_PREFIX): value for key, value in state["average"].items() if key.startswith(AVERAGED_PREFIX)}
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -434,12 +443,11 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         step_schedule(scheduler, record["val_loss"])
         improved = progress.record_epoch(record)
         if rank == 0:
-            this_epoch = {
-                "model": cpu_copy(validated_model.state_dict()), "val_prob": torch.from_numpy(val_prob), "val_label": torch.from_numpy(val_label),
-            }
-            state.update({f"last_{key}": value for key, value in this_epoch.items()})
+            # The last epoch's validated weights are `model` or `average` below (`last_validated_weights`).
+            validation = {"val_prob": torch.from_numpy(val_prob), "val_label": torch.from_numpy(val_label)}
+            state.update({f"last_{key}": value for key, value in validation.items()})
             if improved:
-                state.update({f"best_{key}": value for key, value in this_epoch.items()})
+                state.update(best_model=cpu_copy(validated_model.state_dict()), **{f"best_{key}": value for key, value in validation.items()})
             state.update(model=cpu_copy(unwrap(model).state_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             if average is not None:
                 state.update(average=cpu_copy(average.state_dict()))
