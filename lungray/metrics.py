@@ -35,7 +35,11 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 RATE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc")
 
 #: How `choose_threshold` picks the operating point, as recorded in model.json.
-THRESHOLD_RULE = "highest specificity with sensitivity >= min_sensitivity; log-odds midpoint of the equally specific thresholds"
+THRESHOLD_RULE = (
+    "highest specificity keeping sensitivity >= min_sensitivity on new cases in expectation (of n abnormal cases at most "
+    "floor((1 - min_sensitivity)(n + 1)) - 1 missed: the split-conformal order statistic); log-odds midpoint of the "
+    "equally specific thresholds"
+)
 
 #: McNemar switches from the exact binomial test to chi-square at this many discordant pairs.
 MCNEMAR_EXACT_BELOW = 25
@@ -87,32 +91,52 @@ def binary_metrics(y_true: ArrayLike, prob: ArrayLike, threshold: float) -> dict
     }
 
 
-def choose_threshold(y_true: ArrayLike, prob: ArrayLike, min_sensitivity: float = 0.95) -> float:
-    """The screening operating point: the most specific threshold that keeps sensitivity,
-    placed with the widest margin on both sides.
+def abnormal_misses_allowed(n_abnormal: int, min_sensitivity: float) -> int:
+    """How many of `n_abnormal` chosen-on cases a threshold may miss and still keep `min_sensitivity` on new cases.
 
-    `prob` are probabilities. Of the thresholds with sensitivity >= `min_sensitivity`,
-    those with the highest specificity call the same normal cases abnormal, and they form
-    an interval: from just above the highest normal score called normal up to the highest
-    threshold that still reaches the sensitivity (the score of the k-th highest abnormal
-    case). The threshold returned is that interval's midpoint in log-odds.
+    Not ``n - ceil(min_sensitivity * n)``: a threshold that just keeps the target on the
+    cases that chose it keeps less on new ones (its sensitivity there is the target minus
+    the optimism of having been chosen). If the threshold sits on the k-th lowest abnormal
+    score, a new abnormal case, exchangeable with them, scores below it with probability at
+    most k / (n + 1) (its rank among the n + 1 is uniform): the split-conformal bound. So
+    k = floor((1 - target)(n + 1)) keeps the expected sensitivity on new cases >= target,
+    and the k - 1 cases below the threshold are those it may miss. 0 when n < 1 / (1 - target) - 1:
+    then even missing none cannot promise the target, which `calibrate`'s sample-size warning says.
+    """
+    _check_rate("min_sensitivity", min_sensitivity, allow_zero=False)
+    order_statistic = math.floor((1.0 - min_sensitivity) * (n_abnormal + 1) + 1e-9)  # the tolerance absorbs 0.1 * 10 = 0.999...
+    return max(order_statistic - 1, 0)
+
+
+def choose_threshold(y_true: ArrayLike, prob: ArrayLike, min_sensitivity: float = 0.95) -> float:
+    """The screening operating point: the most specific threshold that keeps sensitivity on new
+    cases, placed with the widest margin on both sides.
+
+    `prob` are probabilities. Of the thresholds that miss at most
+    `abnormal_misses_allowed` of the abnormal cases (so that sensitivity >= `min_sensitivity`
+    is expected on new cases, not only on these), those with the highest specificity call the
+    same normal cases abnormal, and they form an interval: from just above the highest normal
+    score called normal up to the highest threshold that still keeps the abnormal cases needed
+    (the score of the k-th highest abnormal case). The threshold returned is that interval's
+    midpoint in log-odds.
 
     Why not an edge: either edge sits on one validation case's score. On a new site's
     films the scores move a little (the normals of another acquisition tend to score
     higher), and a threshold at the lower edge then lets those normals through as
     abnormal, at the upper edge it drops abnormal cases under the sensitivity floor. The
     midpoint gives both the same margin, in log-odds, the scale on which a model's
-    logits shift. Fitted on validation data, the guarantee holds there only; report the
-    sensitivity it reaches on the test set.
+    logits shift. The expected sensitivity holds for new cases like those that chose the
+    threshold (the same site), not across sites: report the sensitivity it reaches on a test
+    set, and choose it again on a site's sample (`lungray calibrate`).
     """
     _check_rate("min_sensitivity", min_sensitivity, allow_zero=False)
     y, (p,) = _validated(y_true, prob)
+    _require_both_classes(y)
     if p.min() < 0.0 or p.max() > 1.0:
         raise ValueError("choose_threshold takes probabilities in [0, 1]")
-    lowest, _, _ = _best_operating_point(y, p, floor_on="sensitivity", floor=min_sensitivity)
     positives = np.sort(p[y == 1])[::-1]
-    counts = np.arange(1, positives.size + 1)
-    needed = int(counts[counts / positives.size >= min_sensitivity][0])
+    needed = positives.size - abnormal_misses_allowed(positives.size, min_sensitivity)
+    lowest, _, _ = _best_operating_point(y, p, floor_on="sensitivity", floor=needed / positives.size)
     highest = float(positives[needed - 1])
     normals_below = p[(y == 0) & (p < lowest)]
     if normals_below.size == 0:  # every normal is called abnormal anyway: keep every abnormal case

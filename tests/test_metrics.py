@@ -4,10 +4,12 @@ a slow textbook formula or a hand computation."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from scipy.special import expit, logit
+from scipy.stats import norm
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
@@ -22,6 +24,7 @@ from sklearn.metrics import (
 
 from lungray.metrics import (
     RATE_METRICS,
+    abnormal_misses_allowed,
     binary_metrics,
     bootstrap_ci,
     calibration_curve_data,
@@ -137,27 +140,69 @@ def brute_force_operating_point(
     return threshold, sensitivity, specificity
 
 
+def conformal_misses(n_abnormal: int, target: float) -> int:
+    """The largest m with (m + 1) / (n + 1) <= 1 - target, in exact fractions: the misses the
+    split-conformal bound allows (a new case below the (m+1)-th lowest of n scores: (m + 1) / (n + 1))."""
+    allowed = -1
+    while Fraction(allowed + 2, n_abnormal + 1) <= 1 - Fraction(str(target)):
+        allowed += 1
+    return max(allowed, 0)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0])
+@pytest.mark.parametrize("n_abnormal", [1, 9, 19, 20, 59, 117, 146, 581])
+def test_misses_allowed_are_the_split_conformal_order_statistic(n_abnormal: int, target: float) -> None:
+    assert abnormal_misses_allowed(n_abnormal, target) == conformal_misses(n_abnormal, target)
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95, 1.0])
-def test_choose_threshold_is_the_most_specific_threshold_that_keeps_sensitivity(seed: int, target: float) -> None:
+def test_choose_threshold_is_the_most_specific_threshold_that_keeps_the_abnormal_cases_needed(seed: int, target: float) -> None:
     y, prob = scored_cases(200, seed=seed, decimals=2)  # rounding creates tied probabilities
+    n_abnormal = int(y.sum())
+    floor = (n_abnormal - conformal_misses(n_abnormal, target)) / n_abnormal
     threshold = choose_threshold(y, prob, min_sensitivity=target)
-    expected_threshold, _, expected_specificity = brute_force_operating_point(y, prob, "sensitivity", target)
+    expected_threshold, _, expected_specificity = brute_force_operating_point(y, prob, "sensitivity", floor)
 
     metrics = binary_metrics(y, prob, threshold)
-    assert metrics["recall"] >= target
+    assert metrics["recall"] >= floor >= target
     assert metrics["specificity"] == pytest.approx(expected_specificity)
-    assert specificity_at_sensitivity(y, prob, target) == metrics["specificity"]
+    assert specificity_at_sensitivity(y, prob, floor) == metrics["specificity"]
     # The same normal cases are called abnormal as at the brute-force threshold.
     assert np.array_equal(predict_labels(prob, threshold)[y == 0], predict_labels(prob, expected_threshold)[y == 0])
 
 
+@pytest.mark.parametrize("n_abnormal", [40, 117])
+def test_choose_threshold_keeps_the_target_sensitivity_on_new_cases(n_abnormal: int) -> None:
+    """The promise the rule makes, checked by simulation: abnormal logits ~ N(1, 1), so a
+    threshold t misses a new abnormal case with probability Phi(logit(t) - 1). Averaged over
+    many validation samples that miss rate stays <= 1 - target for choose_threshold, while
+    the threshold that only just keeps the target on its own sample (its k-th highest
+    abnormal score, k = ceil(target * n)) misses more: the optimism the rule corrects."""
+    rng = np.random.default_rng(0)
+    target, n_normal, repeats = 0.95, 60, 3000
+    y = np.repeat([0, 1], [n_normal, n_abnormal])
+    rule_miss, in_sample_miss = [], []
+    for _ in range(repeats):
+        abnormal = rng.normal(1.0, 1.0, n_abnormal)
+        prob = expit(np.concatenate([rng.normal(-1.0, 1.0, n_normal), abnormal]))
+        rule_miss.append(norm.cdf(logit(choose_threshold(y, prob, target)) - 1.0))
+        kth_highest = np.sort(abnormal)[::-1][math.ceil(target * n_abnormal) - 1]
+        in_sample_miss.append(norm.cdf(kth_highest - 1.0))
+    standard_error = np.std(rule_miss) / math.sqrt(repeats)
+    assert np.mean(rule_miss) <= (1 - target) + 3 * standard_error
+    assert np.mean(in_sample_miss) > (1 - target) + 3 * np.std(in_sample_miss) / math.sqrt(repeats)
+
+
 def test_choose_threshold_takes_the_log_odds_midpoint_of_the_equally_specific_thresholds() -> None:
-    # From just above the normal at 0.6 up to 0.9 every threshold keeps specificity 1 and
-    # sensitivity >= 0.3; the midpoint of 0.6 and 0.9 in log-odds is returned.
+    # Of 3 abnormal cases a target of 0.25 may miss 2 (3 / 4 <= 0.75): from just above the
+    # normal at 0.6 up to 0.9 every threshold keeps specificity 1 and one abnormal case; the
+    # midpoint of 0.6 and 0.9 in log-odds is returned.
     y = np.array([1, 1, 0, 1, 0])
     prob = np.array([0.9, 0.7, 0.6, 0.5, 0.1])
-    assert choose_threshold(y, prob, min_sensitivity=0.3) == pytest.approx(expit((logit(0.6) + logit(0.9)) / 2))
+    assert choose_threshold(y, prob, min_sensitivity=0.25) == pytest.approx(expit((logit(0.6) + logit(0.9)) / 2))
+    # A target of 0.3 may miss only 1 (2 / 4 <= 0.7 < 3 / 4): between 0.6 and the abnormal at 0.7.
+    assert choose_threshold(y, prob, min_sensitivity=0.3) == pytest.approx(expit((logit(0.6) + logit(0.7)) / 2))
     # All abnormal cases needed: between the normal at 0.1 and the abnormal at 0.5.
     threshold = choose_threshold(y, prob, min_sensitivity=1.0)
     assert threshold == pytest.approx(expit((logit(0.1) + logit(0.5)) / 2))

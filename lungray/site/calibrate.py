@@ -12,13 +12,13 @@ Three numbers come out, each judged honestly:
   on a sample of its size: the number to hold against a bar such as sensitivity >= 0.95
   at specificity >= 0.85.
 
-Too small a sample: the rule keeps sensitivity >= target on the sample, but on n
+Too small a sample: the rule keeps sensitivity >= target on new films in expectation, but on n
 abnormal films, even all of them detected, the one-sided 95% lower confidence bound on
 sensitivity is 0.05^(1/n) (Clopper-Pearson); it reaches the target only when
 n >= log(0.05) / log(target), the "rule of three" 3 / (1 - target): 59 abnormal films for
 0.95. With fewer, the sample cannot show that the target is met, and `calibrate` warns.
-(At under 1 / (1 - target) abnormal films the rule can miss none, and the threshold sits
-on the single lowest-scored abnormal film: far below the warning's bound.)
+(At under 2 / (1 - target) - 1 abnormal films, 39 for 0.95, the rule can miss none, and the
+threshold sits on the single lowest-scored abnormal film: far below the warning's bound.)
 """
 
 from __future__ import annotations
