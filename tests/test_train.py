@@ -184,11 +184,14 @@ def test_a_run_stored_before_the_site_robust_defaults_is_read_as_it_was() -> Non
 
 
 def test_a_run_stored_before_mixup_and_schedules_trained_without_mixup_on_the_plateau_schedule() -> None:
-    config = TrainConfig(model="cnn", data="d", output="o")
+    config = TrainConfig(model="cnn", data="d", output="o", schedule="plateau")
     older = {key: value for key, value in config.hyperparameters().items() if key not in ("mixup_alpha", "schedule")}
     check_resumable(Progress(older, "fingerprint", {}), config, "fingerprint")
     with pytest.raises(ValueError, match="mixup_alpha.*schedule"):
         check_resumable(Progress(older, "fingerprint", {}), replace(config, mixup_alpha=0.2, schedule="cosine"), "fingerprint")
+    # Today's default schedule is cosine: such a run does not pass for one of today's defaults.
+    with pytest.raises(ValueError, match="schedule"):
+        check_resumable(Progress(older, "fingerprint", {}), TrainConfig(model="cnn", data="d", output="o"), "fingerprint")
 
 
 def test_class_weights_balance_the_train_labels() -> None:

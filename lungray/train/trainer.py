@@ -85,7 +85,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # of the training loss; validation loss is plain cross-entropy
     ema_decay: float = 0.995  # weights validated and exported are this exponential moving average (0: off)
     mixup_alpha: float = 0.0  # MixUp of training batches, lambda ~ Beta(alpha, alpha) (0: off)
-    schedule: str = "plateau"  # learning rate: "plateau" (halved when val loss stalls) or "cosine" (to 1% over `epochs`)
+    schedule: str = "cosine"  # learning rate: "cosine" (to 1% over `epochs`) or "plateau" (halved when val loss stalls)
     select: str = "last"  # the exported weights: the "last" epoch's or those of the "best" val AUROC (SELECTIONS)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields other than arch, e.g. dropout
