@@ -100,8 +100,9 @@ def abnormal_misses_allowed(n_abnormal: int, min_sensitivity: float) -> int:
     score, a new abnormal case, exchangeable with them, scores below it with probability at
     most k / (n + 1) (its rank among the n + 1 is uniform): the split-conformal bound. So
     k = floor((1 - target)(n + 1)) keeps the expected sensitivity on new cases >= target,
-    and the k - 1 cases below the threshold are those it may miss. 0 when n < 1 / (1 - target) - 1:
-    then even missing none cannot promise the target, which `calibrate`'s sample-size warning says.
+    and the k - 1 cases below the threshold are those it may miss: none below
+    2 / (1 - target) - 1 cases (39 for 0.95). Below 1 / (1 - target) - 1 (19) even missing none
+    cannot promise the target, which `calibrate`'s sample-size warning says (from 59 down).
     """
     _check_rate("min_sensitivity", min_sensitivity, allow_zero=False)
     order_statistic = math.floor((1.0 - min_sensitivity) * (n_abnormal + 1) + 1e-9)  # the tolerance absorbs 0.1 * 10 = 0.999...
