@@ -418,8 +418,9 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert meta["val_metrics"]["n"] == SPLIT_SIZES["val"]  # the whole val set, gathered from both workers
     assert meta["val_metrics"]["auroc"] == pytest.approx(meta["history"][-1]["val_auroc"], abs=1e-6)
     val_images, val_labels = read_split(data, "val")
+    probabilities = loaded.predict_proba(val_images)
     # The exported weights are the ones that validated: they give the recorded val AUROC (sklearn).
-    assert roc_auc_score(val_labels, loaded.predict_proba(val_images)) == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-4)
+    assert roc_auc_score(val_labels, probabilities) == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-4)
     assert meta["val_metrics"]["recall"] >= meta["training"]["min_sensitivity"]
     assert meta["n_parameters"] > 0 and meta["peak_memory_mb"] > 0
     assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
@@ -434,12 +435,10 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     best_weights = load_model_dir(output).predict_proba(val_images)
     assert roc_auc_score(val_labels, best_weights) == pytest.approx(best["val_auroc"], abs=1e-4)
 
-    images, labels = read_split(data, "val")
-    probabilities = loaded.predict_proba(images)
-    assert probabilities.shape == labels.shape
+    assert probabilities.shape == val_labels.shape
     assert np.all((probabilities >= 0) & (probabilities <= 1))
     # The stored val metrics describe the exported weights, scored the way screening scores.
-    assert binary_metrics(labels, probabilities, loaded.threshold)["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
+    assert binary_metrics(val_labels, probabilities, loaded.threshold)["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
 
 
 @pytest.mark.slow
