@@ -8,11 +8,13 @@
    `run_screen` (its first run in a fresh Ray, and its second) vs a plain script (torch
    DataLoader, 2 workers, the same decode, preprocessing and model). lungray scores with
    BatchNorm folded into the convolutions (`lungray.models.fold`); the plain script runs
-   the model as trained, and once more with the fold, which separates what the pipeline
-   adds from what the fold adds;
+   the model as trained on one torch thread (as before 2026-12-02), once more with the
+   fold, which separates what the pipeline adds from what the fold adds, and once on
+   torch's default threads (a plain script's, two here like lungray's CPU actor);
 2. inference stage alone on pre-decoded uint8 tensors: the Ray Data actor stage
    (`Predictor`) vs the bare (folded) model over the same array;
-3. peak memory (all Ray processes + driver, sampled) for N and scale x N files.
+3. peak memory (all Ray processes + driver, sampled) for N and scale x N files, in runs of
+   their own: the sampler's reads of /proc are not in the timed runs.
 
 The plain script (as trained) and the bare model are each timed before and after lungray's
 runs, and lungray is compared with their mean: the speed of a shared machine drifts (by a
@@ -121,8 +123,18 @@ def load_for_inference(model_dir: Path, fold: bool) -> ModelDir:
     return model.with_folded_batchnorm() if fold else model
 
 
-def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int, fold: bool = False) -> float:
-    """The plain script, timed from loading the model (as lungray's time includes its actor's)."""
+def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int, fold: bool = False, threads: int = 1) -> float:
+    """The plain script, timed from loading the model (as lungray's time includes its actor's),
+    its model on `threads` torch threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return plain_script(archive, model_dir, batch_size, fold)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def plain_script(archive: Path, model_dir: Path, batch_size: int, fold: bool) -> float:
     started = time.perf_counter()
     model = load_for_inference(model_dir, fold)
     paths = sorted(path for path in archive.rglob("*") if path.is_file())
@@ -131,18 +143,28 @@ def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int, fold: b
     return scored / (time.perf_counter() - started)
 
 
-def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size: int) -> tuple[float, float]:
+def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size: int) -> float:
+    """Files per second of one `run_screen`, timed without the memory sampler: reading /proc
+    for every process of the tree five times a second took about a tenth of the 2-core VM's
+    throughput (4,000 files: 170 files/s sampled, 192 not, alternating runs), which the plain
+    script is not charged."""
     from lungray.screen.pipeline import ScreenConfig, run_screen
 
-    memory = TreeSampler(os.getpid()).start()  # this process and the local Ray it started
     started = time.perf_counter()
-    try:
-        summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), batch_size=batch_size, throwaway_salt=True))
-    finally:
-        seconds = time.perf_counter() - started
-        memory.stop()
+    summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), batch_size=batch_size, throwaway_salt=True))
+    seconds = time.perf_counter() - started
     assert summary["by_status"]["ok"] == summary["files_listed"], summary
-    return summary["files_listed"] / seconds, memory.peak_tree_rss / 2**20
+    return summary["files_listed"] / seconds
+
+
+def lungray_peak_memory(archive: Path, model_dir: Path, output: Path, batch_size: int) -> float:
+    """Peak MB of this process and the local Ray it started over one `run_screen` (not timed)."""
+    memory = TreeSampler(os.getpid()).start()
+    try:
+        lungray_end_to_end(archive, model_dir, output, batch_size)
+    finally:
+        memory.stop()
+    return memory.peak_tree_rss / 2**20
 
 
 def inference_stage(model_dir: Path, count: int, size: int, batch_size: int) -> dict[str, float]:
@@ -219,6 +241,7 @@ def main() -> None:
     from lungray.raysession import init_ray
 
     init_ray(progress_bars=False)
+    default_threads = torch.get_num_threads()  # what a plain script gets; lungray's CPU actor runs two (plan_actors)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -235,13 +258,15 @@ def main() -> None:
         large = archive(root / "large", args.files * args.scale)
         baseline_before = baseline_end_to_end(small, model_dir, args.batch_size)
         baseline_folded = baseline_end_to_end(small, model_dir, args.batch_size, fold=True)
+        baseline_default_threads = baseline_end_to_end(small, model_dir, args.batch_size, threads=default_threads)
         # The first run in a fresh Ray also starts Ray Data's own actors and the decode workers'
         # imports; the second is what a job on a running cluster sees.
-        first_rate, _ = lungray_end_to_end(small, model_dir, root / "out-first", args.batch_size)
-        lungray_rate, small_peak = lungray_end_to_end(small, model_dir, root / "out-small", args.batch_size)
+        first_rate = lungray_end_to_end(small, model_dir, root / "out-first", args.batch_size)
+        lungray_rate = lungray_end_to_end(small, model_dir, root / "out-second", args.batch_size)
         baseline_after = baseline_end_to_end(small, model_dir, args.batch_size)
         baseline = (baseline_before + baseline_after) / 2
-        _, large_peak = lungray_end_to_end(large, model_dir, root / "out-large", args.batch_size)
+        small_peak = lungray_peak_memory(small, model_dir, root / "out-small", args.batch_size)
+        large_peak = lungray_peak_memory(large, model_dir, root / "out-large", args.batch_size)
         stage = inference_stage(model_dir, args.stage_images or max(2048, args.files), args.size, args.batch_size)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     print(
@@ -255,11 +280,14 @@ def main() -> None:
                     "baseline_dataloader_images_per_s": round(baseline, 1),
                     "baseline_dataloader_before_after_images_per_s": [round(baseline_before, 1), round(baseline_after, 1)],
                     "baseline_dataloader_folded_images_per_s": round(baseline_folded, 1),
+                    "baseline_dataloader_default_threads": default_threads,
+                    "baseline_dataloader_default_threads_images_per_s": round(baseline_default_threads, 1),
                     "lungray_screen_first_run_images_per_s": round(first_rate, 1),
                     "lungray_screen_images_per_s": round(lungray_rate, 1),
                     "ratio_first_run": round(first_rate / baseline, 3),
                     "ratio": round(lungray_rate / baseline, 3),
                     "ratio_to_folded": round(lungray_rate / baseline_folded, 3),
+                    "ratio_to_default_threads": round(lungray_rate / baseline_default_threads, 3),
                 },
                 "inference_stage": stage,
                 "peak_memory_mb": {str(args.files): round(small_peak), str(args.files * args.scale): round(large_peak)},

@@ -349,11 +349,11 @@ def test_explain_writes_an_overlay_for_each_flagged_study(tmp_path: Path) -> Non
 def test_actor_plan_follows_the_gpus_or_the_gpu_flag_and_leaves_cpus_to_decode() -> None:
     config = ScreenConfig(model="m", input="i", output="o", date=DATE)
     # One CPU actor per two CPUs; together they ask for at most half, so decode tasks always find one.
-    assert plan_actors(config, {"CPU": 8.0}) == ActorPlan(4, {"num_cpus": 0.5}, 32)
-    assert plan_actors(config, {"CPU": 2.0}) == ActorPlan(1, {"num_cpus": 0.5}, 32)
-    assert plan_actors(config, {"CPU": 1.0}) == ActorPlan(1, {"num_cpus": 0.5}, 32)
+    assert plan_actors(config, {"CPU": 8.0}) == ActorPlan(4, {"num_cpus": 0.5}, 32, threads=2)
+    assert plan_actors(config, {"CPU": 2.0}) == ActorPlan(1, {"num_cpus": 0.5}, 32, threads=2)
+    assert plan_actors(config, {"CPU": 1.0}) == ActorPlan(1, {"num_cpus": 0.5}, 32, threads=1)
     four = ScreenConfig(model="m", input="i", output="o", date=DATE, actors=4)
-    assert plan_actors(four, {"CPU": 2.0}) == ActorPlan(4, {"num_cpus": 0.25}, 32)
+    assert plan_actors(four, {"CPU": 2.0}) == ActorPlan(4, {"num_cpus": 0.25}, 32, threads=1)
     assert plan_actors(config, {"CPU": 16.0, "GPU": 2.0}) == ActorPlan(2, {"num_gpus": 1}, 512)
     # --gpu on a cluster whose GPU nodes are not up yet: GPU actors, which the autoscaler serves.
     wants_gpu = ScreenConfig(model="m", input="i", output="o", date=DATE, gpu=True)

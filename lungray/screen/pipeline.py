@@ -131,11 +131,13 @@ def files_per_task(files: int, cpus: float) -> int:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the model actors run: how many at most, what each asks of Ray, the batch they score."""
+    """How the model actors run: how many at most, what each asks of Ray, the batch they
+    score, and torch's threads in each (CPU actors)."""
 
     max_actors: int
     resources: dict[str, float]
     batch_size: int
+    threads: int = 1
 
 
 def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
@@ -149,13 +151,18 @@ def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
     the cores with the decode task. An actor asks for half a CPU, not the whole one it keeps
     busy: with the decode tasks' 1 CPU, Ray Data would fuse decoding into the actor, which
     then decodes and scores in turn on one core. Actors never hold every CPU, so decode
-    tasks always find one (a 2-CPU machine deadlocked when they did).
+    tasks always find one (a 2-CPU machine deadlocked when they did). Each CPU actor runs
+    torch on the two CPUs it stands for (fewer when `config.actors` asks for more actors
+    than that): the actor is the pipeline's serial stage, and its second thread takes the
+    core time the decode tasks leave idle. On 2 CPUs, 4,000 files in alternating runs:
+    197 files/s with two threads against 184 with one.
     """
     gpus, cpus = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1.0))
     if gpus or config.gpu:
         return ActorPlan(config.actors or max(1, gpus), {"num_gpus": 1}, config.batch_size or 512)
     actors = config.actors or max(1, int(cpus // 2))
-    return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32)
+    threads = int(min(2, max(1, cpus // actors)))
+    return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32, threads)
 
 
 def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
@@ -239,7 +246,7 @@ def score_window(run: Run, window: pa.Table) -> ray.data.Dataset:
     )
     scored = decoded.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": config.model, "threads": 1},
+        fn_constructor_kwargs={"model_uri": config.model, "threads": plan.threads},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
         batch_size=plan.batch_size,
         batch_format="pyarrow",
