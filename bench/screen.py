@@ -44,6 +44,7 @@ from lungray.io.decode import decode_bytes  # noqa: E402
 from lungray.modeldir import ModelDir, load_model_dir, save_model_dir  # noqa: E402
 from lungray.models import build_model, default_config  # noqa: E402
 from lungray.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from lungray.screen.pipeline import ScreenConfig, run_screen  # noqa: E402
 
 
 def make_archive(root: Path, count: int, side: int = 512) -> Path:
@@ -147,9 +148,8 @@ def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size:
     """Files per second of one `run_screen`, timed without the memory sampler: reading /proc
     for every process of the tree five times a second took about a tenth of the 2-core VM's
     throughput (4,000 files: 170 files/s sampled, 192 not, alternating runs), which the plain
-    script is not charged."""
-    from lungray.screen.pipeline import ScreenConfig, run_screen
-
+    script is not charged. The screening modules are imported with this script, as the
+    plain script's are: importing them took about a second of the first run."""
     started = time.perf_counter()
     summary = run_screen(ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), batch_size=batch_size, throwaway_salt=True))
     seconds = time.perf_counter() - started
