@@ -130,18 +130,14 @@ def baseline_end_to_end(archive: Path, model_dir: Path, batch_size: int, fold: b
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return plain_script(archive, model_dir, batch_size, fold)
+        started = time.perf_counter()
+        model = load_for_inference(model_dir, fold)
+        paths = sorted(path for path in archive.rglob("*") if path.is_file())
+        loader = torch.utils.data.DataLoader(FileDataset(paths, model.preprocess), batch_size=batch_size, num_workers=2)
+        scored = sum(len(model.predict_proba(batch.numpy(), batch_size=batch_size)) for batch in loader)
+        return scored / (time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous)
-
-
-def plain_script(archive: Path, model_dir: Path, batch_size: int, fold: bool) -> float:
-    started = time.perf_counter()
-    model = load_for_inference(model_dir, fold)
-    paths = sorted(path for path in archive.rglob("*") if path.is_file())
-    loader = torch.utils.data.DataLoader(FileDataset(paths, model.preprocess), batch_size=batch_size, num_workers=2)
-    scored = sum(len(model.predict_proba(batch.numpy(), batch_size=batch_size)) for batch in loader)
-    return scored / (time.perf_counter() - started)
 
 
 def lungray_end_to_end(archive: Path, model_dir: Path, output: Path, batch_size: int) -> float:
