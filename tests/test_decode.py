@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, to_unit
+from lungray.io.decode import DecodeOptions, decode_bytes, patient_key
 
 DICOM_SAMPLES = SAMPLES / "dicom"
 REAL_DICOMS = sorted(DICOM_SAMPLES.glob("*.dcm"))
@@ -124,13 +124,6 @@ def test_every_encoding_of_one_image_decodes_the_same(base_image: np.ndarray) ->
         assert decoded.image.shape == expected.shape, name
         # within bit-depth rounding: half a step of 16 bits
         np.testing.assert_allclose(decoded.image, expected, atol=1 / 65535 / 2 + 1e-7, err_msg=name)
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_float32_division_gives_every_sample_value_the_float64_quotient(dtype: type) -> None:
-    full_scale = np.iinfo(dtype).max
-    every_value = np.arange(full_scale + 1, dtype=dtype)
-    np.testing.assert_array_equal(to_unit(every_value, full_scale), (every_value / float(full_scale)).astype(np.float32))
 
 
 def test_rgb_and_palette_pngs_become_gray(base_image: np.ndarray) -> None:

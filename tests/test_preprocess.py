@@ -14,6 +14,7 @@ from lungray.preprocess import (
     quantize,
     resize,
     to_float,
+    to_unit,
 )
 
 
@@ -57,6 +58,13 @@ def test_quantize_and_to_float_round_trip(dtype: str, scale: int) -> None:
     assert stored.dtype == np.dtype(dtype) and stored.max() == scale
     np.testing.assert_allclose(to_float(stored), image, atol=0.5 / scale + 1e-7)
     np.testing.assert_allclose(to_float(torch.from_numpy(stored)).numpy(), to_float(stored))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_float32_division_gives_every_sample_value_the_float64_quotient(dtype: type) -> None:
+    full_scale = np.iinfo(dtype).max
+    every_value = np.arange(full_scale + 1, dtype=dtype)
+    np.testing.assert_array_equal(to_unit(every_value, full_scale), (every_value / float(full_scale)).astype(np.float32))
 
 
 def test_preprocess_output_shape_dtype_and_range() -> None:

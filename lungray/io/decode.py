@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
 from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, rgb_to_gray
+from lungray.preprocess import to_unit
 from lungray.privacy import keyed
 
 if TYPE_CHECKING:
@@ -54,13 +55,6 @@ def sniff_format(data: bytes) -> str:
     if data[128:132] == b"DICM":
         return "dicom"
     return "unknown"
-
-
-def to_unit(samples: np.ndarray, full_scale: int) -> np.ndarray:
-    """Integer samples / full_scale, divided in float32: for every 8- and 16-bit value the
-    same number as dividing in float64 and rounding (tests/test_decode.py), in one pass
-    instead of three over the film."""
-    return np.divide(samples, np.float32(full_scale), dtype=np.float32)
 
 
 def _raster_to_unit(image: Image.Image) -> np.ndarray:
