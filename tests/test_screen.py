@@ -23,6 +23,7 @@ from model_factory import untrained_model_dir
 from scope_factory import CHEST_STUDY, LATERALS_STUDY, scope_archive
 from pydicom.data import get_testdata_file
 
+from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
 from lungray.screen.pipeline import ActorPlan, ScreenConfig, files_per_task, plan_actors, run_screen
 from lungray.screen.tables import open_table, read_table
@@ -362,6 +363,18 @@ def test_actor_plan_follows_the_gpus_or_the_gpu_flag_and_leaves_cpus_to_decode()
     assert plan_actors(sized, {"CPU": 4.0}) == ActorPlan(4, {"num_gpus": 1}, 256)
     with pytest.raises(ValueError, match="actors"):
         ScreenConfig(model="m", input="i", output="o", date=DATE, actors=0)
+
+
+def test_the_listing_becomes_one_block_per_decode_task_in_order() -> None:
+    import pyarrow as pa
+    import ray
+
+    listing = pa.table({"uri": [f"f{index}" for index in range(10)]})
+    dataset = dataset_of_blocks(listing, 4)
+    blocks = ray.get(dataset.to_arrow_refs())
+    assert [block["uri"].to_pylist() for block in blocks] == [["f0", "f1", "f2", "f3"], ["f4", "f5", "f6", "f7"], ["f8", "f9"]]
+    assert dataset.count() == 10 and dataset.schema().names == ["uri"]  # from the blocks' metadata
+    assert ray.get(dataset_of_blocks(listing.slice(0, 0), 4).to_arrow_refs())[0].num_rows == 0
 
 
 def test_files_per_task_keeps_cpus_busy_within_bounds() -> None:

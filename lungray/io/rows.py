@@ -158,8 +158,11 @@ def dataset_of_blocks(listing: pa.Table, rows_per_block: int) -> ray.data.Datase
     """A Ray dataset of the listing in blocks of `rows_per_block` files: one decode task each.
 
     Building the blocks here, rather than repartitioning, avoids an all-to-all barrier
-    before the first file is decoded.
+    before the first file is decoded. `from_blocks` takes each block's metadata from the
+    slice in hand; `from_arrow` sends a remote task per block to compute it, which in a
+    fresh Ray first imports Ray Data in a worker: 1,000 files scored about 1.7 s sooner on
+    2 CPUs (five alternating pairs of first runs), and about 0.8 s on later runs.
     """
     step = max(1, rows_per_block)
     blocks = [listing.slice(start, step) for start in range(0, listing.num_rows, step)]
-    return ray.data.from_arrow(blocks or [listing])
+    return ray.data.from_blocks(blocks or [listing])
