@@ -14,9 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pydicom
 import pytest
+import ray
 from conftest import REPO, SAMPLES
 from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
 from model_factory import untrained_model_dir
@@ -366,9 +368,6 @@ def test_actor_plan_follows_the_gpus_or_the_gpu_flag_and_leaves_cpus_to_decode()
 
 
 def test_the_listing_becomes_one_block_per_decode_task_in_order() -> None:
-    import pyarrow as pa
-    import ray
-
     listing = pa.table({"uri": [f"f{index}" for index in range(10)]})
     dataset = dataset_of_blocks(listing, 4)
     blocks = ray.get(dataset.to_arrow_refs())
