@@ -27,8 +27,10 @@ from pydicom.data import get_testdata_file
 
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
+from lungray.privacy import Pseudonymizer
+from lungray.screen.decode import chunk_rows
 from lungray.screen.pipeline import ActorPlan, ScreenConfig, files_per_task, plan_actors, run_screen
-from lungray.screen.tables import open_table, read_table
+from lungray.screen.tables import IMAGE_SCHEMA, open_table, read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
@@ -374,6 +376,29 @@ def test_the_listing_becomes_one_block_per_decode_task_in_order() -> None:
     assert [block["uri"].to_pylist() for block in blocks] == [["f0", "f1", "f2", "f3"], ["f4", "f5", "f6", "f7"], ["f8", "f9"]]
     assert dataset.count() == 10 and dataset.schema().names == ["uri"]  # from the blocks' metadata
     assert ray.get(dataset_of_blocks(listing.slice(0, 0), 4).to_arrow_refs())[0].num_rows == 0
+
+
+def scored_block(paths: list[str], replaces: list[bool]) -> pa.Table:
+    """What the model actor hands on: the decode task's columns, the carried ones and `prob`."""
+    n = len(paths)
+    return pa.table({
+        "path": paths, "study_id": ["s"] * n, "sop_uid": [None] * n, "status": ["ok"] * n, "error": [None] * n,
+        "skip_reason": [None] * n, "size": [10] * n, "mtime_ns": [5] * n, "etag": [None] * n, "tries": pa.array([1] * n, pa.int32()),
+        "replaces": replaces, "prob": [0.5] * n,
+    })
+
+
+def test_a_chunks_blocks_become_its_new_rows_its_replacing_rows_and_their_keys() -> None:
+    blocks = [scored_block(["a", "b"], [False, True]), scored_block(["c"], [False]), scored_block([], [])]
+    new, replacing, keys = chunk_rows("m1", "r1", DATE, None, *blocks)
+    assert new.schema == IMAGE_SCHEMA and replacing.schema == IMAGE_SCHEMA
+    assert new["path"].to_pylist() == ["a", "c"] and replacing["path"].to_pylist() == ["b"]
+    assert set(new["model_id"].to_pylist() + new["run_id"].to_pylist() + new["scored_date"].to_pylist()) == {"m1", "r1", DATE}
+    assert keys.to_pylist() == [
+        {"path": "a", "status": "ok", "replaces": False}, {"path": "b", "status": "ok", "replaces": True}, {"path": "c", "status": "ok", "replaces": False},
+    ]
+    keyed, _, keyed_checks = chunk_rows("m1", "r1", DATE, Pseudonymizer("salt"), *blocks)
+    assert not {"a", "c"} & set(keyed["path"].to_pylist()) and keyed_checks["path"].to_pylist()[::2] == keyed["path"].to_pylist()
 
 
 def test_files_per_task_keeps_cpus_busy_within_bounds() -> None:

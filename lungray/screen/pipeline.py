@@ -5,12 +5,12 @@ images table's key columns decides what to score) -> windows of at most `chunk_f
 files, each one Ray Data execution: CPU decode tasks (the ingest's read/scope check/
 decode/preprocess, driven by the model's recorded decode options and preprocessing; a
 model whose decode this lungray cannot reproduce is refused before anything is read) ->
-model actors (GPU when there are GPUs) -> image rows, keyed on the workers with
-`--pseudonymize`. The rows stream out of the execution as block references and are
-committed in chunks: whenever `chunk_minutes` have passed since the last commit, and at the
-window's end. A chunk is one Delta commit of its new rows, written by the workers
-(`Dataset.write_delta`), and one MERGE of the rows that replace earlier ones (retried
-errors, changed files) -> the studies the chunk touched re-aggregated and upserted
+model actors (GPU when there are GPUs). The scored rows stream out of the execution as
+block references and are committed in chunks: whenever `chunk_minutes` have passed since
+the last commit, and at the window's end. A chunk's blocks become its image rows in one
+task (keyed there with `--pseudonymize`); its new rows are one Delta commit written by a
+worker (`Dataset.write_delta`), the rows that replace earlier ones (retried errors,
+changed files) one MERGE -> the studies the chunk touched re-aggregated and upserted
 (`lungray.screen.studies`). A killed run loses at most its uncommitted chunk; its rerun
 resumes (`lungray.screen.lease`). `runs/<run>.json` is written last.
 
@@ -48,7 +48,7 @@ from lungray.pacs import dicomweb, source
 from lungray.preprocess import PreprocessConfig
 from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 from lungray.screen import ledger
-from lungray.screen.decode import as_image_rows, decode_for_screening
+from lungray.screen.decode import chunk_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
@@ -58,6 +58,7 @@ from lungray.screen.tables import ensure_table, merge, open_table, storage_optio
 from lungray.screen.writeback import REPORT_CHOICES, store_reports
 
 log = logging.getLogger(__name__)
+chunk_rows_task = ray.remote(num_returns=3)(chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,8 @@ class Run:
 
 
 def score_window(run: Run, window: pa.Table) -> ray.data.Dataset:
-    """Decode, score and shape a window's files into image rows: a lazy dataset, whose
-    blocks stay in the object store (never in the driver) until their commit."""
+    """Decode and score a window's files: a lazy dataset of scored rows, whose blocks stay in
+    the object store (never in the driver) until their chunk's commit makes them image rows."""
     config = run.config
     cluster = ray.cluster_resources()
     plan = plan_actors(config, cluster)
@@ -244,7 +245,7 @@ def score_window(run: Run, window: pa.Table) -> ray.data.Dataset:
         batch_format="pyarrow",
         batch_size=None,
     )
-    scored = decoded.map_batches(
+    return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_uri": config.model, "threads": plan.threads},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors),
@@ -252,46 +253,31 @@ def score_window(run: Run, window: pa.Table) -> ray.data.Dataset:
         batch_format="pyarrow",
         **plan.resources,
     )
-    return scored.map_batches(
-        as_image_rows,
-        fn_kwargs={"model_id": run.model_id, "run_id": run.run_id, "date": config.date, "pseudonymizer": run.pseudonymizer},
-        batch_format="pyarrow",
-        batch_size=None,
-    )
 
 
-def rows_where(rows: ray.data.Dataset, replaces: bool) -> ray.data.Dataset:
-    def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.equal(batch["replaces"], replaces)).drop_columns(["replaces"])
-
-    return rows.map_batches(keep, batch_format="pyarrow", batch_size=None)
-
-
-def check_chunk(rows: ray.data.Dataset, window: pa.Table, committed: set[str]) -> tuple[pa.Table, set[str]]:
-    """Nothing lost, nothing duplicated: a chunk's rows are distinct files of the window that
-    no earlier chunk of it committed, or nothing is committed. Returns their (path, status,
-    replaces), a chunk's worth of small values, and their paths."""
-    refs = rows.select_columns(["path", "status", "replaces"]).to_arrow_refs()
-    got = pa.concat_tables(ray.get(refs))
-    paths = got["path"].to_pylist()
+def check_chunk(checked: pa.Table, window: pa.Table, committed: set[str]) -> set[str]:
+    """Nothing lost, nothing duplicated: a chunk's rows (their `path, status, replaces`) are
+    distinct files of the window that no earlier chunk of it committed, or nothing is
+    committed. Returns their paths."""
+    paths = checked["path"].to_pylist()
     distinct = set(paths)
-    if len(distinct) != len(paths) or distinct & committed or not pc.all(pc.is_in(got["path"], window["path"])).as_py():
+    if len(distinct) != len(paths) or distinct & committed or not pc.all(pc.is_in(checked["path"], window["path"])).as_py():
         raise RuntimeError(
             f"screening produced {len(paths)} rows ({len(distinct)} distinct, {len(distinct & committed)} already committed) "
             "that are not distinct files of the window: this chunk is not committed"
         )
-    return got, distinct
+    return distinct
 
 
-def commit_chunk(run: Run, rows: ray.data.Dataset, checked: pa.Table) -> int:
-    """The chunk's new rows appended by the workers in one Delta commit; the rows that replace
+def commit_chunk(run: Run, new_rows: ray.ObjectRef, replacing_rows: ray.ObjectRef, checked: pa.Table) -> int:
+    """The chunk's new rows appended by a worker in one Delta commit; the rows that replace
     earlier ones (a retried error, a changed file, a rescored file) upserted in one MERGE.
     Returns how many rows were replaced."""
     uri = table_uri(run.config.output, "images")
     replacing = int(pc.sum(checked["replaces"]).as_py() or 0)
     images = ensure_table(run.config.output, "images")  # created with its schema and partitioning, once, whoever commits first
     if replacing < checked.num_rows:
-        rows_where(rows, replaces=False).write_delta(
+        ray.data.from_arrow_refs([new_rows]).write_delta(
             uri,
             mode=SaveMode.APPEND,
             partition_by=["scored_date"],
@@ -299,9 +285,8 @@ def commit_chunk(run: Run, rows: ray.data.Dataset, checked: pa.Table) -> int:
             filesystem=filesystem_for(uri)[0] if is_s3(uri) else None,
         )
     if replacing:
-        refs = rows_where(rows, replaces=True).to_arrow_refs()
         images.update_incremental()  # past the append just committed
-        merge(images, "images", pa.concat_tables(ray.get(refs)))
+        merge(images, "images", ray.get(replacing_rows))
     return replacing
 
 
@@ -372,9 +357,10 @@ def score_and_commit(run: Run, window: pa.Table, counts: Counts, progress: Progr
 
 def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, committed: set[str], counts: Counts) -> set[str]:
     """One chunk: the checked rows of `blocks` committed, counted and synced; returns their paths."""
-    rows = ray.data.from_arrow_refs(blocks)
-    checked, paths = check_chunk(rows, window, committed)
-    counts.replaced += commit_chunk(run, rows, checked)
+    new_rows, replacing_rows, keys = chunk_rows_task.remote(run.model_id, run.run_id, run.config.date, run.pseudonymizer, *blocks)
+    checked = ray.get(keys)
+    paths = check_chunk(checked, window, committed)
+    counts.replaced += commit_chunk(run, new_rows, replacing_rows, checked)
     counts.chunks += 1
     counts.scored += checked.num_rows
     files = window.filter(pc.is_in(window["path"], checked["path"]))
