@@ -57,8 +57,8 @@ def chunk_rows(
     ones, and their `path, status, replaces` for the driver's check).
 
     One task per chunk, not a Ray Data pass per block: the chunk's check then needs no pass
-    of its own, its new rows go to the table as one Parquet file instead of one per decode
-    task, and no block needs a metadata task before the write.
+    of its own, its new rows go to the table as one Parquet file instead of several, and no
+    block needs a metadata task before the write.
     """
     rows = pa.concat_tables([as_image_rows(block, model_id, run_id, date, pseudonymizer) for block in scored])
     replacing = rows["replaces"]
