@@ -18,6 +18,7 @@ from ray.data.expressions import col
 from lungray.ingest import load_summary
 from lungray.io.base import normalized_record
 from lungray.io.listing import filesystem_for, join_uri
+from lungray.io.parquet import read_parquet
 from lungray.metrics import binary_metrics
 from lungray.modeldir import ModelDir, load_model_dir
 from lungray.split import SPLITS
@@ -31,7 +32,7 @@ def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "la
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     filesystem, path = filesystem_for(join_uri(data, "data"))
     return (
-        ray.data.read_parquet(path, filesystem=filesystem, columns=list(dict.fromkeys([*columns, "label", "split"])))
+        read_parquet(path, filesystem, columns=list(dict.fromkeys([*columns, "label", "split"])))
         .filter(expr=(col("split") == split) & col("label").is_not_null())
         .select_columns(list(columns))
     )

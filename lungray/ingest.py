@@ -33,12 +33,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from lungray import sources, split
 from lungray.io.base import decode_record
 from lungray.io.decode import DecodeOptions, patient_key
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
+from lungray.io.parquet import read_parquet
 from lungray.io.rows import dataset_of_blocks, rows_table
 from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
@@ -241,7 +241,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
     split_by_path = dict(zip(ok_meta["path"].to_pylist(), assigned))
     ok_meta = ok_meta.append_column("split", pa.array(assigned, pa.string()))
 
-    ray.data.read_parquet(staging_path, filesystem=fs).filter(
+    read_parquet(staging_path, fs).filter(
         expr="status == 'ok'"
     ).map_batches(
         add_split_column, fn_kwargs={"split_by_path": split_by_path, "pseudonymizer": pseudonymizer}, batch_format="pyarrow"
