@@ -401,7 +401,7 @@ def test_splits_that_fit_a_quarter_of_the_object_store_are_read_once(ray_session
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model", ["cnn", "cnn_lstm"])
-def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: Path, model: str) -> None:
+def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: Path, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_ingested(tmp_path / "data")
     output = run_training(tiny_config(data, tmp_path / "model", model=model))
 
@@ -426,7 +426,11 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert set(meta["versions"]) == {"lungray", "torch", "ray", "python"}
     assert meta["hardware"] == {"workers": 2, "device": "CPU", "threads_per_worker": 1, "backend": "gloo"}
 
-    # The finished run re-exported with the best epoch's weights: no epoch trained again.
+    # The finished run re-exported with the best epoch's weights from its stored checkpoint: no worker started.
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a finished run started Ray Train to be exported again")
+
+    monkeypatch.setattr("lungray.train.trainer.build_trainer", no_training)
     run_training(tiny_config(data, tmp_path / "model", model=model, select="best"))
     reexported = read_meta(output)
     assert reexported["training"]["select"] == "best" and reexported["selected_epoch"] == best["epoch"]

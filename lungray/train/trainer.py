@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from pyarrow.fs import FileSelector, FileType
+from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.actor import ActorHandle
 from ray.data import DataIterator, Dataset
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -187,11 +187,13 @@ def latest_progress(run_uri: str) -> Progress | None:
     if filesystem.get_file_info(path).type != FileType.Directory:
         return None
     files = [info.path for info in filesystem.get_file_info(FileSelector(path, recursive=True)) if info.base_name == PROGRESS_FILE]
-    progresses = []
-    for file in files:
-        with filesystem.open_input_stream(file) as stream:
-            progresses.append(Progress(**json.loads(stream.read())))
+    progresses = [stored_progress(filesystem, file) for file in files]
     return max(progresses, key=lambda progress: progress.next_epoch, default=None)
+
+
+def stored_progress(filesystem: FileSystem, file: str) -> Progress:
+    with filesystem.open_input_stream(file) as stream:
+        return Progress(**json.loads(stream.read()))
 
 
 # Settings added since the first release, at the values the runs before them used.
@@ -329,16 +331,40 @@ def run_training(config: TrainConfig) -> str:
         return config.output
     storage = join_uri(output, RAY_DIR)
     previous = latest_progress(join_uri(storage, RUN_NAME))
+    checkpoint = None
     if previous is not None:
         check_resumable(previous, config, fingerprint)
-        log.warning("resuming the run in %s after epoch %d", config.output, previous.next_epoch - 1)
+        checkpoint = finished_checkpoint(join_uri(storage, RUN_NAME), config)
+        if checkpoint is not None:
+            log.warning("the run in %s has finished; exporting its last checkpoint again", config.output)
+        else:
+            log.warning("resuming the run in %s after epoch %d", config.output, previous.next_epoch - 1)
 
-    cpus_per_worker = worker_cpus(config)
-    # The fault-injection marker (tests) is a local file that the workers create.
-    fail_marker = None if is_s3(output) else join_uri(storage, FAULT_MARKER)
-    loop = loop_config(config, fingerprint, cpus_per_worker, fail_marker=fail_marker)
-    result = build_trainer(config, loop, cpus_per_worker, storage).fit()
-    if result.checkpoint is None:
+    if checkpoint is None:
+        cpus_per_worker = worker_cpus(config)
+        # The fault-injection marker (tests) is a local file that the workers create.
+        fail_marker = None if is_s3(output) else join_uri(storage, FAULT_MARKER)
+        loop = loop_config(config, fingerprint, cpus_per_worker, fail_marker=fail_marker)
+        checkpoint = build_trainer(config, loop, cpus_per_worker, storage).fit().checkpoint
+    if checkpoint is None:
         raise RuntimeError(f"training in {config.output} finished without a checkpoint")
-    export_model_dir(result.checkpoint, output, summary["preprocess"], config.min_sensitivity, config.select, decode=summary.get("decode"))
+    export_model_dir(checkpoint, output, summary["preprocess"], config.min_sensitivity, config.select, decode=summary.get("decode"))
     return config.output
+
+
+def finished_checkpoint(run_uri: str, config: TrainConfig) -> Checkpoint | None:
+    """The stored run's latest checkpoint when it leaves nothing to train for `config` (a
+    re-export with another --select or --min-sensitivity), else None.
+
+    It is the checkpoint a resumed `fit()` would restore and, with no epoch left, return:
+    exporting it directly spares starting the workers (30-40 s on 2 cores) to do nothing.
+    """
+    filesystem, path = filesystem_for(run_uri)
+    try:
+        checkpoint = Result.from_path(path, storage_filesystem=filesystem).checkpoint
+    except RuntimeError:  # no checkpoint registered yet (killed before the first report): train
+        return None
+    if checkpoint is None:
+        return None
+    progress = stored_progress(checkpoint.filesystem, f"{checkpoint.path}/{PROGRESS_FILE}")
+    return checkpoint if progress.finished(config.epochs, config.patience) else None
