@@ -222,7 +222,7 @@ def big_archive(root: Path, copies: int) -> Path:
 
 @pytest.mark.slow
 def test_driver_killed_after_a_chunk_commits_resumes_with_the_rest(tmp_path: Path, model_dir: Path) -> None:
-    archive = big_archive(tmp_path / "archive", copies=8)
+    archive = big_archive(tmp_path / "archive", copies=2)
     output = tmp_path / "out"
     total, chunk = len(listed(archive)), 40
     command = screen_command(model_dir, archive, output, "--chunk-files", str(chunk))
