@@ -357,7 +357,7 @@ def finished_checkpoint(run_uri: str, config: TrainConfig) -> Checkpoint | None:
     re-export with another --select or --min-sensitivity), else None.
 
     It is the checkpoint a resumed `fit()` would restore and, with no epoch left, return:
-    exporting it directly spares starting the workers (30-40 s on 2 cores) to do nothing.
+    exporting it directly spares starting the workers to do nothing (docs/results.md: start-up costs).
     """
     filesystem, path = filesystem_for(run_uri)
     try:
