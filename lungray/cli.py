@@ -22,7 +22,7 @@ from lungray.pacs.dicomweb import DEFAULT_MODALITIES
 from lungray.pacs.source import PacsError
 from lungray.screen.lease import ConcurrentRunError
 from lungray.screen.pipeline import ScreenConfig, run_screen
-from lungray.screen.progress import PROGRESS_LOGGER
+from lungray.progress import PROGRESS_LOGGER
 from lungray.screen.tables import AGGREGATES
 from lungray.screen.writeback import REPORT_CHOICES
 from lungray.site.adapt import AdaptConfig, adapt

@@ -8,13 +8,21 @@ store so that a 2-core, few-GB box is not swamped, and progress bars follow the 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import ray
+import yaml
 
 log = logging.getLogger(__name__)
+
+RAY_DATA_LOGGING_CONFIG = "RAY_DATA_LOGGING_CONFIG"  # read by every process when it imports Ray Data
+PROGRESS_BARS_LOGGER = "ray.data._internal.progress"
 
 
 def init_ray(num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
@@ -84,14 +92,43 @@ def cluster_cpus() -> float:
 
 
 def quiet_ray(verbose: bool) -> None:
-    """Without --verbose, a long job prints its own progress lines, not Ray Data's INFO lines
-    (dozens per dataset: execution plans, operator stats, commits). Called before Ray starts."""
+    """Without --verbose, a long job prints its own progress lines, not Ray's INFO lines
+    (dozens per dataset: execution plans, operator stats, commits; Ray Train's worker group
+    and checkpoint reports). Called before Ray starts, so that the processes of a local Ray
+    inherit the Ray Data console level too (`RAY_DATA_LOGGING_CONFIG`)."""
     if verbose:
         return
+    config = quiet_ray_data_logging_config()
+    if config is not None:
+        os.environ.setdefault(RAY_DATA_LOGGING_CONFIG, str(config))
     from ray.data import DataContext
 
     context = DataContext.get_current()
     context.print_on_execution_start = False
     context.enable_progress_bars = False
-    for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink"):
+    # "ray" itself is set back to INFO by ray.init (its "Started a local Ray instance" line stays).
+    for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(PROGRESS_BARS_LOGGER).setLevel(logging.ERROR)
+
+
+def quiet_ray_data_logging_config() -> Path | None:
+    """A Ray Data logging config file: Ray's default, its console at WARNING (its log files
+    keep every level) and without the notice that progress bars are off, which lungray chose.
+
+    None where this Ray has no default config to start from (its layout is internal).
+    """
+    try:
+        from ray.data._internal.logging import DEFAULT_CONFIG
+    except ImportError:
+        return None
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    config["loggers"][PROGRESS_BARS_LOGGER] = {"level": "ERROR"}
+    text = yaml.safe_dump(config, sort_keys=True)
+    target = Path(tempfile.gettempdir()) / f"lungray-ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    if not target.exists():  # one file per content, written whole: workers may read it at any time
+        temporary = target.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(text)
+        temporary.replace(target)
+    return target

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,14 @@ def ray_session(s3_server: str) -> Iterator[None]:
     DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """A short temp folder for a subprocess's own Ray (its sockets must fit in 107 bytes), with its logs."""
+    path = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

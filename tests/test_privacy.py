@@ -9,8 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,14 +162,6 @@ def planted_archive(root: Path) -> tuple[Path, list[str]]:
     (study / f"{PLANTED_FOLDER}_broken.dcm").write_bytes(dicom_bytes(dicom_dataset(image, patient_id="12345678", patient_name="DOE^JANE"))[:-3000])
     shutil.copy(next((SAMPLES / "kermany-mini" / "NORMAL").glob("*.jpeg")), study / f"JANE_DOE_{12345678}.jpeg")
     return root, ["DOE", "JANE", "12345678", PLANTED_DATE, *uids]
-
-
-@pytest.fixture
-def ray_tmpdir() -> Iterator[Path]:
-    """A short temp folder for the subprocesses' own Ray (its sockets must fit in 107 bytes), with its logs."""
-    path = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO
 from sklearn.metrics import roc_auc_score
 from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
@@ -443,6 +448,30 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert np.all((probabilities >= 0) & (probabilities <= 1))
     # The stored val metrics describe the exported weights, scored the way screening scores.
     assert binary_metrics(val_labels, probabilities, loaded.threshold)["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
+
+
+# Lines Ray Train and Ray Data print for every run, epoch and dataset unless asked (--verbose).
+RAY_RUN_LINES = ("Reporting training result", "Checkpoint successfully created", "Started training worker group", "execution finished", "Progress bars disabled")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_cli_prints_a_line_per_epoch_and_none_of_rays_run_lines(tmp_path: Path, ray_tmpdir: Path) -> None:
+    """`lungray train` in a local Ray of its own, as `make demo` runs it."""
+    data = write_ingested(tmp_path / "data")
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "lungray.cli", "train", "--model", "cnn", "--data", str(data), "--output", str(tmp_path / "model"),
+        "--epochs", "2", "--batch-size", "8", "--cpus-per-worker", "0.5", "--patience", "10",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    epochs = [match.group(1, 2, 3) for match in re.finditer(r"train: epoch (\d+)/(\d+) · .* val AUROC ([0-9.]+)", console)]
+    history = read_meta(tmp_path / "model")["history"]
+    # Once each (Ray Train's print redirection printed each twice), with the AUROC the model directory records.
+    assert epochs == [(str(record["epoch"] + 1), "2", f"{record['val_auroc']:.3f}") for record in history]
+    assert [line for line in RAY_RUN_LINES if line in console] == []
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ from lungray.screen.decode import chunk_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
-from lungray.screen.progress import Progress
+from lungray.progress import Progress
 from lungray.screen.studies import Decorate, sync_studies
 from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports

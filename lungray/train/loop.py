@@ -16,6 +16,7 @@ an uninterrupted one would, whatever the failure, and no RNG state has to be sto
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -40,7 +41,10 @@ from torchvision.transforms.v2 import MixUp
 from lungray.metrics import binary_metrics
 from lungray.models import ModelConfig, build_model
 from lungray.preprocess import to_float
+from lungray.progress import PROGRESS_LOGGER, duration
 from lungray.train.augment import AugmentConfig, augment_batch
+
+log = logging.getLogger(PROGRESS_LOGGER)
 
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "state.pt"
@@ -84,6 +88,7 @@ class LoopConfig:
     data_fingerprint: str
     fail_at_epoch: int | None = None  # test hook: the last rank exits at the start of this epoch...
     fail_marker: str | None = None  # ...once, unless this file exists
+    console_log_level: str = "INFO"  # Ray Train's own lines on the driver's console (RunConfig's LoggingConfig)
 
 
 @dataclass
@@ -317,6 +322,31 @@ def epoch_record(epoch: int, workers: list[WorkerEpoch], lr: float, seconds: flo
     return record, val_prob, val_label
 
 
+def quiet_report_lines(level: str) -> None:
+    """Give Ray Train's per-report line ("Reporting training result ...") the run's console level.
+
+    Ray 2.60 logs it on a logger named by its file path, outside `ray.train`, so RunConfig's
+    log level does not reach it: every epoch would print a line per worker.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+def epoch_line(record: dict[str, float], epochs: int) -> str:
+    """`train: epoch 2/15 · loss 0.412 train, 0.388 val · val AUROC 0.951 · lr 0.00098 · 41 s, 118 images/s`.
+
+    A line a person reads on the driver's console: Ray Train sends a worker's log records
+    there (and to the run's logs). The full record is in the model directory's history.
+    """
+    return (
+        f"train: epoch {record['epoch'] + 1}/{epochs} · loss {record['train_loss']:.3f} train, {record['val_loss']:.3f} val"
+        f" · val AUROC {record['val_auroc']:.3f} · lr {record['lr']:.3g} · {duration(record['seconds'])}, {record['images_per_s']:.0f} images/s"
+    )
+
+
 def gather(value: Any) -> list[Any]:
     """Every rank's `value`, in rank order, on every rank."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -382,6 +412,7 @@ def cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     """The Ray Train entry point: `train_loop_config={"loop": LoopConfig(...)}`."""
     config = train_loop_config["loop"]
+    quiet_report_lines(config.console_log_level)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.threads)
@@ -451,6 +482,5 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
             state.update(model=cpu_copy(unwrap(model).state_dict()), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             if average is not None:
                 state.update(average=cpu_copy(average.state_dict()))
-            # Ray Train routes a worker's print to the run's logs and the driver's console.
-            print(f"epoch {epoch}: {json.dumps(record)}", flush=True)
+            log.info(epoch_line(record, config.epochs))
         report_epoch(record, progress, state, rank)

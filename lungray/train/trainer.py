@@ -26,7 +26,17 @@ import ray
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.actor import ActorHandle
 from ray.data import DataIterator, Dataset
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -259,7 +269,14 @@ def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, f
         data_fingerprint=fingerprint,
         fail_at_epoch=config.fail_at_epoch,
         fail_marker=fail_marker,
+        console_log_level=ray_train_console_level(),
     )
+
+
+def ray_train_console_level() -> str:
+    """The level of Ray Train's own console lines (worker group, checkpoints, reports): the
+    level this driver logs Ray Train at, so warnings only under `lungray` without --verbose."""
+    return logging.getLevelName(logging.getLogger("ray.train").getEffectiveLevel())
 
 
 def splits_bytes(summary: dict[str, Any], splits: Sequence[str]) -> int:
@@ -308,6 +325,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute="val_auroc", checkpoint_score_order="max"
             ),
+            logging_config=LoggingConfig(log_level=loop.console_log_level),
         ),
         datasets=training_datasets(config.data, store_share * ray.cluster_resources().get("object_store_memory", 0.0)),
         dataset_config=WholeValidationSplit(),

@@ -1,4 +1,4 @@
-"""The progress lines a person reads while a run scores."""
+"""The progress lines a person reads while a job runs (`lungray.progress`, shown without --verbose)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ log = logging.getLogger(PROGRESS_LOGGER)
 
 
 def duration(seconds: float) -> str:
+    """`7 s`, `3 min 14 s`, `2 h 05 min`."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -21,7 +22,7 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """`screen: 4,000 of 12,000 to score (33%), listing done · 41.2 files/s · about 3 min 14 s left`."""
+    """A screening run's line: `screen: 4,000 of 12,000 to score (33%), listing done · 41.2 files/s · about 3 min 14 s left`."""
 
     def __init__(self) -> None:
         self.started = time.time()
