@@ -54,7 +54,15 @@ from lungray.io.listing import absolute_uri, filesystem_for, join_uri
 from lungray.models import ARCHITECTURES
 from lungray.report.plots import PANEL_INCHES, png_bytes
 from lungray.train.export import export_model_dir
-from lungray.train.trainer import CPUS_FOR_DATA, MIN_CPUS_PER_WORKER, RAY_DIR, TrainConfig, build_trainer, loop_config
+from lungray.train.trainer import (
+    CPUS_FOR_DATA,
+    MIN_CPUS_PER_WORKER,
+    RAY_DIR,
+    TrainConfig,
+    build_trainer,
+    loop_config,
+    ray_train_console_level,
+)
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +362,7 @@ class TrialPlan:
     cpus_per_worker: float
     trials_storage: str
     store_share: float  # of the object store, for a trial's cached data
+    console_log_level: str  # of Ray Train's own lines: the sweep driver's, not the trial process's
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
@@ -362,7 +371,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     The Train run is named after the trial, so a restored trial continues its own run.
     """
     config = trial_config(plan.base, params)
-    loop = loop_config(config, plan.fingerprint, plan.cpus_per_worker)
+    loop = replace(loop_config(config, plan.fingerprint, plan.cpus_per_worker), console_log_level=plan.console_log_level)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
         config, loop, plan.cpus_per_worker, plan.trials_storage, name=trial_id, callbacks=[TuneReportCallback()], store_share=plan.store_share
@@ -459,6 +468,7 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         cpus_per_worker=resources.cpus_per_worker,
         trials_storage=join_uri(config.storage_uri, TRIALS_DIR),
         store_share=1 / resources.concurrent,
+        console_log_level=ray_train_console_level(),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
     grid = build_tuner(config, trainable, resources.concurrent).fit()
