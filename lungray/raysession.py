@@ -120,11 +120,12 @@ def quiet_ray_data_logging_config() -> Path | None:
     """
     try:
         from ray.data._internal.logging import DEFAULT_CONFIG
-    except ImportError:
+
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["handlers"]["console"]["level"] = "WARNING"
+        config["loggers"][PROGRESS_BARS_LOGGER] = {"level": "ERROR"}
+    except (ImportError, KeyError, TypeError):
         return None
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = "WARNING"
-    config["loggers"][PROGRESS_BARS_LOGGER] = {"level": "ERROR"}
     text = yaml.safe_dump(config, sort_keys=True)
     target = Path(tempfile.gettempdir()) / f"lungray-ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     if not target.exists():  # one file per content, written whole: workers may read it at any time
