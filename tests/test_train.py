@@ -450,8 +450,12 @@ def test_two_worker_fit_exports_a_model_directory(ray_session: None, tmp_path: P
     assert binary_metrics(val_labels, probabilities, loaded.threshold)["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
 
 
-# Lines Ray Train and Ray Data print for every run, epoch and dataset unless asked (--verbose).
-RAY_RUN_LINES = ("Reporting training result", "Checkpoint successfully created", "Started training worker group", "execution finished", "Progress bars disabled")
+# Lines Ray Train and Ray Data print for every run, epoch and dataset unless asked (--verbose),
+# and the deprecation warning Ray Train's default data options printed on every run.
+RAY_RUN_LINES = (
+    "Reporting training result", "Checkpoint successfully created", "Started training worker group", "execution finished",
+    "Progress bars disabled", "RayDeprecationWarning",
+)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.actor import ActorHandle
-from ray.data import DataIterator, Dataset
+from ray.data import DataIterator, Dataset, ExecutionOptions
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -328,7 +328,9 @@ def build_trainer(
             logging_config=LoggingConfig(log_level=loop.console_log_level),
         ),
         datasets=training_datasets(config.data, store_share * ray.cluster_resources().get("object_store_memory", 0.0)),
-        dataset_config=WholeValidationSplit(),
+        # Ray Data's default options, given here: Ray Train's own default copies the deprecated
+        # `exclude_resources` into them and so prints a RayDeprecationWarning on every run.
+        dataset_config=WholeValidationSplit(execution_options=ExecutionOptions()),
     )
 
 
