@@ -479,7 +479,8 @@ def cmd_invariance(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    verbose_help = "Ray's own console lines too (execution plans, worker groups, checkpoints)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     commands = parser.add_subparsers(dest="command", required=True)
     subcommands = (
         ("ingest", "decode archives into sharded tensor Parquet with a patient split", add_ingest_arguments, cmd_ingest),
@@ -496,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_arguments, run in subcommands:
         subparser = commands.add_parser(name, help=help_text)
         add_arguments(subparser)
+        # Also after the command, where the jobs/ scripts' arguments go; SUPPRESS keeps a flag given before it.
+        subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         subparser.set_defaults(run=run)
     return parser
 

@@ -24,7 +24,7 @@ from model_factory import TODAYS_DECODE
 from ray.data.extensions import ArrowTensorArray
 from ray.train import Checkpoint
 
-from lungray.cli import add_train_arguments, train_config_from_args
+from lungray.cli import add_train_arguments, build_parser, train_config_from_args
 from lungray.io.listing import exists, filesystem_for, join_uri
 from lungray.metrics import binary_metrics
 from lungray.modeldir import META_FILE, load_model_dir, read_meta
@@ -127,6 +127,13 @@ def test_cli_arguments_build_the_config() -> None:
     assert (config.model, config.data, config.output, config.epochs) == ("cnn_lstm", "d", "o", 3)
     assert config.use_gpu and not config.augment.enabled
     assert config.min_sensitivity == 0.9
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [([], False), (["-v"], True), (["--verbose"], True)])
+def test_verbose_is_taken_before_the_command_and_after_it_as_the_jobs_pass_it(argv: list[str], verbose: bool) -> None:
+    command = ["train", "--model", "cnn", "--data", "d", "--output", "o"]
+    assert build_parser().parse_args([*argv, *command]).verbose is verbose
+    assert build_parser().parse_args([*command, *argv]).verbose is verbose
 
 
 def test_config_rejects_bad_values() -> None:
