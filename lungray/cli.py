@@ -15,6 +15,7 @@ from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.decode import DecodeOptions
 from lungray.io.scope import CHECKED_FIELDS, Scope
 from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessConfig
+from lungray.progress import PROGRESS_LOGGER
 from lungray.raysession import init_ray, quiet_ray
 from lungray.models.ensemble import TTA_VIEWS
 from lungray.report.compare import CompareConfig, run_compare, run_compare_across
@@ -22,7 +23,6 @@ from lungray.pacs.dicomweb import DEFAULT_MODALITIES
 from lungray.pacs.source import PacsError
 from lungray.screen.lease import ConcurrentRunError
 from lungray.screen.pipeline import ScreenConfig, run_screen
-from lungray.progress import PROGRESS_LOGGER
 from lungray.screen.tables import AGGREGATES
 from lungray.screen.writeback import REPORT_CHOICES
 from lungray.site.adapt import AdaptConfig, adapt

@@ -371,7 +371,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     The Train run is named after the trial, so a restored trial continues its own run.
     """
     config = trial_config(plan.base, params)
-    loop = replace(loop_config(config, plan.fingerprint, plan.cpus_per_worker), console_log_level=plan.console_log_level)
+    loop = loop_config(config, plan.fingerprint, plan.cpus_per_worker, console_log_level=plan.console_log_level)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(
         config, loop, plan.cpus_per_worker, plan.trials_storage, name=trial_id, callbacks=[TuneReportCallback()], store_share=plan.store_share

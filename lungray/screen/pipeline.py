@@ -47,12 +47,12 @@ from lungray.modeldir import ModelDir, load_model_dir, read_meta
 from lungray.pacs import dicomweb, source
 from lungray.preprocess import PreprocessConfig
 from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
+from lungray.progress import Progress
 from lungray.screen import ledger
 from lungray.screen.decode import chunk_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
-from lungray.progress import Progress
 from lungray.screen.studies import Decorate, sync_studies
 from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, store_reports

@@ -247,8 +247,12 @@ def worker_cpus(config: TrainConfig) -> float:
     return max(MIN_CPUS_PER_WORKER, (cluster_cpus() - CPUS_FOR_DATA) / config.workers)
 
 
-def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, fail_marker: str | None = None) -> LoopConfig:
-    """What the workers of `config`'s run need, with class weights from the data's train labels."""
+def loop_config(
+    config: TrainConfig, fingerprint: str, cpus_per_worker: float, fail_marker: str | None = None, console_log_level: str | None = None
+) -> LoopConfig:
+    """What the workers of `config`'s run need, with class weights from the data's train labels.
+
+    `console_log_level` None: Ray Train's lines at the level this process logs Ray Train at."""
     return LoopConfig(
         model=config.model_config(),
         augment=config.augment,
@@ -269,7 +273,7 @@ def loop_config(config: TrainConfig, fingerprint: str, cpus_per_worker: float, f
         data_fingerprint=fingerprint,
         fail_at_epoch=config.fail_at_epoch,
         fail_marker=fail_marker,
-        console_log_level=ray_train_console_level(),
+        console_log_level=console_log_level or ray_train_console_level(),
     )
 
 
