@@ -11,8 +11,11 @@ Steps, each a small function with its own test (MONAI-style):
    224x224 by its publisher), so squashing keeps training and screening inputs alike and
    adds no artificial borders a CNN could learn as a source shortcut. "pad" keeps the
    anatomy's proportions (cardiothoracic ratio) and pads with black to a square.
-2. `resize`: anti-aliased; "area" (box filter: the mean of the source pixels each output
-   pixel covers) by default.
+2. `resize`: anti-aliased; "area" by default: shrinking, each output pixel is the mean of
+   the source area it covers, a source pixel on its edge weighted by the part it covers
+   (OpenCV's INTER_AREA). Pillow's BOX filter, which "area" was up to decoder version 5,
+   takes whole source pixels instead, so a 2048 px film and its 512 px reduced decode
+   reached the model differently (docs/results.md, "Reduced-resolution decode").
 3. `normalize_intensity`: "percentile" (default) stretches the 0.5th..99.5th percentile to
    [0,1] per image so that the input does not depend on a scanner's exposure, bit depth
    or windowing; "none" keeps the decoder's scaling. Padding (pixels the decoder's mask marks
@@ -27,12 +30,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from lungray.configs import check_known_keys
 
 ASPECT_POLICIES = ("squash", "pad")
+# Pillow's filter for each interpolation; "area" uses it only to enlarge (the source pixel under
+# each output pixel's centre), and OpenCV's exact area average to shrink.
 INTERPOLATIONS = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
 INTENSITY_POLICIES = ("percentile", "none")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
@@ -86,13 +92,22 @@ def fit_aspect(image: np.ndarray, policy: str) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int, interpolation: str = "area") -> np.ndarray:
-    """Resize a float image to size x size with an anti-aliasing filter."""
+    """Resize a float image to size x size with an anti-aliasing filter.
+
+    "area" shrinks by the exact area average, so that a film decoded at full size and the
+    same film decoded at a fraction of it (`lungray.io.codecs`) give nearly the same input.
+    """
+    image = image.astype(np.float32, copy=False)
     if image.shape == (size, size):
-        return image.astype(np.float32, copy=False)
-    resized = Image.fromarray(image.astype(np.float32, copy=False), mode="F").resize(
-        (size, size), INTERPOLATIONS[interpolation]
-    )
-    return np.asarray(resized, dtype=np.float32)
+        return image
+    if interpolation == "area" and min(image.shape) >= size:
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return np.asarray(Image.fromarray(image, mode="F").resize((size, size), INTERPOLATIONS[interpolation]), dtype=np.float32)
+
+
+def use_one_thread() -> None:
+    """OpenCV's own thread pool off, for processes that decode with one CPU each (Ray's decode workers)."""
+    cv2.setNumThreads(1)
 
 
 def normalize_intensity(

@@ -28,7 +28,11 @@ import numpy as np
 # 5: 8-bit JPEG decoded in full by Pillow's libjpeg-turbo, as the scaled decode is (was pydicom's
 #    default plugin, whose IDCT differs by up to 1 in a few percent of pixels); JPEG 2000 LL
 #    bands resampled onto the box grid (`codecs.onto_box_grid`; they were half a pixel off).
-DECODER_VERSION = 5
+# 6: "area" shrinks by the exact area average (OpenCV INTER_AREA; it was Pillow's BOX, whole
+#    source pixels), box binning and the LL band's shift through OpenCV (integer means rounded
+#    to nearest, ties either way), JPEG 2000 levels at OpenJPEG's size where Pillow's rounding
+#    refused them (`codecs.pillow_j2k_reduced`).
+DECODER_VERSION = 6
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).
@@ -58,19 +62,18 @@ class ReducedDecode:
 
 
 # Floors as multiples of the model's input side: what bench/reduced_decode_probs.py measured
-# (max |dprob| against the full-resolution decode, default CNN / CNN-LSTM of site B, full-size
-# twins of 24 site-B films, 2048 px unless said; docs/results.md, reduced-resolution decode).
-# JPEG 2000: 2x (level 2, 512 px) 0.049 / 0.059; 4x (level 1, 1024 px) 0.015 / 0.015, at 2800 px
-# 0.009 / 0.014, but on 96 films 0.030 / 0.018 (one film; median 0.001): the LL band sits half a
-# source pixel per level off a box, and no reduced level met 0.02 on every film. 8x would be a
-# full decode below 3584 px.
+# (max |dprob| against the full-resolution decode, default CNN / CNN-LSTM, full-size twins of
+# site-B films, 2048 px; docs/results.md, reduced-resolution decode). Decoder version 6, the
+# twelfth session's models, 96 films: at 4x every family within 0.02 on both models but lossy
+# JPEG 2000 on the CNN-LSTM (0.032; decoder 5 on the same models: 0.025 / 0.034, every family
+# over 0.02 on one of them); at 2x every family 0.029-0.124, so the exact area resize, which
+# halved the moves at 4x, does not make 2x possible.
+# JPEG 2000: 4x (level 1, 1024 px) lossless 0.010 / 0.013, lossy 0.019 / 0.032; 2x (level 2)
+# lossless 0.039 / 0.055, lossy 0.060 / 0.125. 8x would be a full decode below 3584 px.
 WAVELET_SIDE_MULTIPLE = 4
-# DCT scaling: 2x (1/4, 512 px) 0.021 / 0.020, at 2800 px 3x (1/4, 700 px) 0.023 / 0.016;
-# 4x (1/2) 0.012 / 0.010, at 2800 px 0.011 / 0.012, on 96 films 0.017 / 0.015.
+# DCT scaling: 4x (1/2) 0.010 / 0.016; 2x (1/4) 0.030 / 0.052.
 DCT_SIDE_MULTIPLE = 4
-# Binning: 2x (step 4, 512 px) 0.022 / 0.019; 3x (step 3, cropping 2 px) 0.024 / 0.053;
-# 4x (step 2) 0.010 / 0.007, on 96 films 0.016 / 0.013; 2800 px step 2 0.008 / 0.008; 3072 px
-# step 3 0.004 / 0.007.
+# Binning: 4x (step 2) 0.009 / 0.015; 2x (step 4) 0.033 / 0.039.
 BINNING_SIDE_MULTIPLE = 4
 
 
@@ -133,6 +136,20 @@ def bin_step(rows: int, cols: int, min_side: int) -> int:
     for step in range(min(rows, cols) // min_side, 1, -1):
         if rows % step == 0 and cols % step == 0:
             return step
+    return 1
+
+
+def dct_scale(rows: int, cols: int, min_side: int) -> int:
+    """The largest libjpeg DCT scaling denominator (8, 4, 2) that keeps the shorter side at or
+    above `min_side` and divides both sides (1: decode in full).
+
+    libjpeg's scaled image has ceil(side / scale) samples, the last of which reaches past a
+    side that the scale does not divide (as binning's remainder would be cropped), and the
+    area resize after it would stretch the film by up to a scaled pixel at the far edge.
+    """
+    for scale in (8, 4, 2):
+        if min(rows, cols) // scale >= min_side and rows % scale == 0 and cols % scale == 0:
+            return scale
     return 1
 
 

@@ -13,12 +13,14 @@ Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
   of a full decode: `onto_box_grid`): 420 ms for a lossless film in full, 106 ms at
   level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
   and imagecodecs 2026.3 `jpeg2k_decode` have no reduce argument (full: 420 / 407 ms).
-  Pillow refuses a level where a side's ceil and rounded reduced sizes differ (side mod
-  2^r in 1..2^(r-1)-1, e.g. 1841 at r=2); such levels are skipped ahead of time.
+  Pillow sizes a reduced image by rounding where OpenJPEG's resolution levels round up,
+  and so refuses a level where the two differ (side mod 2^r in 1..2^(r-1)-1, e.g. 1841
+  at r=2): `pillow_j2k_reduced` gives Pillow's decoder OpenJPEG's own size.
 - JPEG baseline / 8-bit extended: Pillow `draft` (libjpeg-turbo's scaled IDCT, 1/2..1/8):
   4 ms at 1/4 against 36 ms for pydicom's default full decode (pylibjpeg-libjpeg) and
-  5 ms for imagecodecs' full one. Where no scale is allowed, Pillow's full decode (2.2 ms
-  for the 1024 px SIIM film against pydicom's default 10 ms; values within 1 of it).
+  5 ms for imagecodecs' full one, at scales that divide both sides (`dct_scale`). Where no
+  scale is allowed, Pillow's full decode (2.2 ms for the 1024 px SIIM film against
+  pydicom's default 10 ms; values within 1 of it).
   simplejpeg and PyTurboJPEG, not measured, wrap the same libjpeg-turbo scaling for 8-bit only. 12-bit JPEG: Pillow cannot open it, so it is a
   full decode.
 - JPEG-LS, JPEG lossless, RLE, uncompressed (and anything the above refuse): pydicom's
@@ -27,7 +29,8 @@ Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
   (330 ms; imagecodecs' CharLS: 63 ms). Then integer box binning of the stored values
   down towards the binning floor (by a step that divides both sides), so the float
   pipeline after it runs on a film of about 4x the model's side instead of the full size.
-  OpenCV (a 50 MB wheel) was not measured.
+  The binning and the LL band's resampling are OpenCV's (`box_mean`, `onto_box_grid`), 3-7x
+  faster than the numpy they replace.
 A reduced decode that fails for any reason falls back to the full decode; the reason is
 kept in `StoredPixels.decoder`, which ends up in the row.
 """
@@ -38,8 +41,9 @@ import io
 import struct
 from typing import NamedTuple
 
+import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
@@ -52,11 +56,13 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from lungray.io.base import DecodeOptions, ReducedDecode, bin_step
+from lungray.io.base import DecodeOptions, ReducedDecode, bin_step, dct_scale
 
 J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Sample types OpenCV's area resize takes as they are (it rounds integer means to the nearest).
+OPENCV_AREA_DTYPES = tuple(np.dtype(name) for name in ("uint8", "uint16", "int16", "float32", "float64"))
 # pydicom decoding plugins faster than its default choice (bench/decode.py), used where installed.
 # 8-bit JPEG goes through Pillow's libjpeg-turbo, as the scaled decode does, so that a full and
 # a scaled decode of one film come from the same IDCT.
@@ -135,9 +141,22 @@ def levels_for(shortest: int, min_side: int) -> int:
     return levels
 
 
-def pillow_can_reduce(side: int, level: int) -> bool:
-    """Pillow's JPEG 2000 decoder refuses a level whose ceil and rounded reduced sizes differ."""
-    return (side + (1 << level) - 1) >> level == (side + (1 << (level - 1))) >> level
+def pillow_j2k_reduced(codestream: bytes, level: int) -> np.ndarray:
+    """A J2K codestream decoded by Pillow's OpenJPEG decoder at resolution `level`, at the size
+    OpenJPEG gives that level (each side ceil(side / 2^level), ITU-T T.800 B.5).
+
+    Pillow's own `reduce` sizes the image by rounding, so its decoder refuses the levels where
+    rounding and ceil differ (1841 px at level 2: 460 against OpenJPEG's 461); this loads the
+    same tile with OpenJPEG's size instead, which Pillow's decoder fills without complaint.
+    """
+    image = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
+    width, height = (-(-side // (1 << level)) for side in image.size)
+    (tile,) = image.tile
+    codec, _, layers, *rest = tile.args
+    image._size = (width, height)  # Pillow's `reduce` setter would round these
+    image.tile = [ImageFile._Tile(tile.codec_name, (0, 0, width, height), tile.offset, (codec, level, layers, *rest))]
+    ImageFile.ImageFile.load(image)
+    return np.asarray(image)
 
 
 def j2k_parameters(codestream: bytes) -> tuple[int, bool, int]:
@@ -161,58 +180,65 @@ def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min
     if precision > 16 or precision != bits_stored or signed != bool(int(ds.get("PixelRepresentation", 0))):
         return None  # header and codestream disagree: pydicom's decoder knows the corrections
     level = min(levels_for(min(rows, cols), min_side), available)
-    while level > 0 and not (pillow_can_reduce(rows, level) and pillow_can_reduce(cols, level)):
-        level -= 1
     if level == 0:
         return None
-    image = Image.open(io.BytesIO(codestream), formats=["JPEG2000"])
-    image.reduce = level
-    image.load()
-    decoded = np.asarray(image)
+    decoded = pillow_j2k_reduced(codestream, level)
     expected = (-(-rows // (1 << level)), -(-cols // (1 << level)))
     if decoded.shape != expected:
         raise ValueError(f"reduced J2K decode gave {decoded.shape}, expected {expected}")
     # Pillow scales samples to the full 8 or 16 bits and offsets signed ones to unsigned.
     shift = decoded.dtype.itemsize * 8 - precision
     values = ((decoded.astype(np.int32) >> shift) - (1 << (precision - 1))) if signed else decoded >> shift
-    values = onto_box_grid(values, level)
+    values = onto_box_grid(values, level, (rows, cols))
     itemsize = {8: 1, 16: 2, 32: 4}.get(int(ds.get("BitsAllocated", 16)), 2)  # pydicom's dtype for the frame
     dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")
     return values.astype(dtype), 1 << level, f"pillow-openjpeg reduce={level}"
 
 
-def onto_box_grid(values: np.ndarray, level: int) -> np.ndarray:
-    """A J2K LL band resampled to where a box average of the full image puts its samples.
+def onto_box_grid(values: np.ndarray, level: int, film_shape: tuple[int, int]) -> np.ndarray:
+    """A J2K LL band resampled onto the box grid of the film: samples that tile its
+    `film_shape` exactly, each centred where an area average of the full film puts it.
 
-    The LL sample i of level r is a low-pass centred on full-resolution pixel 2^r i, which is
-    (1 - 2^-r) / 2 of a reduced pixel before the centre of the block that a box average (and
-    the area filter after it) assigns to sample i. Linear interpolation by that fraction
-    (edges held, as scipy.ndimage.shift's order=1 "nearest" does) moves it there. Without it
-    the film reaches the model shifted (0.056 of an input pixel at 2048 -> 224 px, level 1),
-    and on 8 full-size twins of site-B films its largest difference to a full decode at
-    224 px was 17.0 levels of 255 against binning's 10.6; with it, 10.6. In place on one
-    float32 copy: 2 ms for a 1024 px band, where padding and temporaries took 6.
+    LL sample k of level r is a low-pass centred on full-resolution pixel 2^r k (pixel j spans
+    [j, j+1), so at coordinate 2^r k + 1/2). Where the film's side is no multiple of 2^r, the
+    last sample reaches past the film (a 1841 px side has 921 samples at level 1, spanning
+    1842 px), and the area resize after it would stretch the film by up to a source pixel at
+    the far edge. So sample i of the grid, centred on (i + 1/2) side / n, is interpolated
+    linearly (edges held) from the band at ((i + 1/2) side / n - 1/2) / 2^r. For a side that
+    2^r divides, that is the shift by (1 - 2^-r) / 2 of a sample that scipy.ndimage.shift
+    makes (tests); without it the film reaches the model shifted (0.056 of an input pixel at
+    2048 -> 224 px, level 1). OpenCV's warpAffine does it (its fixed-point path for 8- and
+    16-bit unsigned samples: 0.5 ms for a 1024 px band, where numpy took 1.4; others through
+    float32).
     """
-    fraction = (1 - 2.0**-level) / 2
-    shifted = values.astype(np.float32)
-    for along in (shifted, shifted.T):  # rows, then columns: the last one of each is held
-        ahead = along[1:] * np.float32(fraction)
-        along[:-1] *= np.float32(1 - fraction)
-        along[:-1] += ahead
-    return np.rint(shifted, out=shifted).astype(values.dtype)
+    factor = 1 << level
+    matrix = np.zeros((2, 3), np.float64)
+    for axis, (side, samples) in enumerate(zip(film_shape, values.shape)):
+        pitch = side / samples  # full-resolution pixels per grid sample
+        matrix[1 - axis, 1 - axis] = pitch / factor  # OpenCV's matrix is (x, y): columns first
+        matrix[1 - axis, 2] = (pitch - 1) / 2 / factor
+    native = values.dtype in (np.uint8, np.uint16)
+    work = values if native else values.astype(np.float32)
+    rows, cols = values.shape
+    resampled = cv2.warpAffine(
+        work, matrix, (cols, rows), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
+    return resampled if native else np.rint(resampled).astype(values.dtype)
 
 
 def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
-    """An 8-bit JPEG frame through libjpeg-turbo's scaled IDCT (1/2, 1/4, 1/8), shorter side >= min_side;
-    in full through the same library where no scale keeps that side (a 1024 px film for a
-    224 px model), 4x faster than pydicom's default plugin."""
+    """An 8-bit JPEG frame through libjpeg-turbo's scaled IDCT (1/2, 1/4, 1/8) at the scale
+    `dct_scale` allows; in full through the same library where it allows none (a 1024 px film
+    for a 224 px model), 4x faster than pydicom's default plugin."""
     image = Image.open(io.BytesIO(codestream), formats=["JPEG"])
     if image.mode != "L" or image.size != (cols, rows):
         return None
-    image.draft("L", (min_side, min_side))
+    scale = dct_scale(rows, cols, min_side)
+    image.draft("L", (cols // scale, rows // scale))
     values = np.asarray(image)
-    factor = round(rows / values.shape[0])
-    return values, factor, f"pillow-libjpeg draft=1/{factor}" if factor > 1 else "pillow-libjpeg"
+    if values.shape != (rows // scale, cols // scale):
+        raise ValueError(f"scaled JPEG decode gave {values.shape}, expected 1/{scale} of {(rows, cols)}")
+    return values, scale, f"pillow-libjpeg draft=1/{scale}" if scale > 1 else "pillow-libjpeg"
 
 
 def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> StoredPixels:
@@ -226,22 +252,13 @@ def bin_stored(values: np.ndarray, factor: int, decoder: str, min_side: int) -> 
 def box_mean(values: np.ndarray, step: int) -> np.ndarray:
     """Mean of each step x step block, rounded, in the input's dtype (partial blocks dropped; `bin_step` leaves none).
 
-    Strided sums: one pass per row and column offset, about 2 ms for 2048 px at any step,
-    where a 4-axis reshape sum takes 15 ms and Pillow's `reduce` needs an int32 copy first.
-    The rounding divides by a shift where the block's area is a power of two (floor
-    semantics for signed values too, as `//` has).
+    OpenCV's INTER_AREA at an integer factor: 0.5 ms for a 2048 px 16-bit film by 2, where
+    numpy's strided sums took 3.5. Dtypes OpenCV does not resize (32-bit integers) go
+    through float64, exact for them, and are rounded back.
     """
-    rows, cols = values.shape[0] - values.shape[0] % step, values.shape[1] - values.shape[1] % step
-    floating = values.dtype.kind == "f"
-    rows_summed = values[0:rows:step].astype(np.float64 if floating else np.int64 if values.dtype.itemsize > 2 else np.int32)
-    for offset in range(1, step):
-        rows_summed += values[offset:rows:step]
-    total = rows_summed[:, 0:cols:step] + rows_summed[:, 1:cols:step]
-    for offset in range(2, step):
-        total += rows_summed[:, offset:cols:step]
-    area = step * step
-    if floating:
-        return (total / area).astype(values.dtype)
-    total += area // 2
-    mean = total >> (area.bit_length() - 1) if area & (area - 1) == 0 else total // area
-    return mean.astype(values.dtype)
+    rows, cols = values.shape[0] // step, values.shape[1] // step
+    blocks = values[: rows * step, : cols * step]
+    native = values.dtype in OPENCV_AREA_DTYPES
+    work = blocks if native else blocks.astype(np.float64)
+    mean = cv2.resize(work, (cols, rows), interpolation=cv2.INTER_AREA)
+    return mean if native else np.rint(mean).astype(values.dtype)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
-from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, rgb_to_gray
+from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, dct_scale, rgb_to_gray
 from lungray.preprocess import to_unit
 from lungray.privacy import keyed
 
@@ -102,7 +102,8 @@ def decode_raster(data: bytes, fmt: str, options: DecodeOptions) -> tuple[np.nda
             )
         floors = options.reduced
         if fmt == "jpeg" and floors is not None:
-            image.draft(image.mode, (floors.dct, floors.dct))
+            scale = dct_scale(rows, cols, floors.dct)
+            image.draft(image.mode, (cols // scale, rows // scale))
         drafted = round(cols / image.size[0])
         mode = image.mode
         image, binned = shrink_raster(ImageOps.exif_transpose(image), None if floors is None else floors.binning)

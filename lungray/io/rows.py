@@ -25,7 +25,7 @@ from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes, patient_key, sniff_format, study_from_relpath
 from lungray.io.listing import read_bytes
 from lungray.io.scope import Scope, skip_reason
-from lungray.preprocess import DTYPES, PreprocessConfig, preprocess
+from lungray.preprocess import DTYPES, PreprocessConfig, preprocess, use_one_thread
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -142,6 +142,7 @@ def rows_table(
     shape; `status` says which rows are real.
     """
     keep_freed_memory()  # once per worker process: the next film reuses this one's freed arrays
+    use_one_thread()  # a decode task has one CPU: OpenCV's resize must not start a thread per core
     shape = (preprocess_config.size, preprocess_config.size)
     blank = np.zeros(shape, dtype=DTYPES[preprocess_config.dtype])
     rows, images = [], []
