@@ -14,7 +14,7 @@ Steps, each a small function with its own test (MONAI-style):
 2. `resize`: anti-aliased; "area" by default: shrinking, each output pixel is the mean of
    the source area it covers, a source pixel on its edge weighted by the part it covers
    (OpenCV's INTER_AREA). Pillow's BOX filter, which "area" was up to decoder version 5,
-   takes whole source pixels instead, so a 2048 px film and its 512 px reduced decode
+   takes whole source pixels instead, so a 2048 px film and its 1024 px reduced decode
    reached the model differently (docs/results.md, "Reduced-resolution decode").
 3. `normalize_intensity`: "percentile" (default) stretches the 0.5th..99.5th percentile to
    [0,1] per image so that the input does not depend on a scanner's exposure, bit depth

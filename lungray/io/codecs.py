@@ -253,7 +253,7 @@ def box_mean(values: np.ndarray, step: int) -> np.ndarray:
     """Mean of each step x step block, rounded, in the input's dtype (partial blocks dropped; `bin_step` leaves none).
 
     OpenCV's INTER_AREA at an integer factor: 0.5 ms for a 2048 px 16-bit film by 2, where
-    numpy's strided sums took 3.5. Dtypes OpenCV does not resize (32-bit integers) go
+    numpy's strided sums took 3.5. Dtypes OpenCV does not resize (32-bit integers, int8) go
     through float64, exact for them, and are rounded back.
     """
     rows, cols = values.shape[0] // step, values.shape[1] // step
