@@ -37,8 +37,9 @@ from PIL import Image
 from lungray.configs import check_known_keys
 
 ASPECT_POLICIES = ("squash", "pad")
-# Pillow's filter for each interpolation; "area" uses it only to enlarge (the source pixel under
-# each output pixel's centre), and OpenCV's exact area average to shrink.
+# Pillow's filter for each interpolation; "area" uses OpenCV's exact area average where both
+# sides shrink (every film), and Pillow's BOX otherwise (enlarged, the source pixel under each
+# output pixel's centre).
 INTERPOLATIONS = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
 INTENSITY_POLICIES = ("percentile", "none")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}

@@ -122,6 +122,22 @@ def test_ll_band_is_shifted_as_scipy_shifts_it(dtype: type, level: int) -> None:
     assert shifted.dtype == dtype and np.abs(shifted - expected).max() <= 0.5
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int32])
+@pytest.mark.parametrize(("film_shape", "level"), [((145, 211), 1), ((293, 423), 2), ((585, 843), 3)])
+def test_ll_band_of_a_side_the_level_does_not_divide_tiles_the_film(dtype: type, film_shape: tuple, level: int) -> None:
+    """codecs.onto_box_grid against scipy.ndimage.map_coordinates (linear, edges held) at the
+    positions its docstring gives: grid sample i of n over a side s is read from the band at
+    ((i + 1/2) s / n - 1/2) / 2^level; rounded to a nearest integer."""
+    info = np.iinfo(dtype)
+    band_shape = tuple(-(-side // (1 << level)) for side in film_shape)
+    values = np.random.default_rng(level).integers(max(info.min, -2048), min(info.max, 4095), band_shape).astype(dtype)
+    axes = [((np.arange(n) + 0.5) * side / n - 0.5) / (1 << level) for side, n in zip(film_shape, band_shape)]
+    positions = np.meshgrid(*axes, indexing="ij")
+    expected = ndimage.map_coordinates(values.astype(np.float64), positions, order=1, mode="nearest")
+    resampled = codecs.onto_box_grid(values, level, film_shape)
+    assert resampled.dtype == dtype and np.abs(resampled - expected).max() <= 0.501  # OpenCV's fixed-point weights: 1e-4 more
+
+
 def test_j2k_levels_keep_stored_depth_and_sign() -> None:
     """Signed 12-bit J2K: the reduced values are int16 stored values, near pydicom's full decode averaged."""
     rng = np.random.default_rng(3)

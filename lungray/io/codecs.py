@@ -209,7 +209,9 @@ def onto_box_grid(values: np.ndarray, level: int, film_shape: tuple[int, int]) -
     makes (tests); without it the film reaches the model shifted (0.056 of an input pixel at
     2048 -> 224 px, level 1). OpenCV's warpAffine does it (its fixed-point path for 8- and
     16-bit unsigned samples: 0.5 ms for a 1024 px band, where numpy took 1.4; others through
-    float32).
+    float32, exact for the band's at most 17-bit integers; OpenCV's float64 path is not exact).
+    OpenCV 4 rounded each position to 1/32 of a sample, exact only where 2^r divides the
+    side; OpenCV 5 interpolates at the position itself (tests).
     """
     factor = 1 << level
     matrix = np.zeros((2, 3), np.float64)
@@ -217,13 +219,15 @@ def onto_box_grid(values: np.ndarray, level: int, film_shape: tuple[int, int]) -
         pitch = side / samples  # full-resolution pixels per grid sample
         matrix[1 - axis, 1 - axis] = pitch / factor  # OpenCV's matrix is (x, y): columns first
         matrix[1 - axis, 2] = (pitch - 1) / 2 / factor
-    native = values.dtype in (np.uint8, np.uint16)
+    native = values.dtype in (np.uint8, np.uint16, np.float32)
     work = values if native else values.astype(np.float32)
     rows, cols = values.shape
     resampled = cv2.warpAffine(
         work, matrix, (cols, rows), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
     )
-    return resampled if native else np.rint(resampled).astype(values.dtype)
+    if native or values.dtype.kind == "f":
+        return resampled.astype(values.dtype, copy=False)
+    return np.rint(resampled).astype(values.dtype)
 
 
 def decode_jpeg_draft(codestream: bytes, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
@@ -254,7 +258,7 @@ def box_mean(values: np.ndarray, step: int) -> np.ndarray:
 
     OpenCV's INTER_AREA at an integer factor: 0.5 ms for a 2048 px 16-bit film by 2, where
     numpy's strided sums took 3.5. Dtypes OpenCV does not resize (32-bit integers, int8) go
-    through float64, exact for them, and are rounded back.
+    through float64 and are rounded back.
     """
     rows, cols = values.shape[0] // step, values.shape[1] // step
     blocks = values[: rows * step, : cols * step]
