@@ -14,6 +14,7 @@ as today's decoder, so an old model cannot pass as trained on today's pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -133,10 +134,7 @@ def bin_step(rows: int, cols: int, min_side: int) -> int:
     geometry moves probabilities more than the binning itself: 2800 px films binned by 3
     (a pixel cropped) moved the CNN-LSTM's by up to 0.025, 3072 px ones by 3 (none) 0.007.
     """
-    for step in range(min(rows, cols) // min_side, 1, -1):
-        if rows % step == 0 and cols % step == 0:
-            return step
-    return 1
+    return first_dividing_step(rows, cols, min_side, range(min(rows, cols) // min_side, 1, -1))
 
 
 def dct_scale(rows: int, cols: int, min_side: int) -> int:
@@ -147,9 +145,15 @@ def dct_scale(rows: int, cols: int, min_side: int) -> int:
     side that the scale does not divide (as binning's remainder would be cropped), and the
     area resize after it would stretch the film by up to a scaled pixel at the far edge.
     """
-    for scale in (8, 4, 2):
-        if min(rows, cols) // scale >= min_side and rows % scale == 0 and cols % scale == 0:
-            return scale
+    return first_dividing_step(rows, cols, min_side, (8, 4, 2))
+
+
+def first_dividing_step(rows: int, cols: int, min_side: int, steps: Iterable[int]) -> int:
+    """The first of `steps` that divides both sides and keeps the shorter side at or above
+    `min_side` (1 where none does): one rule for binning and DCT scaling alike."""
+    for step in steps:
+        if min(rows, cols) // step >= min_side and rows % step == 0 and cols % step == 0:
+            return step
     return 1
 
 
