@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
 
 from lungray.io.decode import DecodeOptions, decode_bytes
+from lungray.io.dicom import lookup
 from lungray.preprocess import PreprocessConfig, preprocess
 
 RNG = np.random.default_rng(16)
@@ -125,6 +126,26 @@ def test_valid_windows_match_pydicom(function: str, center: float, width: float)
     expected = apply_windowing(stored, ds) / 4095.0  # unsigned 12 bit, no rescale: output range 0..4095
     np.testing.assert_allclose(decoded.image, expected, atol=1e-6)
     assert decoded.meta["voi"].endswith(function)
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("function", ["LINEAR", "SIGMOID"])
+def test_8_bit_windows_match_pydicom(bits: int, function: str) -> None:
+    """8-bit storage takes OpenCV's lookup (`lookup`), 6 of 8 bits a table shorter than its 256 entries."""
+    stored = film(bits=bits).astype(np.uint8)
+    top = (1 << bits) - 1
+    ds = dicom_dataset(stored, bits_stored=bits, WindowCenter=str(top * 0.45), WindowWidth=str(top * 0.6), VOILUTFunction=function)
+    decoded = decode(ds)
+    assert decoded.ok, decoded.error
+    np.testing.assert_allclose(decoded.image, apply_windowing(stored, ds) / top, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+@pytest.mark.parametrize("entries", [40, 256, 4096])
+def test_lookup_reads_past_the_table_as_its_last_entry(dtype: type, entries: int) -> None:
+    table = RNG.random(entries).astype(np.float32)
+    indices = RNG.integers(0, 256, (37, 53)).astype(dtype)
+    np.testing.assert_array_equal(lookup(table, indices), np.take(table, indices, mode="clip"))
 
 
 @pytest.mark.parametrize(
