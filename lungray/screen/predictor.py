@@ -43,9 +43,7 @@ class Predictor:
             torch.set_num_threads(max(1, threads))
         loaded = load_model_dir(local_model_dir(model_uri), device=device)
         self.model: ModelDir = loaded.with_folded_batchnorm()
-        # ONNX Runtime on one thread: in an actor on the 2-core VM, 504 images/s on one and
-        # 355 on two (the default CNN, batches of 32); the other core decodes.
-        self.runtime: Callable[[np.ndarray], np.ndarray] | None = onnx_scorer(loaded, threads=1) if device == "cpu" else None
+        self.runtime: Callable[[np.ndarray], np.ndarray] | None = onnx_scorer(loaded, threads) if device == "cpu" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False), dtype=bool)

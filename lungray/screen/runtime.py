@@ -70,7 +70,6 @@ def onnx_scorer(model: ModelDir, threads: int) -> Callable[[np.ndarray], np.ndar
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the core to decode tasks
         session = onnxruntime.InferenceSession(export_onnx(model), options, providers=["CPUExecutionProvider"])
         check_against_torch(session, model)
     except Exception as exc:  # noqa: BLE001 - any failure means torch scores, as before
