@@ -103,7 +103,7 @@ class ModelDir:
     @torch.inference_mode()
     def predict_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """The network's logits (N, classes) as float32, before any temperature (what calibration fits)."""
-        self.check_input(images)
+        self._check_input(images)
         device = next(self.model.parameters()).device
         logits = []
         for start in range(0, len(images), batch_size):
@@ -113,7 +113,7 @@ class ModelDir:
             return np.zeros((0, len(CLASSES)), dtype=np.float32)
         return np.concatenate(logits)
 
-    def check_input(self, images: np.ndarray) -> None:
+    def _check_input(self, images: np.ndarray) -> None:
         """Refuse input the model was not trained on, rather than score it silently."""
         preprocess = self.preprocess
         expected_shape = (preprocess.size, preprocess.size)

@@ -81,8 +81,7 @@ def tta_views(images: torch.Tensor, policy: str) -> list[torch.Tensor]:
         theta = torch.tensor(
             [[1.0 / zoom, 0.0, -2.0 * shift_x], [0.0, 1.0 / zoom, -2.0 * shift_y]], dtype=images.dtype, device=images.device
         )
-        # The batch size read from the tensor, not as a Python int, so that an ONNX export keeps it free.
-        grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), images.shape, align_corners=False)
+        grid = F.affine_grid(theta.expand(len(images), 2, 3), list(images.shape), align_corners=False)
         warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
         views.append(warped.contiguous(memory_format=torch.channels_last))
     return views

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import torch
 
 from lungray.io.listing import is_s3, join_uri, read_bytes
 from lungray.modeldir import META_FILE, WEIGHTS_FILE, ModelDir, load_model_dir
-from lungray.screen.runtime import onnx_scorer
 
 
 def local_model_dir(uri: str) -> Path:
@@ -32,18 +30,15 @@ class Predictor:
     Receives decoded rows with their `image` tensors and returns the same rows with `prob`
     (the abnormal probability; null for rows that failed to decode) and without the image,
     so only small rows travel on from here. Arrow in and out: no per-column conversions.
-    On a GPU the model scores with its BatchNorm folded into the convolutions (the same
-    function, fewer passes over each activation); on CPU through ONNX Runtime
-    (`lungray.screen.runtime`, about twice as fast), or folded where that cannot run it.
+    The model scores with its BatchNorm folded into the convolutions (the same function,
+    fewer passes over each activation).
     """
 
     def __init__(self, model_uri: str, threads: int = 1) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        loaded = load_model_dir(local_model_dir(model_uri), device=device)
-        self.model: ModelDir = loaded.with_folded_batchnorm()
-        self.runtime: Callable[[np.ndarray], np.ndarray] | None = onnx_scorer(loaded, threads) if device == "cpu" else None
+        self.model: ModelDir = load_model_dir(local_model_dir(model_uri), device=device).with_folded_batchnorm()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch["status"], "ok").to_numpy(zero_copy_only=False), dtype=bool)
@@ -53,5 +48,5 @@ class Predictor:
             column = batch["image"]
             images = (column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()).to_numpy(zero_copy_only=False)
             images = images if ok.all() else images[ok]
-            prob[ok] = self.runtime(images) if self.runtime else self.model.predict_proba(images, batch_size=len(images))
+            prob[ok] = self.model.predict_proba(images, batch_size=len(images))
         return batch.drop_columns(["image"]).append_column("prob", pa.array(prob, pa.float64(), from_pandas=True))
