@@ -13,6 +13,11 @@ as multiples of the model's input side (e.g. 4:4:2). Both decode with this lungr
 options, whatever a model recorded: the question is this decoder's reduced against its full
 path. The issue's bar: every probability within 0.02. `cpu_ms_median` is the reduced decode
 plus preprocessing of one film (CPU time, median over films).
+
+A lossy storage whose lossless twin is among `--storages` (J2K lossy: the same 12-bit values
+uncompressed) also gets `against_lossless`: how far the full and the reduced decode of the
+lossy file each move the probability from the full decode of the film before compression,
+which says which of the two paths keeps closer to the film itself.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from lungray.preprocess import PreprocessConfig, preprocess  # noqa: E402
 
 SITE_B = ROOT.parent / "shared" / "data" / "kermany-site-b"
 RULE = "rows"  # the rows' own floors
+# Lossy storage -> the storage holding the same values losslessly (same bits, same header).
+LOSSLESS_TWIN = {"j2k_lossy": "uncompressed"}
 
 
 def reduced_path(floors: str, config: PreprocessConfig) -> Callable[[Path], tuple[np.ndarray, str]]:
@@ -62,6 +69,20 @@ def reduced_path(floors: str, config: PreprocessConfig) -> Callable[[Path], tupl
         return preprocess(decoded.image, config, decoded.mask), str(decoded.meta["decoder"])
 
     return given
+
+
+def against_lossless(original: np.ndarray, full: np.ndarray, reduced: np.ndarray) -> dict[str, object]:
+    """How far the full and the reduced decode of lossy files move each probability from the
+    lossless original's, and on how many films the reduced one stays closer."""
+    full_moves, reduced_moves = np.abs(full - original), np.abs(reduced - original)
+    return {
+        "full_max_abs_dprob": round(float(full_moves.max()), 4),
+        "full_median_abs_dprob": round(float(np.median(full_moves)), 4),
+        "reduced_max_abs_dprob": round(float(reduced_moves.max()), 4),
+        "reduced_median_abs_dprob": round(float(np.median(reduced_moves)), 4),
+        "films_reduced_closer": int((reduced_moves < full_moves).sum()),
+        "films_full_closer": int((full_moves < reduced_moves).sum()),
+    }
 
 
 def main() -> None:
@@ -118,6 +139,12 @@ def main() -> None:
                     "median_abs_dprob": round(float(np.median(moves)), 4),
                     "cpu_ms_median": round(float(np.median(cpu_ms[variant, config, storage])), 1),
                 }
+                twin = LOSSLESS_TWIN.get(storage)
+                if twin in storages:
+                    original = model.predict_proba(np.stack(tensors[None, config, twin]))
+                    per_storage[storage]["against_lossless"] = against_lossless(
+                        original, full_probs, model.predict_proba(np.stack(tensors[variant, config, storage]))
+                    )
             worst = max(entry["max_abs_dprob"] for entry in per_storage.values())
             by_variant[variant] = {"max_abs_dprob": worst, "within_0.02": worst <= 0.02, "storages": per_storage}
         results.append({"model_id": model.model_id, "films": len(sources), "side": args.side, "floors": by_variant})

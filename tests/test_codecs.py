@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 from scipy import ndimage
 
 from lungray.io import codecs
@@ -38,7 +38,6 @@ CONFIG = PreprocessConfig(size=224)
 MEAN_LEVELS, P99_LEVELS = 0.5, 2.0
 EXPECTED_DECODER = {
     "j2k_lossless": "pillow-openjpeg reduce=1",
-    "j2k_lossy": "pillow-openjpeg reduce=1",
     "jpeg_baseline": "pillow-libjpeg draft=1/2",
     "jpeg_file": "pillow draft=1/2",
     "png16": "pillow+bin2",
@@ -164,9 +163,8 @@ def intensity_centroid(tensor: np.ndarray) -> np.ndarray:
     return np.array([(above * rows).sum(), (above * cols).sum()]) / above.sum()
 
 
-@pytest.mark.parametrize("storage", ["j2k_lossless", "j2k_lossy"])
 @pytest.mark.parametrize(("size", "level"), [(112, 1), (56, 2)])
-def test_j2k_levels_put_the_film_where_binning_does(tmp_path, storage: str, size: int, level: int) -> None:
+def test_j2k_levels_put_the_film_where_binning_does(tmp_path, size: int, level: int) -> None:
     """A blob's centre at the model's input, through a reduced J2K decode and through binning
     of the same stored values (whose blocks are exact), each against a full decode.
 
@@ -177,6 +175,7 @@ def test_j2k_levels_put_the_film_where_binning_does(tmp_path, storage: str, size
     film = (200 + 3000 * np.exp(-((yy - 450.3) ** 2 + (xx - 550.7) ** 2) / (2 * 30.0**2))).astype(np.uint16)
     config = PreprocessConfig(size=size)
     shifts = {}
+    storage = "j2k_lossless"
     for stored in (storage, "uncompressed"):
         path = tmp_path / f"{stored}.dcm"
         path.write_bytes(stored_as(film, stored))
@@ -187,15 +186,14 @@ def test_j2k_levels_put_the_film_where_binning_does(tmp_path, storage: str, size
     assert np.abs(shifts[storage] - shifts["uncompressed"]).max() < 0.005
 
 
-@pytest.mark.parametrize("storage", ["j2k_lossless", "j2k_lossy"])
-def test_j2k_levels_of_an_odd_sized_film_keep_its_geometry(tmp_path, storage: str) -> None:
+def test_j2k_levels_of_an_odd_sized_film_keep_its_geometry(tmp_path) -> None:
     """A 1023 x 1021 film: its level-1 band has 512 x 511 samples, the last of each reaching past
     the film. A blob near the far corner, through the reduced decode and through a full one:
     the same centre at the model's input (a band taken as is puts it 0.09 of a pixel off)."""
     yy, xx = np.mgrid[0:1023, 0:1021]
     film = (200 + 3000 * np.exp(-((yy - 900.3) ** 2 + (xx - 880.7) ** 2) / (2 * 30.0**2))).astype(np.uint16)
     path = tmp_path / "odd.dcm"
-    path.write_bytes(stored_as(film, storage))
+    path.write_bytes(stored_as(film, "j2k_lossless"))
     config = PreprocessConfig(size=112)
     row, reduced = process_file(str(path), path.name, path.stat().st_size, config, DecodeOptions(), 1 << 30, scope=None, salt=None)
     assert row["decoder"] == "pillow-openjpeg reduce=1"
@@ -258,7 +256,7 @@ def test_binning_steps_divide_both_sides(rows: int, cols: int, floor: int, step:
 
 
 def test_failed_reduced_decode_falls_back_to_the_full_decode(films, monkeypatch) -> None:
-    path, data = films["j2k_lossy"]
+    path, data = films["j2k_lossless"]
 
     def refuse(*args: object) -> None:
         raise RuntimeError("codec refused")
@@ -267,6 +265,33 @@ def test_failed_reduced_decode_falls_back_to_the_full_decode(films, monkeypatch)
     row, tensor = reduced_row(path, data)
     assert row["decoder"] == "pydicom+bin2 (reduced decode failed: RuntimeError)"
     assert_interpolation_noise(tensor, full_resolution(data))
+
+
+@pytest.mark.parametrize("film", ["RG1", "RG3", "MR2", "US1"])
+def test_j2k_wavelet_is_read_from_the_codestream(film: str) -> None:
+    """The NEMA WG04 compression set names each J2K file by its wavelet: _J2KR reversible 5/3,
+    _J2KI irreversible 9/7 (both of the first in the JPEG 2000 syntax that allows either)."""
+    for suffix, reversible in (("J2KR", True), ("J2KI", False)):
+        ds = pydicom.dcmread(get_testdata_file(f"{film}_{suffix}.dcm"))
+        assert codecs.j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=1)).reversible is reversible
+
+
+def test_irreversible_j2k_is_decoded_in_full_and_reversible_reduced_in_either_syntax(films) -> None:
+    """A 9/7 codestream's LL band is not the film's box average (its probabilities moved 0.03 where
+    the full decode's stayed within 0.004 of the film's before compression), so it is decoded in
+    full and binned: pydicom's full decode, box-averaged, is the oracle. A 5/3 codestream in
+    the JPEG 2000 syntax (which allows lossy and lossless) is reduced as in the lossless one."""
+    floors = ReducedDecode(wavelet=896, dct=896, binning=896)
+    lossy = pydicom.dcmread(io.BytesIO(films["j2k_lossy"][1]))
+    assert not codecs.j2k_parameters(get_frame(lossy.PixelData, 0, number_of_frames=1)).reversible
+    pixels = codecs.read_stored_pixels(lossy, 0, DecodeOptions(reduced=floors))
+    assert pixels.decoder == "pydicom+bin2" and pixels.reduce == 2
+    assert np.abs(pixels.values - box_mean(pixel_array(lossy), 2)).max() <= 0.5
+
+    lossless = pydicom.dcmread(io.BytesIO(films["j2k_lossless"][1]))
+    lossless.file_meta.TransferSyntaxUID = JPEG2000
+    pixels = codecs.read_stored_pixels(lossless, 0, DecodeOptions(reduced=floors))
+    assert pixels.decoder == "pillow-openjpeg reduce=1" and pixels.reduce == 2
 
 
 def test_multi_frame_j2k_decodes_the_chosen_frame() -> None:

@@ -8,10 +8,15 @@ whose figures say why each floor is where it is). The values keep their stored d
 the Modality LUT, VOI and padding logic downstream see stored values as before.
 
 Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
-- JPEG 2000: Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels;
+- JPEG 2000 with the reversible 5/3 wavelet (every lossless file, and lossy ones that use
+  it): Pillow's OpenJPEG decoder with `reduce` (whole wavelet resolution levels;
   the LL band is an anti-aliased half-size image per level, resampled onto the box grid
   of a full decode: `onto_box_grid`): 420 ms for a lossless film in full, 106 ms at
-  level 1, 30 ms at level 2. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
+  level 1, 30 ms at level 2. The irreversible 9/7 wavelet's LL band is another low-pass
+  than a box, and it moved probabilities 6-8x further from the film before compression
+  than the full decode of the same lossy file did (bench/reduced_decode_probs.py, 96 films,
+  default CNN / CNN-LSTM: 0.019 / 0.030 against 0.002 / 0.004), so 9/7 codestreams are
+  decoded in full and binned. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
   and imagecodecs 2026.3 `jpeg2k_decode` have no reduce argument (full: 420 / 407 ms).
   Pillow sizes a reduced image by rounding where OpenJPEG's resolution levels round up,
   and so refuses a level where the two differ (side mod 2^r in 1..2^(r-1)-1, e.g. 1841
@@ -159,8 +164,18 @@ def pillow_j2k_reduced(codestream: bytes, level: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def j2k_parameters(codestream: bytes) -> tuple[int, bool, int]:
-    """(precision, signed, decomposition levels) of a J2K codestream's first component (SIZ, COD)."""
+class J2KParameters(NamedTuple):
+    """What a J2K codestream's main header (SIZ, COD) says of its first component."""
+
+    precision: int
+    signed: bool
+    levels: int  # wavelet decomposition levels
+    reversible: bool  # the 5/3 wavelet (lossless-capable); False: the irreversible 9/7
+
+
+def j2k_parameters(codestream: bytes) -> J2KParameters:
+    """The main header's parameters (ITU-T T.800 A.5.1 SIZ, A.6.1 COD: SPcod's decomposition
+    levels, then code-block width, height and style, then the transformation, 1 = 5/3)."""
     start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, after a JP2 wrapper if any
     if start < 0:
         raise ValueError("no JPEG 2000 codestream header")
@@ -169,13 +184,17 @@ def j2k_parameters(codestream: bytes) -> tuple[int, bool, int]:
     if cod < 0:
         raise ValueError("no JPEG 2000 COD marker")
     (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
-    levels = codestream[cod + 9] if length >= 10 else 0
-    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels
+    if length < 12:
+        raise ValueError(f"JPEG 2000 COD marker too short ({length} bytes)")
+    return J2KParameters((ssiz & 0x7F) + 1, bool(ssiz & 0x80), codestream[cod + 9], codestream[cod + 13] == 1)
 
 
 def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
-    """A J2K frame at the deepest resolution level still >= min_side, in its stored dtype."""
-    precision, signed, available = j2k_parameters(codestream)
+    """A J2K frame of the 5/3 wavelet at the deepest resolution level still >= min_side, in its
+    stored dtype; None for the 9/7 wavelet, whose LL band is not the film's box average."""
+    precision, signed, available, reversible = j2k_parameters(codestream)
+    if not reversible:
+        return None
     bits_stored = int(ds.get("BitsStored", precision))
     if precision > 16 or precision != bits_stored or signed != bool(int(ds.get("PixelRepresentation", 0))):
         return None  # header and codestream disagree: pydicom's decoder knows the corrections
