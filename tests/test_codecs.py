@@ -9,6 +9,7 @@ scipy.ndimage.shift.
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pydicom
@@ -274,6 +275,21 @@ def test_j2k_wavelet_is_read_from_the_codestream(film: str) -> None:
     for suffix, reversible in (("J2KR", True), ("J2KI", False)):
         ds = pydicom.dcmread(get_testdata_file(f"{film}_{suffix}.dcm"))
         assert codecs.j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=1)).reversible is reversible
+
+
+def test_j2k_main_header_is_walked_segment_by_segment() -> None:
+    """A comment (COM) segment after the SIZ whose text holds the bytes of a reversible COD: the
+    parser reads the real COD after it (RG1_J2KI's 9/7), where a byte search would stop at the
+    comment's copy."""
+    ds = pydicom.dcmread(get_testdata_file("RG1_J2KI.dcm"))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    siz = frame.find(b"\xff\x4f\xff\x51") + 2
+    after_siz = siz + 2 + struct.unpack(">H", frame[siz + 2 : siz + 4])[0]
+    reversible_cod = b"\xff\x52\x00\x0c" + bytes([0, 0, 0, 1, 0, 5, 4, 4, 0, 1])
+    comment = b"\xff\x64" + struct.pack(">H", 4 + len(reversible_cod)) + b"\x00\x01" + reversible_cod
+    spoofed = frame[:after_siz] + comment + frame[after_siz:]
+    assert codecs.j2k_parameters(spoofed) == codecs.j2k_parameters(frame)
+    assert not codecs.j2k_parameters(spoofed).reversible
 
 
 def test_irreversible_j2k_is_decoded_in_full_and_reversible_reduced_in_either_syntax(films) -> None:

@@ -180,13 +180,24 @@ def j2k_parameters(codestream: bytes) -> J2KParameters:
     if start < 0:
         raise ValueError("no JPEG 2000 codestream header")
     ssiz = codestream[start + 2 + 40]
-    cod = codestream.find(b"\xff\x52", start)
-    if cod < 0:
-        raise ValueError("no JPEG 2000 COD marker")
+    cod = main_header_segment(codestream, start + 2, b"\xff\x52")
     (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
     if length < 12:
         raise ValueError(f"JPEG 2000 COD marker too short ({length} bytes)")
     return J2KParameters((ssiz & 0x7F) + 1, bool(ssiz & 0x80), codestream[cod + 9], codestream[cod + 13] == 1)
+
+
+def main_header_segment(codestream: bytes, position: int, marker: bytes) -> int:
+    """Offset of `marker`'s segment in the main header, walked segment by segment from the SIZ
+    at `position` (a byte search could match inside another segment's values)."""
+    while position + 4 <= len(codestream) and codestream[position] == 0xFF:
+        if codestream[position : position + 2] == marker:
+            return position
+        if codestream[position + 1] in (0x90, 0x93):  # SOT, SOD: the main header has ended
+            break
+        (length,) = struct.unpack(">H", codestream[position + 2 : position + 4])
+        position += 2 + length
+    raise ValueError(f"no JPEG 2000 {marker.hex()} marker in the main header")
 
 
 def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
