@@ -13,7 +13,7 @@ Codecs, picked by measurement (bench/decode.py, CPU time, 2048 px 12-bit films):
   the LL band is an anti-aliased half-size image per level, resampled onto the box grid
   of a full decode: `onto_box_grid`): 420 ms for a lossless film in full, 106 ms at
   level 1, 30 ms at level 2. The irreversible 9/7 wavelet's LL band is another low-pass
-  than a box, and it moved probabilities 6-8x further from the film before compression
+  than a box, and it moved probabilities 8-12x further from the film before compression
   than the full decode of the same lossy file did (bench/reduced_decode_probs.py, 96 films,
   default CNN / CNN-LSTM: 0.019 / 0.030 against 0.002 / 0.004), so 9/7 codestreams are
   decoded in full and binned. pylibjpeg-openjpeg 2.6 (pydicom's plugin)
