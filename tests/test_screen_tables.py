@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -298,6 +300,37 @@ def test_tables_read_back_with_pandas_polars_and_duckdb(tmp_path: Path, archive:
     assert studies["study_id"].to_list() == ["normal", "pneumonia"] and studies["n_images"].to_list() == [5, 5]
     counts = DeltaTable(str(output / "studies")).to_pyarrow_dataset()
     assert duckdb.sql("select sum(n_images) from counts").fetchall() == [(10,)]
+
+
+def readme_readers() -> dict[str, str]:
+    """The README's table readers (its Output contract), each as a script of its own: the lines
+    its comment names, after the block's imports that it uses."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    contract = readme[readme.index("### Output contract") :]
+    block = contract[contract.index("```python\n") + len("```python\n") : contract.index("```\n", contract.index("```python"))]
+    lines = block.splitlines()
+    return {
+        "pandas": "\n".join([lines[0], *(line for line in lines if line.endswith("# pandas"))]),
+        "Polars": "\n".join(line for line in lines if line.endswith("# Polars")),
+        "DuckDB": "\n".join([lines[0], *(line for line in lines if "duckdb" in line)]),
+    }
+
+
+@pytest.mark.parametrize(("reader", "check"), [("pandas", "len(images)"), ("Polars", "studies.height"), ("DuckDB", "flagged.count_rows()")])
+def test_each_readme_reader_runs_alone_and_exits_cleanly(tmp_path: Path, reader: str, check: str) -> None:
+    """Each reader the README shows, pasted alone into a script, reads the tables and exits 0.
+    In a process of its own, because that is where an exit-time abort shows: on a partitioned
+    table deltalake 1.6.6's `to_pyarrow_table()` returns its table and then aborts the
+    interpreter (exit code 134), which no in-process test would see."""
+    output, dates = tmp_path / "OUTPUT", {"scored_date": [DATE, DATE]}
+    images = pa.table({"path": ["a.dcm", "b.dcm"], "prob": [0.2, 0.9], **dates})
+    studies = pa.table({"study_id": ["s1", "s2"], "prob": [0.2, 0.9], "flagged": [False, True], **dates})
+    for name, table in (("images", images), ("studies", studies)):  # partitioned as lungray's are
+        write_deltalake(str(output / name), table, partition_by=["scored_date"])
+    script = readme_readers()[reader].replace('"OUTPUT/', f'"{output}/') + f"\nprint({check})\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "2"
 
 
 @pytest.mark.usefixtures("ray_session")
