@@ -270,8 +270,9 @@ def test_failed_reduced_decode_falls_back_to_the_full_decode(films, monkeypatch)
 
 @pytest.mark.parametrize("film", ["RG1", "RG3", "MR2", "US1"])
 def test_j2k_wavelet_is_read_from_the_codestream(film: str) -> None:
-    """The NEMA WG04 compression set names each J2K file by its wavelet: _J2KR reversible 5/3,
-    _J2KI irreversible 9/7 (both of the first in the JPEG 2000 syntax that allows either)."""
+    """The NEMA WG04 compression set names each J2K file by its wavelet: _J2KR reversible 5/3
+    (in the lossless-only syntax), _J2KI irreversible 9/7 (in the JPEG 2000 syntax, which
+    allows either)."""
     for suffix, reversible in (("J2KR", True), ("J2KI", False)):
         ds = pydicom.dcmread(get_testdata_file(f"{film}_{suffix}.dcm"))
         assert codecs.j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=1)).reversible is reversible
