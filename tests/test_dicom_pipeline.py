@@ -358,6 +358,21 @@ def test_failed_decode_row_is_counted_in_its_study(tmp_path: Path) -> None:
     assert (row["study_id"], row["sop_uid"]) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
 
 
+def test_files_never_read_are_counted_in_their_folders_study(tmp_path: Path) -> None:
+    """Over the size limit, or unreadable: no header to say the study, so the folder does
+    (a row without a study would be missing from every study's n_errors)."""
+    from lungray.io.rows import process_file
+
+    (tmp_path / "P1").mkdir()
+    path = tmp_path / "P1" / "big.dcm"
+    path.write_bytes(dicom_bytes(dicom_dataset(film(), bits_stored=12)))
+    size = path.stat().st_size
+    too_large, _ = process_file(str(path), "P1/big.dcm", size, PreprocessConfig(), DecodeOptions(), size - 1, scope=None, salt=None)
+    vanished, _ = process_file(str(tmp_path / "P1" / "gone.dcm"), "P1/gone.dcm", 10, PreprocessConfig(), DecodeOptions(), 1 << 30, scope=None, salt=None)
+    assert too_large["error"].startswith("file too large") and vanished["error"].startswith("could not read file")
+    assert too_large["study_id"] == vanished["study_id"] == "P1"
+
+
 # --- module structure ----------------------------------------------------------------
 
 

@@ -92,7 +92,8 @@ def process_file(
     `scope` None scores whatever decodes (a file already known to be in scope); `salt` None
     leaves `patient_key` empty, for callers that write no patient key.
     """
-    row: dict[str, Any] = {"path": uri, "status": "error"}
+    # A file that is never parsed belongs to its folder's study, so that its error is counted there.
+    row: dict[str, Any] = {"path": uri, "status": "error", "study_id": study_from_relpath(relpath)}
     if size is not None and size > max_file_bytes:  # None: not known before reading (a PACS instance)
         row["error"] = f"file too large: {size} bytes exceeds the limit of {max_file_bytes}"
         return row, None
@@ -100,7 +101,6 @@ def process_file(
         data = read_bytes(uri)
     except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
         row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
-        row["study_id"] = study_from_relpath(relpath)
         return row, None
     dataset = None
     if scope is not None:
