@@ -235,6 +235,51 @@ def test_a_live_run_refuses_a_second_one_and_leaves_no_claim(tmp_path: Path) -> 
     other_model.release(failed=False)
 
 
+class WriteInterrupted:
+    """A filesystem whose writes run `during` first: the moment between a heartbeat's open
+    of its output and its bytes, when a reader must still find the whole marker."""
+
+    def __init__(self, fs, during) -> None:
+        self.fs, self.during = fs, during
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path: str):
+        stream, during = self.fs.open_output_stream(path), self.during
+
+        class Paused:
+            def __enter__(self):
+                return self
+
+            def write(self, data: bytes) -> None:
+                during()
+                stream.write(data)
+
+            def __exit__(self, *exc) -> None:
+                stream.close()
+
+        return Paused()
+
+
+def test_a_run_caught_mid_heartbeat_still_holds_its_claim(tmp_path: Path) -> None:
+    live = Lease(str(tmp_path), MODEL, "live-run", "f1")
+    live.acquire()
+    refused = []
+
+    def second_run() -> None:
+        with pytest.raises(ConcurrentRunError, match="live-run"):
+            Lease(str(tmp_path), MODEL, "second-run", "f1").acquire()
+        refused.append(True)
+
+    live.fs = WriteInterrupted(live.fs, second_run)
+    live._write(replace(live.marker, heartbeat_at=time.time()))  # what the heartbeat thread does
+    live.fs = live.fs.fs
+    assert refused == [True]
+    assert [path.name for path in (tmp_path / lease_module.ACTIVE / MODEL).iterdir()] == ["live-run.json"]
+    live.release(failed=False)
+
+
 @pytest.mark.parametrize(
     "interrupted",
     [

@@ -89,10 +89,20 @@ class Lease:
         return posixpath.join(self.folder, f"{self.marker.run_id}.json")
 
     def _write(self, marker: Marker) -> None:
+        """Replace the marker whole: a reader that saw it half-written would skip it as no
+        claim and take the lease beside this live run. An object store's PUT is atomic; a
+        local or NFS file is written beside the marker and renamed over it."""
         self.marker = marker
         self.fs.create_dir(self.folder, recursive=True)
-        with self.fs.open_output_stream(self.path) as stream:
-            stream.write(json.dumps(asdict(marker)).encode())
+        body = json.dumps(asdict(marker)).encode()
+        if self.fs.type_name != "local":
+            with self.fs.open_output_stream(self.path) as stream:
+                stream.write(body)
+            return
+        staging = f"{self.path}.partial"  # not *.json: never read as a claim
+        with self.fs.open_output_stream(staging) as stream:
+            stream.write(body)
+        self.fs.move(staging, self.path)
 
     def _others(self) -> list[Marker]:
         if self.fs.get_file_info(self.folder).type != pafs.FileType.Directory:
