@@ -189,6 +189,34 @@ def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path
     assert studies["s2"]["run_id"] == "r1" and len(studies) == 2
 
 
+@pytest.mark.parametrize("vacuumed", [False, True], ids=["since-the-watermark", "every-study-again"])
+def test_a_study_left_without_images_is_deleted_with_the_sync(tmp_path: Path, vacuumed: bool) -> None:
+    """A file unreadable one night is counted in its folder's study; read on a retry, it moves
+    to its header's study. The folder's study has no image left and must go, not stay as a
+    failed study on the worklist; another model's study of the same id stays."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    night_one = image_rows(
+        [
+            {"path": "/n/P1/a.dcm", "study_id": "P1", "status": "error", "error": "could not read file"},
+            {"path": "/n/P1/b.dcm", "study_id": "1.2.3", "prob": 0.2},
+            {"path": "/n/P1/a.dcm", "study_id": "P1", "prob": 0.4, "model_id": "cnn_lstm-ffffffffffff"},
+        ]
+    )
+    write_deltalake(str(tmp_path / "images"), night_one, mode="append", partition_by=["scored_date"])
+    sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
+    sync_studies(output, "cnn_lstm-ffffffffffff", 0.5, "max", "r1", DATE)
+    retried = image_rows([{"path": "/n/P1/a.dcm", "study_id": "1.2.3", "prob": 0.9, "tries": 2, "run_id": "r2"}])
+    merge(open_table(output, "images"), "images", retried)
+    if vacuumed:  # the replaced rows' file vacuumed: every study of the model is aggregated again
+        open_table(output, "images").vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    sync_studies(output, MODEL, 0.5, "max", "r2", DATE)
+    studies = {(row["model_id"], row["study_id"]): row for row in read_table(output, "studies").to_pylist()}
+    assert sorted(studies) == [("cnn-0123456789ab", "1.2.3"), ("cnn_lstm-ffffffffffff", "P1")]
+    assert (studies[(MODEL, "1.2.3")]["n_images"], studies[(MODEL, "1.2.3")]["n_errors"]) == (2, 0)
+    assert studies[(MODEL, "1.2.3")]["flagged"]
+
+
 def test_a_models_watermark_is_found_behind_many_commits_of_another_model(tmp_path: Path) -> None:
     table = str(tmp_path / "studies")
     one = pa.table({"n": [1]})

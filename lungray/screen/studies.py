@@ -20,7 +20,16 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from lungray.io.listing import filesystem_for
-from lungray.screen.tables import IMAGE_SCHEMA, STUDY_SCHEMA, aggregate_studies, ensure_table, merge, model_rows, open_table
+from lungray.screen.tables import (
+    IMAGE_SCHEMA,
+    STUDY_SCHEMA,
+    aggregate_studies,
+    ensure_table,
+    merge,
+    model_rows,
+    open_table,
+    sql_string,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +115,33 @@ def sync_studies(
     if since == version:
         return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     files = changed_files(output, images, since)
-    rows = study_images(images, model_id, None if files is None else touched_studies(files, model_id))
+    touched = None if files is None else touched_studies(files, model_id)
+    rows = study_images(images, model_id, touched)
     new = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
     if decorate is not None and new.num_rows:
         new = decorate(new, rows)
-    if new.num_rows or since is None or files:
-        merge(studies, "studies", new, {watermark_key(model_id): str(version)})
+    emptied = emptied_studies(studies, model_id, touched, new["study_id"])
+    if new.num_rows or since is None or files or emptied:
+        merge(studies, "studies", new, {watermark_key(model_id): str(version)}, delete=studies_predicate(model_id, emptied))
     return new, rows
+
+
+def emptied_studies(studies: DeltaTable, model_id: str, touched: pa.Array | None, kept: pa.Array) -> list[str]:
+    """Studies that had image rows and have none now: a file that failed to read was counted
+    in its folder's study and, read on a retry, moved to its header's; a changed file moved.
+    Among the touched studies, or among all the model's study rows when every study was
+    re-aggregated (`touched` None)."""
+    if touched is None:
+        rows = studies.to_pyarrow_dataset().to_table(columns=["study_id", "model_id"])  # as touched_studies: no pushed-down filter
+        touched = rows["study_id"].cast(pa.string()).filter(pc.equal(rows["model_id"].cast(pa.string()), model_id))
+    return sorted(set(touched.to_pylist()) - set(kept.to_pylist()) - {None})
+
+
+def studies_predicate(model_id: str, study_ids: list[str]) -> str | None:
+    """SQL for the model's study rows of `study_ids` (None for none)."""
+    if not study_ids:
+        return None
+    return f"t.model_id = {sql_string(model_id)} AND t.study_id IN ({', '.join(sql_string(study) for study in study_ids)})"
 
 
 def study_images(images: DeltaTable, model_id: str, studies: pa.Array | None) -> pa.Table:

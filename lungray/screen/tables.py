@@ -170,13 +170,18 @@ def model_rows(
         yield pa.Table.from_batches(gathered, schema)
 
 
-def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def merge(
+    table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str] | None = None, delete: str | None = None
+) -> dict[str, Any]:
     """Upsert `rows` on the table's keys in one transaction, redone if a concurrent commit won the race.
 
     The predicate also bounds each key of the target by the source's literal min and max:
     delta-rs then skips, from the data files' statistics, every file that cannot hold a
     matching row (at 2.5M study rows, 0.03 s instead of 0.8 s for a night's studies). The
     bounds exclude no match, since every source key lies within them.
+
+    `delete`: an SQL predicate on the target (alias `t`); rows it holds that no source row
+    matches are deleted in the same transaction.
     """
     predicate = " AND ".join(f"t.{key} = s.{key}" for key in KEYS[name])
     for key in KEYS[name]:
@@ -185,7 +190,7 @@ def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str]
             predicate += f" AND t.{key} BETWEEN {sql_string(bounds[0])} AND {sql_string(bounds[1])}"
     for attempt in range(MERGE_ATTEMPTS):
         try:
-            return (
+            merger = (
                 table.merge(
                     rows.select(SCHEMAS[name].names).cast(SCHEMAS[name]),
                     predicate,
@@ -195,8 +200,10 @@ def merge(table: DeltaTable, name: str, rows: pa.Table, metadata: dict[str, str]
                 )
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
-                .execute()
             )
+            if delete is not None:  # without a predicate delta-rs would delete every unmatched row
+                merger = merger.when_not_matched_by_source_delete(delete)
+            return merger.execute()
         except CommitFailedError:
             if attempt == MERGE_ATTEMPTS - 1:
                 raise
