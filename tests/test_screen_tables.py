@@ -23,7 +23,10 @@ from conftest import SAMPLES
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from model_factory import untrained_model_dir
 
-from lungray.io.listing import iter_listing
+from lungray.io.decode import DecodeOptions
+from lungray.io.listing import iter_listing, read_bytes
+from lungray.io.rows import process_file
+from lungray.preprocess import PreprocessConfig
 from lungray.screen import lease as lease_module
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
@@ -342,6 +345,27 @@ def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:
     assert sizes["d1/f22.bin"] == 22 and all(row["etag"] is None for batch in batches for row in batch.to_pylist())
     with pytest.raises(FileNotFoundError):
         list(iter_listing(str(tmp_path / "missing")))
+
+
+def test_a_name_that_is_no_utf8_is_listed_once_and_read(tmp_path: Path) -> None:
+    """A Latin-1 folder and file name (an old SMB share) cannot be an Arrow string: it is
+    listed as a file:// URI of its bytes and read back, beside names that stay as they are."""
+    picture = (SAMPLES / "kermany-mini" / "NORMAL").glob("*.jpeg").__next__().read_bytes()
+    latin1_folder = os.path.join(os.fsencode(tmp_path), b"M\xfcller^Hans")
+    os.mkdir(latin1_folder)
+    with open(os.path.join(latin1_folder, b"1.jpeg"), "wb") as file:
+        file.write(picture)
+    (tmp_path / "Zoë 50%").mkdir()
+    (tmp_path / "Zoë 50%" / "2.jpeg").write_bytes(picture)
+    (listed,) = iter_listing(str(tmp_path))
+    rows = {row["relpath"]: row for row in listed.to_pylist()}
+    assert sorted(rows) == ["M%FCller%5EHans/1.jpeg", "Zoë 50%/2.jpeg"]
+    assert rows["M%FCller%5EHans/1.jpeg"]["uri"] == f"file://{tmp_path}/M%FCller%5EHans/1.jpeg"
+    assert rows["Zoë 50%/2.jpeg"]["uri"] == str(tmp_path / "Zoë 50%" / "2.jpeg")
+    for row in rows.values():
+        assert read_bytes(row["uri"]) == picture
+        scored, tensor = process_file(row["uri"], row["relpath"], row["size"], PreprocessConfig(), DecodeOptions(), 1 << 30, None, None)
+        assert scored["status"] == "ok" and tensor is not None
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import datetime
 import functools
 import os
 import posixpath
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -29,8 +30,30 @@ class FileEntry:
     mtime_ns: int | None
 
 
+# Local files whose names are no valid UTF-8 (Latin-1 names from an old share), which Arrow's
+# strings cannot hold, are listed as file:// URIs of their percent-encoded bytes (`listed_name`).
+FILE_URI = "file://"
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def listed_name(name: str) -> str:
+    """A local path or relative path as the listing writes it: as it is where it is valid
+    UTF-8, else its bytes percent-encoded (Python's surrogate escapes, from `os.scandir`, are
+    the bytes that did not decode), so that the file keeps one row and can still be read."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return urllib.parse.quote(os.fsencode(name))
+    return name
+
+
+def local_uri(path: str) -> str:
+    """`listed_name` of an absolute path, made a file:// URI where it had to be encoded."""
+    listed = listed_name(path)
+    return path if listed == path else FILE_URI + listed
 
 
 def s3_endpoint() -> str | None:
@@ -120,7 +143,7 @@ def _iter_local_files(root: str) -> Iterator[ListedRow]:
     base = os.path.abspath(root)
     if os.path.isfile(base):
         stat = os.stat(base)
-        yield base, os.path.basename(base), stat.st_size, stat.st_mtime_ns, None
+        yield local_uri(base), listed_name(os.path.basename(base)), stat.st_size, stat.st_mtime_ns, None
         return
     if not os.path.isdir(base):
         raise FileNotFoundError(f"input not found: {root}")
@@ -139,7 +162,8 @@ def _walk(folder: str, base: str) -> Iterator[ListedRow]:
                 yield from _walk(entry.path, base)
             elif entry.is_file(follow_symlinks=True):
                 stat = entry.stat(follow_symlinks=True)
-                yield entry.path, os.path.relpath(entry.path, base).replace(os.sep, "/"), stat.st_size, stat.st_mtime_ns, None
+                relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))
+                yield local_uri(entry.path), relpath, stat.st_size, stat.st_mtime_ns, None
         except OSError:  # vanished between the listing and the stat
             continue
 
@@ -177,6 +201,9 @@ def read_bytes(uri: str) -> bytes:
         from lungray.pacs import source  # imported only where a PACS is read: file-only workers stay light
 
         return source.retrieve_instance_bytes(uri)
+    if uri.startswith(FILE_URI):
+        with open(urllib.parse.unquote_to_bytes(uri[len(FILE_URI) :]), "rb") as stream:
+            return stream.read()
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
