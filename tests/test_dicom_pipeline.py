@@ -358,6 +358,26 @@ def test_failed_decode_row_is_counted_in_its_study(tmp_path: Path) -> None:
     assert (row["study_id"], row["sop_uid"]) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
 
 
+def test_a_codec_panic_is_an_error_row(tmp_path: Path) -> None:
+    """pylibjpeg-rle (Rust) panics on some damaged streams with a BaseException that is no
+    Exception: pydicom's RLE MR with one byte of its stream changed, and with its Columns."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from lungray.io.rows import process_file
+
+    damaged_stream = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    frame = bytearray(next(generate_frames(damaged_stream.PixelData, number_of_frames=1)))
+    frame[5913] = 0x7F
+    damaged_stream.PixelData = encapsulate([bytes(frame)])
+    wrong_columns = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    wrong_columns.Columns = 7
+    for name, ds in (("stream.dcm", damaged_stream), ("columns.dcm", wrong_columns)):
+        ds.save_as(tmp_path / name)
+        row, tensor = process_file(str(tmp_path / name), name, None, PreprocessConfig(), DecodeOptions(), 1 << 30, scope=None, salt=None)
+        assert tensor is None and row["status"] == "error" and "PanicException" in row["error"], row
+        assert row["study_id"] == ds.StudyInstanceUID
+
+
 def test_files_never_read_are_counted_in_their_folders_study(tmp_path: Path) -> None:
     """Over the size limit, or unreadable: no header to say the study, so the folder does
     (a row without a study would be missing from every study's n_errors)."""

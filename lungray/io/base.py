@@ -43,6 +43,12 @@ RETIRED_LIMITS = ("min_side",)
 FRAME_POLICIES = ("first", "middle")
 
 
+# Rust codecs (pylibjpeg-rle, through pyo3) panic on some damaged streams with a
+# BaseException that is no Exception. Such a file is bad input like any other, so the decoders
+# catch every BaseException except the interpreter's own control flow, which they re-raise.
+INTERPRETER_CONTROL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class DecodeError(Exception):
     """A file that cannot be used; its message becomes the row's `error`.
 

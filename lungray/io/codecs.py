@@ -61,7 +61,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from lungray.io.base import DecodeOptions, ReducedDecode, bin_step, dct_scale
+from lungray.io.base import INTERPRETER_CONTROL, DecodeOptions, ReducedDecode, bin_step, dct_scale
 
 J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
@@ -99,7 +99,9 @@ def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) ->
     if reducible:
         try:
             reduced = decode_reduced(ds, frame_index, frames, floors)
-        except Exception as exc:  # noqa: BLE001 - codecs raise anything; the full decode decides
+        except INTERPRETER_CONTROL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - codecs raise (and panic) anything; the full decode decides
             reduced, failure = None, f" (reduced decode failed: {type(exc).__name__})"
         if reduced is not None:
             return bin_stored(*reduced, floors.binning)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
-from lungray.io.base import DecodeError, Decoded, DecodeOptions, bin_step, dct_scale, rgb_to_gray
+from lungray.io.base import INTERPRETER_CONTROL, DecodeError, Decoded, DecodeOptions, bin_step, dct_scale, rgb_to_gray
 from lungray.preprocess import to_unit
 from lungray.privacy import keyed
 
@@ -148,7 +148,9 @@ def decode_bytes(
         return Decoded(None, merge_meta(base_meta, {"format": fmt, **exc.meta}), str(exc))
     except MemoryError:
         return Decoded(None, {**base_meta, "format": fmt}, "out of memory while decoding")
-    except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything; the file becomes an error row
+    except INTERPRETER_CONTROL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - third-party decoders raise (and panic) anything; the file becomes an error row
         return Decoded(None, {**base_meta, "format": fmt}, f"{fmt} decode failed: {type(exc).__name__}: {exc}"[:500])
     meta = merge_meta(base_meta, meta)
     if image.ndim != 2 or image.size == 0:

@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
 
 from lungray.io import codecs
-from lungray.io.base import DecodeError, DecodeOptions, rgb_to_gray
+from lungray.io.base import INTERPRETER_CONTROL, DecodeError, DecodeOptions, rgb_to_gray
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber")
@@ -336,7 +336,9 @@ def decode_dicom(
             image, mask = _decode_pixels(ds, options, meta)
         except DecodeError as exc:
             raise DecodeError(redact(str(exc), secrets), meta) from None
-        except Exception as exc:  # noqa: BLE001 - codecs raise anything; scrub before it becomes a row
+        except INTERPRETER_CONTROL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - codecs raise (and panic) anything; scrub before it becomes a row
             raise DecodeError(redact(f"dicom decode failed: {type(exc).__name__}: {exc}", secrets), meta) from None
         return image, meta, mask
 
