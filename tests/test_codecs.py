@@ -91,6 +91,34 @@ def test_reduced_decode_matches_full_resolution(films, storage: str) -> None:
     assert_interpolation_noise(reduced, full)
 
 
+@pytest.mark.parametrize("storage", ["uncompressed", "j2k_lossless", "jpeg_baseline"])
+def test_a_film_with_pixel_padding_is_decoded_in_full(films, storage: str, tmp_path) -> None:
+    """Padding is matched on stored values, pixel by pixel; a reduced sample at the padding's
+    edge (a bin, a J2K band sample, a scaled DCT block) would mix padding and tissue into a value
+    that is neither. The oracle: the full-resolution decode, tensor for tensor."""
+    ds = pydicom.dcmread(io.BytesIO(films[storage][1]))
+    pixels = pixel_array(ds)
+    ds.add_new("PixelPaddingValue", "US", int(pixels.min()))  # the darkest stored value, as a collimator edge would be
+    ds.save_as(tmp_path / "padded.dcm")
+    padded = (tmp_path / "padded.dcm").read_bytes()
+    row, reduced = reduced_row(str(tmp_path / "padded.dcm"), padded)
+    assert (row["decoder"], row["decode_reduce"]) == ("pydicom", 1)
+    decoded = decode_bytes(padded, "film", DecodeOptions())
+    assert decoded.mask is not None and not decoded.mask.all()
+    np.testing.assert_array_equal(reduced, preprocess(decoded.image, CONFIG, decoded.mask))
+
+
+def test_a_signed_8_bit_jpeg_is_decoded_in_full(films) -> None:
+    """Pillow's scaled decode returns unsigned samples; pydicom's full decode of a signed film
+    gives signed ones, so that is taken and binned (the oracle: that full decode, box-averaged)."""
+    ds = pydicom.dcmread(io.BytesIO(films["jpeg_baseline"][1]))
+    ds.PixelRepresentation = 1
+    pixels = codecs.read_stored_pixels(ds, 0, DecodeOptions(reduced=ReducedDecode(wavelet=896, dct=896, binning=896)))
+    full = codecs.full_decode(ds, None)
+    assert pixels.decoder == "pydicom+bin2" and pixels.values.dtype == full.dtype == np.int8
+    assert np.abs(pixels.values - box_mean(full, 2)).max() <= 0.5
+
+
 def box_mean(values: np.ndarray, factor: int) -> np.ndarray:
     rows, cols = values.shape
     trimmed = values[: rows - rows % factor, : cols - cols % factor].astype(np.float64)

@@ -35,7 +35,9 @@ import numpy as np
 #    refused them (`codecs.pillow_j2k_reduced`).
 # 7: JPEG 2000 of the irreversible 9/7 wavelet decoded in full (was its LL band at level 1),
 #    by the wavelet the codestream's COD names, whatever the transfer syntax.
-DECODER_VERSION = 7
+# 8: films with Pixel Padding decoded in full (their reduced samples mixed padding and tissue
+#    into values that were neither), signed 8-bit JPEG in full (the scaled decode dropped the sign).
+DECODER_VERSION = 8
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).

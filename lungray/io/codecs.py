@@ -94,6 +94,9 @@ def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) ->
         floors is not None
         and int(ds.get("SamplesPerPixel", 1) or 1) == 1
         and str(ds.get("PhotometricInterpretation", "")).strip().upper() in MONOCHROME
+        # Padding is matched on stored values, pixel by pixel: a reduced sample that mixes
+        # padding and tissue would be neither, so such films are decoded in full.
+        and "PixelPaddingValue" not in ds
     )
     failure = ""
     if reducible:
@@ -127,7 +130,8 @@ def decode_reduced(ds: Dataset, frame_index: int, frames: int, floors: ReducedDe
     rows, cols = int(ds.Rows), int(ds.Columns)
     if syntax in J2K_SYNTAXES:
         return decode_j2k_reduced(frame_bytes(ds, frame_index, frames), ds, rows, cols, floors.wavelet)
-    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8:
+    # Unsigned 8-bit only: Pillow returns unsigned samples, where pydicom's full decode of a signed film knows its sign.
+    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8 and int(ds.get("PixelRepresentation", 0)) == 0:
         return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, floors.dct)
     return None
 
