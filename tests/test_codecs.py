@@ -303,7 +303,31 @@ def test_j2k_wavelet_is_read_from_the_codestream(film: str) -> None:
     allows either)."""
     for suffix, reversible in (("J2KR", True), ("J2KI", False)):
         ds = pydicom.dcmread(get_testdata_file(f"{film}_{suffix}.dcm"))
-        assert codecs.j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=1)).reversible is reversible
+        parameters = codecs.j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=1))
+        assert parameters.reversible is reversible
+        assert (parameters.rows, parameters.cols, parameters.components) == (ds.Rows, ds.Columns, ds.SamplesPerPixel)
+
+
+def test_the_bomb_guard_reads_the_j2k_codestreams_own_size(monkeypatch) -> None:
+    """A header that says 100x100 over RG3_J2KR's 1760x1760 codestream: refused by the size the
+    codestream declares, before any decoder runs (one that ran would fail the test's way)."""
+    ds = pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm"))
+    ds.Rows = ds.Columns = 100
+    data = io.BytesIO()
+    ds.save_as(data)
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("a decoder ran")
+
+    monkeypatch.setattr(codecs, "pixel_array", decoded)
+    monkeypatch.setattr(codecs, "pillow_j2k_reduced", decoded)
+    for reduced in (None, ReducedDecode(wavelet=896, dct=896, binning=896)):
+        result = decode_bytes(data.getvalue(), "film", DecodeOptions(max_pixels=20_000, reduced=reduced))
+        assert result.error == (
+            "image too large: the JPEG 2000 codestream is 1760x1760 x 1 components (the header says 100x100), "
+            "which exceeds the limit of 20000 pixels (decompression bomb guard)"
+        )
+        assert result.meta["study_id"] == ds.StudyInstanceUID
 
 
 def test_j2k_main_header_is_walked_segment_by_segment() -> None:

@@ -61,7 +61,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from lungray.io.base import INTERPRETER_CONTROL, DecodeOptions, ReducedDecode, bin_step, dct_scale
+from lungray.io.base import INTERPRETER_CONTROL, DecodeError, DecodeOptions, ReducedDecode, bin_step, dct_scale
 
 J2K_SYNTAXES = (JPEG2000, JPEG2000Lossless)
 JPEG_DCT_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit)
@@ -89,6 +89,8 @@ def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) ->
     a reduced decode only send it to the full decode.
     """
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if ds.file_meta.get("TransferSyntaxUID") in J2K_SYNTAXES:
+        check_j2k_size(ds, frame_index, frames, options.max_pixels)
     floors = options.reduced
     reducible = (
         floors is not None
@@ -171,8 +173,11 @@ def pillow_j2k_reduced(codestream: bytes, level: int) -> np.ndarray:
 
 
 class J2KParameters(NamedTuple):
-    """What a J2K codestream's main header (SIZ, COD) says of its first component."""
+    """What a J2K codestream's main header (SIZ, COD) says of its image and first component."""
 
+    rows: int  # of the image area: Ysiz - YOsiz
+    cols: int  # Xsiz - XOsiz
+    components: int
     precision: int
     signed: bool
     levels: int  # wavelet decomposition levels
@@ -180,17 +185,37 @@ class J2KParameters(NamedTuple):
 
 
 def j2k_parameters(codestream: bytes) -> J2KParameters:
-    """The main header's parameters (ITU-T T.800 A.5.1 SIZ, A.6.1 COD: SPcod's decomposition
+    """The main header's parameters (ITU-T T.800 A.5.1 SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz,
+    YOsiz, four tile fields, Csiz, then each component's Ssiz; A.6.1 COD: SPcod's decomposition
     levels, then code-block width, height and style, then the transformation, 1 = 5/3)."""
     start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, after a JP2 wrapper if any
     if start < 0:
         raise ValueError("no JPEG 2000 codestream header")
-    ssiz = codestream[start + 2 + 40]
-    cod = main_header_segment(codestream, start + 2, b"\xff\x52")
+    siz = start + 2
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[siz + 6 : siz + 22])
+    (components,) = struct.unpack(">H", codestream[siz + 38 : siz + 40])
+    ssiz = codestream[siz + 40]
+    cod = main_header_segment(codestream, siz, b"\xff\x52")
     (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
     if length < 12:
         raise ValueError(f"JPEG 2000 COD marker too short ({length} bytes)")
-    return J2KParameters((ssiz & 0x7F) + 1, bool(ssiz & 0x80), codestream[cod + 9], codestream[cod + 13] == 1)
+    return J2KParameters(
+        ysiz - yosiz, xsiz - xosiz, components, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), codestream[cod + 9], codestream[cod + 13] == 1
+    )
+
+
+def check_j2k_size(ds: Dataset, frame_index: int, frames: int, max_pixels: int) -> None:
+    """The bomb guard on the size a J2K frame's codestream itself declares, before it is
+    decoded: the header's Rows and Columns, which `dicom.check_pixel_header` checked, need not be it."""
+    try:
+        size = j2k_parameters(frame_bytes(ds, frame_index, frames))
+    except (ValueError, IndexError, struct.error):  # no frame or no parsable main header: the decoder says why
+        return
+    if size.rows * size.cols * size.components > max_pixels:
+        raise DecodeError(
+            f"image too large: the JPEG 2000 codestream is {size.rows}x{size.cols} x {size.components} components "
+            f"(the header says {ds.Rows}x{ds.Columns}), which exceeds the limit of {max_pixels} pixels (decompression bomb guard)"
+        )
 
 
 def main_header_segment(codestream: bytes, position: int, marker: bytes) -> int:
@@ -209,9 +234,10 @@ def main_header_segment(codestream: bytes, position: int, marker: bytes) -> int:
 def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
     """A J2K frame of the 5/3 wavelet at the deepest resolution level still >= min_side, in its
     stored dtype; None for the 9/7 wavelet, whose LL band is not the film's box average."""
-    precision, signed, available, reversible = j2k_parameters(codestream)
-    if not reversible:
+    parameters = j2k_parameters(codestream)
+    if not parameters.reversible:
         return None
+    precision, signed, available = parameters.precision, parameters.signed, parameters.levels
     bits_stored = int(ds.get("BitsStored", precision))
     if precision > 16 or precision != bits_stored or signed != bool(int(ds.get("PixelRepresentation", 0))):
         return None  # header and codestream disagree: pydicom's decoder knows the corrections
