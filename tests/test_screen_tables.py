@@ -30,7 +30,7 @@ from lungray.preprocess import PreprocessConfig
 from lungray.screen import lease as lease_module
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
-from lungray.screen.pipeline import ScreenConfig, run_screen
+from lungray.screen.pipeline import ScreenConfig, resume_settings, run_screen
 from lungray.screen.studies import study_images, sync_studies, watermark, watermark_key
 from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
@@ -330,6 +330,19 @@ def test_an_interrupted_run_of_the_same_command_is_resumed(tmp_path: Path, inter
     assert json.loads((tmp_path / lease_module.ACTIVE / MODEL / "new-run.json").read_text())["resumes"] == ["older", "old-run"]
     run.release(failed=True)
     assert json.loads((tmp_path / lease_module.ACTIVE / MODEL / "new-run.json").read_text())["state"] == "failed"
+
+
+def test_a_rerun_after_midnight_is_the_same_command() -> None:
+    """The date stamps rows only: a run killed at 23:50 UTC and rerun at 00:10 (the cron line's
+    `--date` moved on) resumes; another input or model is another command."""
+    before = ScreenConfig(model="m", input="/archive", output="/out", date="2026-12-07")
+    assert lease_module.fingerprint(resume_settings(before, MODEL)) == lease_module.fingerprint(
+        resume_settings(replace(before, date="2026-12-08"), MODEL)
+    )
+    assert lease_module.fingerprint(resume_settings(before, MODEL)) != lease_module.fingerprint(
+        resume_settings(replace(before, input="/archive/2026"), MODEL)
+    )
+    assert lease_module.fingerprint(resume_settings(before, MODEL)) != lease_module.fingerprint(resume_settings(before, "cnn_lstm-ffffffffffff"))
 
 
 def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:

@@ -373,9 +373,13 @@ def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, commi
 
 
 def resume_settings(config: ScreenConfig, model_id: str) -> dict[str, Any]:
-    """What makes a rerun "the same command": which files it lists and which rows it writes."""
+    """What makes a rerun "the same command": which files it lists and which rows it writes.
+
+    Not the date, which only stamps the rows (`scored_date`) and the run id: a nightly run
+    killed before midnight UTC and rerun after it (its cron line recomputes `--date`) resumes.
+    """
     settings = asdict(config)
-    for name in ("batch_size", "actors", "gpu", "files_per_task", "chunk_files", "chunk_minutes", "listing_batch", "report_to", "report", "report_overlay"):
+    for name in ("batch_size", "actors", "gpu", "files_per_task", "chunk_files", "chunk_minutes", "listing_batch", "report_to", "report", "report_overlay", "date"):
         settings.pop(name)
     return {**settings, "model_id": model_id}
 
