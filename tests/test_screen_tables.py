@@ -360,6 +360,22 @@ def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:
         list(iter_listing(str(tmp_path / "missing")))
 
 
+@pytest.mark.timeout(60)
+def test_folder_symlinks_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+    """A link back up the tree listed the same file again under ever longer paths (41 rows for one
+    file with `study/up -> ..`; with a second loop, exponentially many: the listing never ended)."""
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "1.dcm").write_bytes(b"x")
+    (tmp_path / "study" / "up").symlink_to("..")
+    (tmp_path / "study" / "same").symlink_to(".")
+    outside = tmp_path.parent / f"{tmp_path.name}-shared"
+    outside.mkdir()
+    (outside / "2.dcm").write_bytes(b"y")
+    (tmp_path / "shared").symlink_to(outside)  # a linked folder outside the tree is listed, once
+    (tmp_path / "shared-again").symlink_to(outside)
+    relpaths = [path for batch in iter_listing(str(tmp_path)) for path in batch["relpath"].to_pylist()]
+    assert relpaths == ["shared/2.dcm", "study/1.dcm"]
+
 def test_a_name_that_is_no_utf8_is_listed_once_and_read(tmp_path: Path) -> None:
     """A Latin-1 folder and file name (an old SMB share) cannot be an Arrow string: it is
     listed as a file:// URI of its bytes and read back, beside names that stay as they are."""

@@ -147,19 +147,27 @@ def _iter_local_files(root: str) -> Iterator[ListedRow]:
         return
     if not os.path.isdir(base):
         raise FileNotFoundError(f"input not found: {root}")
-    yield from _walk(base, base)
+    yield from _walk(base, base, set())
 
 
-def _walk(folder: str, base: str) -> Iterator[ListedRow]:
-    """Sorted, depth first; one stat per entry (scandir's), none for a folder's type."""
+def _walk(folder: str, base: str, walked: set[tuple[int, int]]) -> Iterator[ListedRow]:
+    """Sorted, depth first; one stat per entry (scandir's) and one per folder.
+
+    Folder symlinks are followed, each folder once (by device and inode): a link back up the
+    tree (`study/up -> ..`) would otherwise list the same files again under ever longer paths.
+    """
     try:
+        folder_id = os.stat(folder)
+        if (folder_id.st_dev, folder_id.st_ino) in walked:
+            return
+        walked.add((folder_id.st_dev, folder_id.st_ino))
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:  # vanished or unreadable folder: nothing of it in tonight's listing
         return
     for entry in entries:
         try:
             if entry.is_dir(follow_symlinks=True):
-                yield from _walk(entry.path, base)
+                yield from _walk(entry.path, base, walked)
             elif entry.is_file(follow_symlinks=True):
                 stat = entry.stat(follow_symlinks=True)
                 relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))
