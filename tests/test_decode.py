@@ -188,6 +188,49 @@ def test_patient_identity_is_hashed_never_raw(base_image: np.ndarray) -> None:
     assert "MRN-123456" not in flat and "Smith" not in flat
 
 
+def with_patient_id_as_ul(data: bytes) -> bytes:
+    """The PatientID element's VR made UL: its 10-byte value is then no whole number of 4-byte
+    values, and pydicom, asked for it, raises an error that quotes the raw bytes."""
+    tag = b"\x10\x00\x20\x00LO"
+    assert data.count(tag) == 1
+    return data.replace(tag, tag[:4] + b"UL")
+
+
+@pytest.mark.parametrize("pixels", ["intact", "truncated"])
+def test_a_damaged_patient_id_is_never_quoted_and_the_study_is_kept(pixels: str, base_image: np.ndarray) -> None:
+    """pydicom's own message quotes a damaged element's bytes (`received b'DOE^JANE12' ...`). It
+    came up outside the scrubbed part of the decoder: the raw ID reached the row's error (under
+    --pseudonymize too) and the row lost its study UID."""
+    ds = dicom_dataset(base_image, patient_id="DOE^JANE12", patient_name="DOE^JANE")
+    data = with_patient_id_as_ul(dicom_bytes(ds))
+    with pytest.raises(Exception, match="DOE"):  # the oracle: pydicom itself quotes it
+        pydicom.dcmread(io.BytesIO(data)).PatientID
+    decoded = decode_bytes(data if pixels == "intact" else data[:-5000], "x.dcm", salt="site-secret")
+    assert decoded.ok == (pixels == "intact"), decoded.error
+    assert decoded.meta["study_id"] == ds.StudyInstanceUID and decoded.meta["patient_key"] is None
+    assert "DOE" not in repr(decoded.meta) + (decoded.error or "") and "JANE" not in (decoded.error or "")
+
+
+def test_an_unforeseen_decoder_failure_quotes_no_value(base_image: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last line of defence: whatever a decoder raises, the values it quotes stay out of the row."""
+    from lungray.io import dicom
+
+    def failing(*args: object) -> None:
+        raise ValueError("cannot parse (0010,0010) value b'DOE^JANE' near 'MRN 12345678'")
+
+    monkeypatch.setattr(dicom, "decode_dicom", failing)
+    decoded = decode_bytes(dicom_bytes(dicom_dataset(base_image)), "x.dcm")
+    assert decoded.error == "dicom decode failed: ValueError: cannot parse (0010,0010) value <value> near <value>"
+
+
+def test_a_dicom_file_whose_preamble_opens_like_a_jpeg_is_read_as_dicom(base_image: np.ndarray) -> None:
+    """The 128-byte preamble is free for applications (PS3.10 7.1); the DICM marker after it decides."""
+    data = dicom_bytes(dicom_dataset(base_image))
+    for signature in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n"):
+        decoded = decode_bytes(signature + data[len(signature) :], "x.dcm")
+        assert decoded.ok and decoded.meta["format"] == "dicom", decoded.error
+
+
 def test_non_dicom_study_is_the_parent_folder(base_image: np.ndarray) -> None:
     assert decode_bytes(png_bytes(base_image), "site-a/study-7/img.png").meta["study_id"] == "site-a/study-7"
     assert decode_bytes(png_bytes(base_image), "img.png").meta["study_id"] == "."

@@ -14,6 +14,7 @@ as today's decoder, so an old model cannot pass as trained on today's pixels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -137,6 +138,17 @@ class Decoded:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
+def without_quoted_values(message: str) -> str:
+    """`message` with every quoted value a library put in it replaced by `<value>`, non-printable
+    characters as `?`, at most 300 characters: decoders quote header and stream bytes, which can
+    be a patient's name, in their errors."""
+    message = QUOTED.sub("<value>", message)
+    return "".join(char if char.isprintable() else "?" for char in message)[:300]
 
 
 def bin_step(rows: int, cols: int, min_side: int) -> int:

@@ -19,7 +19,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # DecodeError, Decoded and DecodeOptions live in lungray.io.base and are imported from here too.
-from lungray.io.base import INTERPRETER_CONTROL, DecodeError, Decoded, DecodeOptions, bin_step, dct_scale, rgb_to_gray
+from lungray.io.base import (
+    INTERPRETER_CONTROL,
+    DecodeError,
+    Decoded,
+    DecodeOptions,
+    bin_step,
+    dct_scale,
+    rgb_to_gray,
+    without_quoted_values,
+)
 from lungray.preprocess import to_unit
 from lungray.privacy import keyed
 
@@ -48,12 +57,12 @@ def study_from_relpath(relpath: str) -> str:
 
 def sniff_format(data: bytes) -> str:
     """'png', 'jpeg', 'dicom' (Part 10 preamble) or 'unknown' (tried as DICOM without preamble)."""
+    if data[128:132] == b"DICM":  # first: a DICOM preamble may hold anything, a PNG or JPEG signature too
+        return "dicom"
     if data.startswith(PNG_MAGIC):
         return "png"
     if data.startswith(JPEG_MAGIC):
         return "jpeg"
-    if data[128:132] == b"DICM":
-        return "dicom"
     return "unknown"
 
 
@@ -151,7 +160,7 @@ def decode_bytes(
     except INTERPRETER_CONTROL:
         raise
     except BaseException as exc:  # noqa: BLE001 - third-party decoders raise (and panic) anything; the file becomes an error row
-        return Decoded(None, {**base_meta, "format": fmt}, f"{fmt} decode failed: {type(exc).__name__}: {exc}"[:500])
+        return Decoded(None, {**base_meta, "format": fmt}, without_quoted_values(f"{fmt} decode failed: {type(exc).__name__}: {exc}"))
     meta = merge_meta(base_meta, meta)
     if image.ndim != 2 or image.size == 0:
         return Decoded(None, meta, f"decoded to an unusable shape {image.shape}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
 
 from lungray.io import codecs
-from lungray.io.base import INTERPRETER_CONTROL, DecodeError, DecodeOptions, rgb_to_gray
+from lungray.io.base import INTERPRETER_CONTROL, DecodeError, DecodeOptions, rgb_to_gray, without_quoted_values
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "PatientAddress", "AccessionNumber")
@@ -276,18 +275,28 @@ def select_frame(frames: int, policy: str) -> int:
     return frames // 2 if policy == "middle" else 0
 
 
+def element_text(ds: Dataset, keyword: str) -> str | None:
+    """An element's value as text; where pydicom cannot convert it (a damaged VR or length),
+    its raw bytes read as Latin-1, which is how pydicom's own error message would quote them."""
+    try:
+        value = ds.get(keyword)
+        return str(value) if value not in (None, "") else None
+    except Exception:  # noqa: BLE001 - the element is damaged; its bytes are still the patient's
+        raw = ds.get_item(keyword, keep_deferred=True)
+        value = getattr(raw, "value", None)
+        return value.decode("latin-1") if isinstance(value, bytes) and value else None
+
+
 def identifying_values(ds: Dataset) -> list[str]:
-    """Header values that identify the patient, to be scrubbed from any error message."""
+    """Header values that identify the patient, to be scrubbed from any error message; never
+    raises, so that a damaged identifying element is scrubbed like any other."""
     values = []
     for keyword in IDENTIFYING_KEYWORDS:
-        value = ds.get(keyword)
-        if value not in (None, ""):
-            values.extend(part for part in str(value).replace("^", " ").split() if len(part) > 2)
-            values.append(str(value))
+        value = element_text(ds, keyword)
+        if value is not None:
+            values.extend(part for part in value.replace("^", " ").split() if len(part) > 2)
+            values.append(value)
     return sorted(set(values), key=len, reverse=True)
-
-
-QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
 
 
 def redact(message: str, secrets: list[str]) -> str:
@@ -298,8 +307,7 @@ def redact(message: str, secrets: list[str]) -> str:
     """
     for secret in secrets:
         message = message.replace(secret, "<redacted>")
-    message = QUOTED.sub("<value>", message)
-    return "".join(char if char.isprintable() else "?" for char in message)[:300]
+    return without_quoted_values(message)
 
 
 def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) -> codecs.StoredPixels:
