@@ -252,11 +252,11 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         max_rows_per_file=config.shard_rows,
         compression="zstd",
     )
-    errors = meta.filter(pc.equal(meta["status"], "error")).select(["path", "error", "format", "source"])
-    write_table(join_uri(output, "errors.parquet"), written(errors))
+    errors = written(meta.filter(pc.equal(meta["status"], "error")).select(["path", "error", "format", "source"]))
+    write_table(join_uri(output, "errors.parquet"), errors)
     skipped = meta.filter(pc.equal(meta["status"], "skipped"))
-    skipped = skipped.select(["path", "skip_reason", "format", "source", "modality", "body_part", "view_position"])
-    write_table(join_uri(output, "skipped.parquet"), written(skipped))
+    skipped = written(skipped.select(["path", "skip_reason", "format", "source", "modality", "body_part", "view_position"]))
+    write_table(join_uri(output, "skipped.parquet"), skipped)
 
     wall = time.time() - started
     summary = {

@@ -21,15 +21,19 @@ import hmac
 import os
 import re
 import secrets
+import urllib.parse
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from lungray.io.scope import SETTING_OF_COLUMN, reason_with_defined_terms, with_defined_terms
 
 SALT_ENV = "LUNGRAY_PATIENT_SALT"
 KEY_HEX_CHARS = 32  # 128 bits: no collisions at any archive size
 
 KEYED_COLUMNS = ("path", "relpath", "study_id", "series_uid", "sop_uid")
 SHORTEST_SCRUBBED_FRAGMENT = 3  # path fragments shorter than this ("a", "01") carry no name
+LOWER_CASE_WORD = re.compile(r"[a-z]+")
 
 
 class MissingSaltError(ValueError):
@@ -71,15 +75,32 @@ def year_of(date: str | None) -> str | None:
 
 
 def scrub_path(message: str | None, path: str | None) -> str | None:
-    """`message` without the file's path or any folder or file name of it."""
+    """`message` without the file's path, in every form a library may quote it: whole, each
+    trailing part (`bucket/study/x.dcm`, `study/x.dcm`, `x.dcm`), the bytes of a file:// URI of
+    a name that is no UTF-8 (as Python quotes them), and each folder or file name that holds
+    more than lower-case letters (names, MRNs, UIDs). Lower-case words of the path alone
+    (`data`, `tmp`) stay, so that `pixel data` still reads as such."""
     if message is None or not path:
         return message
-    message = message.replace(path, "<path>")
-    fragments = {part for segment in path.split("/") for part in (segment, segment.rsplit(".", 1)[0])}
-    for fragment in sorted(fragments, key=len, reverse=True):
+    for fragment in sorted(path_fragments(path), key=len, reverse=True):
         if len(fragment) >= SHORTEST_SCRUBBED_FRAGMENT:
             message = re.sub(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", "<path>", message)
     return message
+
+
+def path_fragments(path: str) -> set[str]:
+    """What `scrub_path` removes of `path` (a path or URI)."""
+    scheme, separator, rest = path.partition("://")
+    forms = {rest} if separator else {path}
+    if scheme == "file" and separator:
+        raw = urllib.parse.unquote_to_bytes(rest)
+        forms |= {os.fsdecode(raw), repr(raw)[2:-1]}
+    fragments = {path, *forms}
+    for form in forms:
+        segments = [segment for segment in form.split("/") if segment]
+        fragments.update("/".join(segments[start:]) for start in range(len(segments)))
+        fragments.update(segment for segment in segments if not LOWER_CASE_WORD.fullmatch(segment))
+    return fragments
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,11 @@ class Pseudonymizer:
         for name in KEYED_COLUMNS:
             if name in columns:
                 replace(name, [self.key(name, value) for value in columns[name].to_pylist()], pa.string())
+        for name in SETTING_OF_COLUMN:  # header code strings: a damaged or misused one can hold a name
+            if name in columns:
+                replace(name, with_defined_terms(name, columns[name].to_pylist()), pa.string())
+        if "skip_reason" in columns:
+            replace("skip_reason", [reason_with_defined_terms(reason) for reason in columns["skip_reason"].to_pylist()], pa.string())
         if "study_date" in columns:
             replace("study_date", [year_of(value) for value in columns["study_date"].to_pylist()], pa.string())
         if "mtime_ns" in columns:

@@ -65,6 +65,15 @@ def dicom_bytes(ds: Dataset, preamble: bool = True) -> bytes:
     return buffer.getvalue()
 
 
+def with_patient_id_as_ul(data: bytes) -> bytes:
+    """The PatientID element's VR made UL (explicit VR files): a value whose length is no multiple
+    of 4 is then no whole number of values, and pydicom, asked for it, raises an error that
+    quotes the raw bytes."""
+    tag = b"\x10\x00\x20\x00LO"
+    assert data.count(tag) == 1
+    return data.replace(tag, tag[:4] + b"UL")
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

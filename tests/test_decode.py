@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import SAMPLES
-from dicom_factory import dicom_bytes, dicom_dataset, png_bytes, png_header_only
+from dicom_factory import dicom_bytes, dicom_dataset, png_bytes, png_header_only, with_patient_id_as_ul
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
@@ -186,14 +186,6 @@ def test_patient_identity_is_hashed_never_raw(base_image: np.ndarray) -> None:
     assert decoded.meta["patient_key"] != patient_key("MRN-123456", salt="another-site")
     flat = repr(decoded.meta)
     assert "MRN-123456" not in flat and "Smith" not in flat
-
-
-def with_patient_id_as_ul(data: bytes) -> bytes:
-    """The PatientID element's VR made UL: its 10-byte value is then no whole number of 4-byte
-    values, and pydicom, asked for it, raises an error that quotes the raw bytes."""
-    tag = b"\x10\x00\x20\x00LO"
-    assert data.count(tag) == 1
-    return data.replace(tag, tag[:4] + b"UL")
 
 
 @pytest.mark.parametrize("pixels", ["intact", "truncated"])

@@ -8,6 +8,7 @@ range), or the same film stored another way.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 from dicom_factory import dicom_bytes, dicom_dataset
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_presentation_lut, apply_voi, apply_windowing
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from lungray.io.decode import DecodeOptions, decode_bytes
 from lungray.io.dicom import lookup
@@ -81,6 +84,100 @@ def test_voi_lut_sequence_indexes_integer_modality_values() -> None:
     with pytest.warns(UserWarning, match="float input"):
         truncated = apply_voi(modality, ds) / 4095.0
     assert not np.allclose(decoded.image, truncated, atol=1e-3)  # the float lookup would differ
+
+
+def test_an_8_bit_voi_lut_of_more_than_256_entries_is_read_whole() -> None:
+    """A 12-bit film to a display's 8 bits: 4096 entries of 8 bits. pydicom 3.0.2's apply_voi
+    computes indices in the entries' uint8, so index i read entry i % 256 (a garbage film). The
+    oracle is the standard's lookup (PS3.3 C.11.2.1.2): entry clip(value - first, 0, n - 1)."""
+    stored = film(bits=12)
+    lut = np.rint(np.sqrt(np.arange(4096) / 4095) * 255).astype(np.uint16)
+    ds = dicom_dataset(stored, bits_stored=12)
+    ds.VOILUTSequence = [lut_item([4096, 0, 8], lut)]
+    decoded = decode(ds)
+    assert decoded.ok, decoded.error
+    np.testing.assert_allclose(decoded.image, lut[stored] / 255.0, atol=1e-6)
+    assert np.abs(apply_voi(stored, ds) / 255.0 - lut[stored] / 255.0).max() > 0.5  # pydicom's own reading
+
+
+def test_a_negative_first_mapped_value_read_as_unsigned_is_read_signed() -> None:
+    """PS3.3 C.11.2.1.1: the descriptor's first mapped value is SS where modality values can be
+    negative. An implicit VR file gives pydicom no VR, so it reads -1024 as US 64512, above every
+    modality value: each pixel took the first entry, a black film and no error."""
+    stored = film(bits=12)
+    lut = np.arange(4096, dtype=np.uint16) * 16
+    ds = dicom_dataset(stored, bits_stored=12, RescaleIntercept="-1024", RescaleSlope="1")
+    ds.VOILUTSequence = [lut_item([4096, 64512, 16], lut)]  # -1024 as the US a reader sees
+    decoded = decode(ds)
+    assert decoded.ok, decoded.error
+    np.testing.assert_allclose(decoded.image, lut[np.clip(stored.astype(int) - 1024 + 1024, 0, 4095)] / 65535.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("syntax", ["jpeg2000", "jpegls"])
+def test_codestream_values_above_bits_stored_are_windowed_as_pydicom_reads_them(syntax: str) -> None:
+    """pydicom leaves JPEG 2000 and JPEG-LS samples at the codestream's precision (here 14 bits)
+    where the header says fewer (12): a window set on those values was cut flat at 4095."""
+    import imagecodecs
+
+    stored = film(bits=14)
+    if syntax == "jpeg2000":
+        codestream, uid = imagecodecs.jpeg2k_encode(stored, level=0, codecformat="J2K", reversible=True, bitspersample=14), JPEG2000Lossless
+    else:
+        codestream, uid = imagecodecs.jpegls_encode(stored, level=0), JPEGLSLossless
+    ds = dicom_dataset(stored, bits_stored=12, WindowCenter="8192", WindowWidth="16384")
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    data = dicom_bytes(ds)
+    read = pydicom.dcmread(io.BytesIO(data))
+    assert read.pixel_array.max() > 4095  # the case: pydicom's values exceed Bits Stored
+    lo, hi = apply_windowing(np.array([-np.inf, np.inf]), read)
+    expected = (apply_windowing(apply_modality_lut(read.pixel_array, read), read) - lo) / (hi - lo)
+    decoded = decode_bytes(data, "x.dcm")
+    assert decoded.ok, decoded.error
+    np.testing.assert_allclose(decoded.image, expected, atol=1e-6)
+
+
+def test_float_pixel_data_is_an_error_row_not_a_black_film() -> None:
+    """A parametric map has no stored value range (its scale came out 2^32 - 1: a black film) and
+    no window pydicom applies (it needs Bits Stored)."""
+    ds = dicom_dataset(np.zeros((16, 16), np.uint16))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.linspace(0, 1000, 256, dtype=np.float32).tobytes()
+    assert pydicom.dcmread(io.BytesIO(dicom_bytes(ds))).pixel_array.max() == 1000  # pydicom reads it
+    decoded = decode(ds)
+    assert not decoded.ok and "float pixel data" in decoded.error
+
+
+def test_a_single_frame_with_excess_pixel_data_is_its_first_frame() -> None:
+    """Without Number of Frames, pydicom infers frames from the data's length: asked for no frame
+    in particular it returned (2, 64, 64) and the film was an error row."""
+    stored = film(64, 64)
+    ds = dicom_dataset(stored, bits_stored=12)
+    ds.PixelData = stored.tobytes() * 2
+    decoded = decode(ds)
+    assert decoded.ok, decoded.error
+    np.testing.assert_allclose(decoded.image, decode(dicom_dataset(stored, bits_stored=12)).image, atol=0)
+
+
+def test_a_deflate_bomb_is_refused_before_it_inflates() -> None:
+    """pydicom inflates a Deflated Explicit VR dataset whole before any element is read: 0.4 MB of
+    zeros in a 400 MB element took 3.6 GB. The reference deflated file still decodes."""
+    import resource
+
+    ds = dicom_dataset(np.zeros((8, 8), np.uint16), bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.add_new(0x00091010, "OB", bytes(400 << 20))  # a private element: no pixel header guard sees it
+    data = dicom_bytes(ds)
+    assert len(data) < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    decoded = decode_bytes(data, "bomb.dcm")
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    assert not decoded.ok and "decompression bomb" in decoded.error and grown < 200 << 20
+    reference_data, reference_ds = reference("image_dfl.dcm")
+    assert reference_ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert decode_bytes(reference_data, "image_dfl.dcm").ok
 
 
 def test_modality_lut_sequence_reference_file_signed() -> None:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SAMPLES
-from dicom_factory import dicom_bytes, dicom_dataset
+from dicom_factory import dicom_bytes, dicom_dataset, with_patient_id_as_ul
 from model_factory import untrained_model_dir
 
 from lungray import raysession
@@ -92,9 +92,41 @@ def test_pseudonymizer_keys_identifying_columns_truncates_dates_and_scrubs_error
     assert Pseudonymizer("other-site").table(table).to_pylist()[0]["path"] != out[0]["path"]
 
 
-def test_scrub_path_leaves_words_that_merely_contain_a_folder_name() -> None:
-    assert scrub_path("cannot open tmp file: attempt 2", "/tmp/x.dcm") == "cannot open <path> file: attempt 2"
+def test_scrub_path_takes_every_form_of_the_path_and_leaves_the_words_of_the_message() -> None:
     assert scrub_path(None, "/a/b") is None
+    # A lower-case folder name is a word of the message too: only the path's trailing parts take it.
+    path = "/archive/data/DOE_JANE/1.2.840.99/truncated.dcm"
+    assert scrub_path("truncated or malformed pixel data: attempt 2", path) == "truncated or malformed pixel data: attempt 2"
+    # S3's messages quote the key; PACS' the instance's UID.
+    key = "s3://bucket/DOE_JANE/x.dcm"
+    assert scrub_path("reading key 'DOE_JANE/x.dcm' in bucket 'bucket'", key) == "reading key '<path>' in bucket 'bucket'"
+    assert scrub_path("series 1.2.840.99 of DOE_JANE", path) == "series <path> of <path>"
+    # A name that is no UTF-8 is listed as a file:// URI of its bytes; Python quotes the bytes.
+    uri = "file:///archive/M%FCller_Hans/1.dcm"
+    quoted = "[Errno 2] No such file or directory: b'/archive/M\\xfcller_Hans/1.dcm'"
+    assert scrub_path(f"could not read file: {quoted}", uri) == "could not read file: [Errno 2] No such file or directory: b'<path>'"
+    assert scrub_path("M\udcfcller_Hans", uri) == "<path>"  # the surrogate-escaped text of the same bytes
+
+
+def test_pseudonymized_header_code_strings_keep_only_dicom_defined_terms() -> None:
+    """A name or MRN is a valid code string, so a misused BodyPartExamined carried it into the
+    skip reason and the raw columns of every output, under --pseudonymize too."""
+    reason = "out of scope: BodyPartExamined {} is not one of CHEST,THORAX,LUNG"
+    table = pa.table(
+        {
+            "modality": ["CT", "12345678", None],
+            "body_part": ["Smithson", "knee ", "CHEST"],
+            "view_position": ["LL", "PA", "['PA', 'LL']"],
+            "skip_reason": [reason.format("SMITHSON"), reason.format("KNEE"), None],
+        }
+    )
+    out = Pseudonymizer("site-secret").table(table).to_pydict()
+    assert out == {
+        "modality": ["CT", "<other value>", None],
+        "body_part": ["<other value>", "KNEE", "CHEST"],
+        "view_position": ["LL", "PA", "<other value>"],
+        "skip_reason": [reason.format("<other value>"), reason.format("KNEE"), None],
+    }
 
 
 def test_init_ray_leaves_the_auth_settings_of_a_cluster_it_joins_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,6 +191,12 @@ def planted_archive(root: Path) -> tuple[Path, list[str]]:
         )
         uids += [ds.SOPInstanceUID, ds.SeriesInstanceUID]
         (study / f"{PLANTED_FOLDER}_{name}.dcm").write_bytes(dicom_bytes(ds))
+    # A misused code string (the MRN as body part) and a damaged PatientID, which pydicom quotes in its error.
+    misused = dicom_dataset(image, patient_id="12345678", StudyInstanceUID=PLANTED_STUDY_UID, BodyPartExamined="12345678")
+    damaged = dicom_dataset(image, patient_id="12345678X", StudyInstanceUID=PLANTED_STUDY_UID, StudyDate=PLANTED_DATE)
+    uids += [misused.SOPInstanceUID, misused.SeriesInstanceUID, damaged.SOPInstanceUID, damaged.SeriesInstanceUID]
+    (study / f"{PLANTED_FOLDER}_body.dcm").write_bytes(dicom_bytes(misused))
+    (study / f"{PLANTED_FOLDER}_damaged.dcm").write_bytes(with_patient_id_as_ul(dicom_bytes(damaged)))
     (study / f"{PLANTED_FOLDER}_broken.dcm").write_bytes(dicom_bytes(dicom_dataset(image, patient_id="12345678", patient_name="DOE^JANE"))[:-3000])
     shutil.copy(next((SAMPLES / "kermany-mini" / "NORMAL").glob("*.jpeg")), study / f"JANE_DOE_{12345678}.jpeg")
     return root, ["DOE", "JANE", "12345678", PLANTED_DATE, *uids]
@@ -187,15 +225,15 @@ def test_pseudonymized_ingest_and_screen_leave_no_planted_name_mrn_uid_or_date_a
 
     assert json.JSONDecoder().raw_decode(last_stdout)[0]["files_scored"] == 0  # keyed ledger: nothing scored twice
     summary = json.loads((output / "ingested" / "summary.json").read_text())
-    assert summary["pseudonymized"] and summary["by_status"] == {"error": 1, "ok": 3, "skipped": 1}
+    assert summary["pseudonymized"] and summary["by_status"] == {"error": 1, "ok": 4, "skipped": 2}
     data = pq.read_table(output / "ingested" / "data").drop_columns(["image"]).to_pylist()
     assert {row["study_date"] for row in data if row["format"] == "dicom"} == {"1987"}
     assert len({row["study_id"] for row in data if row["format"] == "dicom"}) == 1  # still one study, under its key
     images = read_table(str(output / "screen"), "images").to_pylist()
-    assert sorted(row["status"] for row in images) == ["error", "ok", "ok", "ok", "skipped"]
+    assert sorted(row["status"] for row in images) == ["error", "ok", "ok", "ok", "ok", "skipped", "skipped"]
     studies = read_table(str(output / "screen"), "studies", filter=pc.field("scored_date") == "2026-11-27").to_pylist()
-    dicom_study = next(row for row in studies if row["n_skipped"] == 1)
-    assert dicom_study["n_images"] == 3 and dicom_study["flagged"] and dicom_study["explain_path"] and Path(dicom_study["explain_path"]).is_file()
+    dicom_study = next(row for row in studies if row["n_skipped"] == 2)
+    assert dicom_study["n_images"] == 5 and dicom_study["flagged"] and dicom_study["explain_path"] and Path(dicom_study["explain_path"]).is_file()
 
     assert planted_values_in(output, planted) == {}
     for log in logs:

@@ -49,13 +49,13 @@ def test_settings_replace_the_defaults_they_name_and_any_accepts_everything() ->
 
 
 def test_the_header_is_read_from_dicom_bytes_without_their_pixels() -> None:
-    ct, dataset = dicom_header(Path(get_testdata_file("CT_small.dcm")).read_bytes(), salt=None)
+    ct, dataset = dicom_header(Path(get_testdata_file("CT_small.dcm")).read_bytes(), salt=None, max_pixels=DecodeOptions().max_pixels)
     assert ct["modality"] == "CT" and ct["study_id"] and ct["patient_key"] is None and dataset.Modality == "CT"
     knee = dicom_dataset(np.zeros((8, 8), np.uint8), Modality="CR", BodyPartExamined="KNEE")
-    header, _ = dicom_header(dicom_bytes(knee)[:-40], salt="s")  # truncated pixels: the header still reads
+    header, _ = dicom_header(dicom_bytes(knee)[:-40], salt="s", max_pixels=DecodeOptions().max_pixels)  # truncated pixels: the header still reads
     assert header["body_part"] == "KNEE" and header["patient_key"]
-    assert dicom_header(b"\x89PNG\r\n\x1a\n....", salt=None) == ({}, None)
-    assert dicom_header(b"random bytes", salt=None) == ({}, None)
+    assert dicom_header(b"\x89PNG\r\n\x1a\n....", salt=None, max_pixels=1) == ({}, None)
+    assert dicom_header(b"random bytes", salt=None, max_pixels=1) == ({}, None)
 
 
 @pytest.mark.parametrize(("modality", "status"), [("DX", "ok"), ("CT", "skipped")])

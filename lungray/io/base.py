@@ -38,7 +38,11 @@ import numpy as np
 #    by the wavelet the codestream's COD names, whatever the transfer syntax.
 # 8: films with Pixel Padding decoded in full (their reduced samples mixed padding and tissue
 #    into values that were neither), signed 8-bit JPEG in full (the scaled decode dropped the sign).
-DECODER_VERSION = 8
+# 9: VOI LUT Sequences of 8-bit entries indexed past 255 and with a signed first mapped value read
+#    as unsigned (both misread by pydicom 3.0.2's apply_voi), JPEG 2000 / JPEG-LS samples above
+#    Bits Stored windowed as pydicom reads them (they were clipped), Float Pixel Data refused
+#    (it decoded to a black film).
+DECODER_VERSION = 9
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).

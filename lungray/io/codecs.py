@@ -111,14 +111,14 @@ def read_stored_pixels(ds: Dataset, frame_index: int, options: DecodeOptions) ->
             reduced, failure = None, f" (reduced decode failed: {type(exc).__name__})"
         if reduced is not None:
             return bin_stored(*reduced, floors.binning)
-    values = full_decode(ds, frame_index if frames > 1 else None)
+    values = full_decode(ds, frame_index)  # an index even for one frame: pydicom infers frames from excess data
     if not reducible:
         return StoredPixels(values, 1, "pydicom")
     binned = bin_stored(values, 1, "pydicom", floors.binning)
     return binned._replace(decoder=binned.decoder + failure)
 
 
-def full_decode(ds: Dataset, index: int | None) -> np.ndarray:
+def full_decode(ds: Dataset, index: int) -> np.ndarray:
     """pydicom's `pixel_array`, through the fastest of its installed plugins for the syntax."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     plugin = FASTEST_PLUGIN.get(syntax)

@@ -24,10 +24,12 @@ Presentation (`apply_presentation_lut`) -> [0,1].
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +50,22 @@ EMPTY_MEANS_ABSENT = ("VOILUTFunction", "PresentationLUTShape", "PixelPaddingVal
 # pydicom logs header values (names included) when it meets invalid elements; errors here are values.
 logging.getLogger("pydicom").setLevel(logging.ERROR)
 LUT_RANGE_ENUMERATION_LIMIT = 1 << 17  # enumerate stored values up to 17 bits to find a LUT's range
+DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+DEFLATED_HEADER_ALLOWANCE = 16 << 20  # bytes a deflated dataset may inflate to whatever its size
+# Deflate reaches about 1000:1 on constant bytes; a film, even a padded one, stays far below 100:1.
+DEFLATE_RATIO_LIMIT = 100
 
 KeyPatient = Callable[[str | None], str | None]
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse a DICOM file, with or without preamble and file meta."""
+def read_dataset(data: bytes, max_pixels: int) -> Dataset:
+    """Parse a DICOM file, with or without preamble and file meta; a deflated dataset only when it
+    inflates to no more than `max_pixels` 32-bit samples, nor 100 times its size, and a header."""
     try:
+        check_inflated_size(data, min(max_pixels * 4, len(data) * DEFLATE_RATIO_LIMIT) + DEFLATED_HEADER_ALLOWANCE)
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except DecodeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for garbage
         raise DecodeError(f"not a readable image (no PNG/JPEG signature, not DICOM: {type(exc).__name__})") from exc
     if len(ds) == 0 or not any(tag in ds for tag in ("SOPClassUID", "PixelData", "Rows", "StudyInstanceUID")):
@@ -67,6 +77,23 @@ def read_dataset(data: bytes) -> Dataset:
             pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
         )
     return ds
+
+
+def check_inflated_size(data: bytes, limit: int) -> None:
+    """Refuse a Deflated Explicit VR file whose dataset inflates past `limit` bytes, by inflating
+    it at most that far: pydicom inflates the whole dataset in memory before any element is read,
+    so a 0.4 MB file could take 3.6 GB before the pixel bomb guard saw its header."""
+    if DEFLATED.encode() not in data[:4096]:  # the transfer syntax, in the file meta
+        return
+    stream = io.BytesIO(data)
+    pydicom.filereader.read_preamble(stream, True)
+    meta = pydicom.filereader._read_file_meta_info(stream)  # leaves the stream at the dataset
+    if meta.get("TransferSyntaxUID") != DEFLATED:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater.decompress(data[stream.tell() :], limit)
+    if inflater.unconsumed_tail:
+        raise DecodeError(f"deflated dataset inflates past {limit} bytes (decompression bomb guard)")
 
 
 def header_metadata(ds: Dataset, key_patient: KeyPatient) -> dict[str, Any]:
@@ -99,9 +126,12 @@ def header_metadata(ds: Dataset, key_patient: KeyPatient) -> dict[str, Any]:
 
 def check_pixel_header(ds: Dataset, options: DecodeOptions) -> tuple[int, int, int, int]:
     """Refuse non-image objects and bombs from the header alone, before any allocation."""
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        sop = ds.get("SOPClassUID")
-        sop_name = sop.name if isinstance(sop, pydicom.uid.UID) and sop.is_valid else "unknown SOP class"
+    sop = ds.get("SOPClassUID")
+    sop_name = sop.name if isinstance(sop, pydicom.uid.UID) and sop.is_valid else "unknown SOP class"
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        # Parametric maps: no stored value range, no window pydicom can apply (it needs Bits Stored).
+        raise DecodeError(f"DICOM object has float pixel data ({sop_name}), which no radiograph has")
+    if "PixelData" not in ds:
         raise DecodeError(f"DICOM object has no pixel data ({sop_name})")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -160,6 +190,30 @@ def has_voi_lut_sequence(ds: Dataset) -> bool:
     )
 
 
+def apply_voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The first VOI LUT of `ds` on integer modality values, by pydicom's `apply_voi`, with two
+    of its readings corrected (pydicom 3.0.2):
+    - it computes LUT indices in the type of the LUT's entries, so with 8-bit entries an index
+      past 255 wraps (a 4096-entry 8-bit LUT, 12 bits to a display's 8, gave garbage), and with
+      16-bit entries one past 65535: here the input is first clipped to the mapped range, which
+      the lookup maps its ends to anyway, and 8-bit entries are read into 16-bit words, the
+      words they are stored in (PS3.3 C.11.2.1.1), so every index fits;
+    - the descriptor's first mapped value is US or SS by the data (PS3.3 C.11.2.1.1); read as US
+      from an implicit VR file it turns -1024 into 64512 and maps every pixel to the first entry.
+      A value past 32767 that lies above every modality value is read as the signed one.
+    """
+    item = ds.VOILUTSequence[0]
+    entries, first, bits = (int(value) for value in item.LUTDescriptor)
+    entries = entries or 1 << 16
+    if first >= 1 << 15 and first > modality_output_range(ds)[1]:
+        first -= 1 << 16
+    corrected = Dataset()
+    corrected.file_meta = ds.file_meta
+    corrected.VOILUTSequence = [copy.copy(item)]
+    corrected.VOILUTSequence[0].LUTDescriptor = [entries % (1 << 16), first, 16 if bits == 8 else bits]
+    return apply_voi(np.clip(values, first, first + entries - 1), corrected, index=0)
+
+
 def first_window(ds: Dataset) -> tuple[float, float, str] | None:
     """(center, width, function) of the first window, as `apply_windowing` reads it, or None."""
     if ds.get("WindowCenter") in (None, "") or ds.get("WindowWidth") in (None, ""):
@@ -173,7 +227,7 @@ def voi_to_unit(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str] | Non
     range; None when it has none. A VOI LUT Sequence is preferred, as pydicom does."""
     if has_voi_lut_sequence(ds):
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return scale_to_unit(apply_voi(lut_input(values), ds, index=0), 0.0, float((1 << bits) - 1)), "voi_lut_sequence"
+        return scale_to_unit(apply_voi_lut_sequence(lut_input(values), ds), 0.0, float((1 << bits) - 1)), "voi_lut_sequence"
     window = first_window(ds)
     if window is None:
         return None
@@ -243,6 +297,10 @@ def grayscale_to_unit(stored: np.ndarray, ds: Dataset, photometric: str, apply_v
     per-pixel masking passes over a 2,000 px film (about 3x faster when a window applies).
     """
     lo, hi = stored_value_range(ds)
+    if np.issubdtype(stored.dtype, np.integer) and stored.size:
+        # pydicom leaves JPEG 2000 and JPEG-LS values at the codestream's precision, which can
+        # exceed Bits Stored: the table covers the values there are, as pydicom's pipeline would.
+        lo, hi = min(lo, int(stored.min())), max(hi, int(stored.max()))
     if np.issubdtype(stored.dtype, np.integer) and hi - lo < LUT_RANGE_ENUMERATION_LIMIT:
         table, description = grayscale_pipeline(np.arange(lo, hi + 1), ds, photometric, apply_voi_lut)
         indices = stored if lo == 0 else stored.astype(np.int32) - lo
@@ -337,7 +395,7 @@ def decode_dicom(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = read_dataset(data) if ds is None else ds
+        ds = read_dataset(data, options.max_pixels) if ds is None else ds
         secrets = identifying_values(ds)
         meta = header_metadata(ds, key_patient)
         try:

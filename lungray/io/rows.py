@@ -58,7 +58,7 @@ META_SCHEMA = pa.schema(
 )
 
 
-def dicom_header(data: bytes, salt: str | None) -> tuple[dict[str, Any], Dataset | None]:
+def dicom_header(data: bytes, salt: str | None, max_pixels: int) -> tuple[dict[str, Any], Dataset | None]:
     """(header fields, parsed dataset) of a DICOM file (about a millisecond, no pixel decode).
 
     The dataset goes on to the decode, so that a file is parsed once. ({}, None) for PNG/JPEG
@@ -71,7 +71,7 @@ def dicom_header(data: bytes, salt: str | None) -> tuple[dict[str, Any], Dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = dicom.read_dataset(data)
+            ds = dicom.read_dataset(data, max_pixels)
             return dicom.header_metadata(ds, functools.partial(patient_key, salt=salt)), ds
         except Exception:  # noqa: BLE001 - no readable header: the decode reports why, as an error row
             return {}, None
@@ -100,11 +100,13 @@ def process_file(
     try:
         data = read_bytes(uri)
     except Exception as exc:  # noqa: BLE001 - unreadable files (permissions, vanished objects) are error rows
-        row["error"] = f"could not read file: {type(exc).__name__}: {exc}"[:500]
+        # An OSError's own text, without the file name it quotes: the row has the path already.
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        row["error"] = f"could not read file: {type(exc).__name__}: {detail}"[:500]
         return row, None
     dataset = None
     if scope is not None:
-        header, dataset = dicom_header(data, salt)
+        header, dataset = dicom_header(data, salt, decode_options.max_pixels)
         reason = skip_reason(header, scope)
         if reason is not None:
             row.update({key: value for key, value in header.items() if key in META_SCHEMA.names})
