@@ -24,7 +24,7 @@ from lungray import raysession
 from lungray.ingest import IngestConfig, SourceSpec
 from lungray.io.decode import patient_key
 from lungray.privacy import SALT_ENV, MissingSaltError, Pseudonymizer, resolve_salt, scrub_path
-from lungray.screen.pipeline import ScreenConfig
+from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.tables import read_table
 
 PLANTED_FOLDER = "DOE_JANE_12345678"
@@ -127,6 +127,40 @@ def test_pseudonymized_header_code_strings_keep_only_dicom_defined_terms() -> No
         "view_position": ["LL", "PA", "<other value>"],
         "skip_reason": [reason.format("<other value>"), reason.format("KNEE"), None],
     }
+
+
+def test_an_output_keyed_one_way_refuses_a_run_keyed_another(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows keyed under another salt (a throwaway one, say) or not keyed at all match none of the
+    ledger's and the studies' keys: every rerun into the output scored every file again and
+    added a second row for each file and study. Refused before anything is read."""
+    model = untrained_model_dir(tmp_path / "model")
+    monkeypatch.setenv(SALT_ENV, "site-secret")
+
+    def screen(output: str, **options: object) -> None:
+        run_screen(ScreenConfig(model=str(model), input=str(tmp_path / "absent"), output=output, **options))
+
+    keyed = str(tmp_path / "keyed")
+    with pytest.raises(FileNotFoundError, match="input not found"):  # the keying is recorded first, then the listing fails
+        screen(keyed, pseudonymize=True)
+    with pytest.raises(FileNotFoundError):
+        screen(keyed, pseudonymize=True)  # the same salt: allowed
+    with pytest.raises(ValueError, match="holds pseudonymized rows.*pass --pseudonymize"):
+        screen(keyed)
+    monkeypatch.setenv(SALT_ENV, "another-site")
+    with pytest.raises(ValueError, match="keyed under another salt"):
+        screen(keyed, pseudonymize=True)
+    monkeypatch.delenv(SALT_ENV)
+    with pytest.raises(ValueError, match="keyed under another salt"):
+        screen(keyed, pseudonymize=True, throwaway_salt=True)
+    monkeypatch.setenv(SALT_ENV, "site-secret")
+    plain = str(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError):
+        screen(plain)
+    with pytest.raises(FileNotFoundError):
+        screen(plain)  # not pseudonymized, whatever the salt: paths are as listed
+    with pytest.raises(ValueError, match="not pseudonymized.*leave out --pseudonymize"):
+        screen(plain, pseudonymize=True)
+    assert "site-secret" not in (tmp_path / "keyed" / "_lungray" / "keying.json").read_text()
 
 
 def test_init_ray_leaves_the_auth_settings_of_a_cluster_it_joins_alone(monkeypatch: pytest.MonkeyPatch) -> None:

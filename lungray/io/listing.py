@@ -224,6 +224,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
+def write_whole(uri: str, data: bytes) -> None:
+    """Write a file that readers must never see half-written: a temporary name renamed into
+    place on a local disk, one PUT (atomic already) on S3."""
+    if is_s3(uri):
+        write_bytes(uri, data)
+        return
+    temporary = f"{uri}.tmp"
+    write_bytes(temporary, data)
+    os.replace(temporary, uri)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

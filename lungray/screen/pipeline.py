@@ -40,7 +40,7 @@ from ray.data import SaveMode
 
 from lungray import __version__
 from lungray.io.base import DecodeOptions, decode_record, options_from_record
-from lungray.io.listing import ListedRow, filesystem_for, is_s3, iter_listing, join_uri, listing_tables, write_bytes
+from lungray.io.listing import ListedRow, filesystem_for, is_s3, iter_listing, join_uri, listing_tables, write_whole
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
 from lungray.modeldir import ModelDir, load_model_dir, read_meta
@@ -51,6 +51,7 @@ from lungray.progress import Progress
 from lungray.screen import ledger
 from lungray.screen.decode import chunk_rows, decode_for_screening
 from lungray.screen.explain import driving_images, explain, overlay_name
+from lungray.screen.keying import check_keying
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
 from lungray.screen.studies import Decorate, sync_studies
@@ -385,15 +386,8 @@ def resume_settings(config: ScreenConfig, model_id: str) -> dict[str, Any]:
 
 
 def write_summary(output: str, summary: dict[str, Any]) -> None:
-    """runs/<run>.json, in one write: a temporary name renamed into place on a local disk, one PUT on S3."""
-    target = join_uri(output, "runs", f"{summary['run_id']}.json")
-    data = json.dumps(summary, indent=2).encode()
-    if is_s3(output):
-        write_bytes(target, data)
-        return
-    temporary = f"{target}.tmp"
-    write_bytes(temporary, data)
-    Path(temporary).replace(target)
+    """runs/<run>.json, in one write."""
+    write_whole(join_uri(output, "runs", f"{summary['run_id']}.json"), json.dumps(summary, indent=2).encode())
 
 
 def run_screen(config: ScreenConfig) -> dict[str, Any]:
@@ -406,6 +400,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     pseudonymizer = Pseudonymizer(resolve_salt(config.throwaway_salt)) if config.pseudonymize else None
     run = Run(config, run_id, meta["model_id"], float(meta["threshold"]), PreprocessConfig.from_dict(meta["preprocess"]), decode, pseudonymizer, model_path)
 
+    check_keying(config.output, pseudonymizer)
     lease = Lease(config.output, run.model_id, run_id, fingerprint(resume_settings(config, run.model_id)))
     resumes = lease.acquire()
     try:
