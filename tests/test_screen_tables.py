@@ -28,6 +28,8 @@ from lungray.io.listing import iter_listing, read_bytes
 from lungray.io.rows import process_file
 from lungray.preprocess import PreprocessConfig
 from lungray.screen import lease as lease_module
+from lungray.privacy import Pseudonymizer
+from lungray.screen.keying import check_keying
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, resume_settings, run_screen
@@ -361,20 +363,37 @@ def test_listing_streams_in_bounded_sorted_batches(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_folder_symlinks_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+def test_each_file_is_listed_once_under_one_path_whatever_links_point_at_it(tmp_path: Path) -> None:
     """A link back up the tree listed the same file again under ever longer paths (41 rows for one
-    file with `study/up -> ..`; with a second loop, exponentially many: the listing never ended)."""
+    file with `study/up -> ..`; with a second loop, exponentially many: the listing never ended),
+    and a rotating link inside the root (`_latest -> 2026-11-27`) moved a file to another path."""
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "1.dcm").write_bytes(b"x")
     (tmp_path / "study" / "up").symlink_to("..")
     (tmp_path / "study" / "same").symlink_to(".")
+    (tmp_path / "_latest").symlink_to("study")
     outside = tmp_path.parent / f"{tmp_path.name}-shared"
     outside.mkdir()
     (outside / "2.dcm").write_bytes(b"y")
-    (tmp_path / "shared").symlink_to(outside)  # a linked folder outside the tree is listed, once
+    (outside / "back").symlink_to(tmp_path)  # from outside back into the root: its files are there already
+    (tmp_path / "shared").symlink_to(outside)  # a linked folder outside the root is listed, once
     (tmp_path / "shared-again").symlink_to(outside)
     relpaths = [path for batch in iter_listing(str(tmp_path)) for path in batch["relpath"].to_pylist()]
     assert relpaths == ["shared/2.dcm", "study/1.dcm"]
+
+
+def test_an_unreadable_root_is_an_error_not_an_empty_night(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale mount or a permission change listed nothing, exit 0: a quiet night to monitoring."""
+    real_scandir = os.scandir
+
+    def refuse(path: object) -> object:
+        if os.fspath(path) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(FileNotFoundError, match="input cannot be listed: .*Permission denied"):
+        list(iter_listing(str(tmp_path)))
 
 def test_a_name_that_is_no_utf8_is_listed_once_and_read(tmp_path: Path) -> None:
     """A Latin-1 folder and file name (an old SMB share) cannot be an Arrow string: it is
@@ -545,3 +564,19 @@ def test_runs_of_two_models_at_once_both_commit_and_a_second_run_of_one_is_refus
         assert open_table(str(output), "images").version() == version  # refused before anything was written
     finally:
         holder.release(failed=False)
+
+
+@pytest.mark.parametrize("pseudonymized", [True, False])
+def test_an_output_of_before_the_keying_record_is_judged_by_its_rows(tmp_path: Path, pseudonymized: bool) -> None:
+    """Without keying.json, the first run of either keying recorded itself and went ahead: a
+    pseudonymized run into an older raw output added a row per file beside the raw ones."""
+    path = "0123456789abcdef0123456789abcdef" if pseudonymized else "/archive/study/1.dcm"
+    ensure_table(str(tmp_path), "images")
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": path}]), mode="append", partition_by=["scored_date"])
+    keyed, raw = Pseudonymizer("site-secret"), None
+    with pytest.raises(ValueError, match="pass --pseudonymize" if pseudonymized else "leave out --pseudonymize"):
+        check_keying(str(tmp_path), raw if pseudonymized else keyed)
+    assert not (tmp_path / "_lungray" / "keying.json").exists()
+    check_keying(str(tmp_path), keyed if pseudonymized else raw)  # the same keying: recorded from now on
+    recorded = json.loads((tmp_path / "_lungray" / "keying.json").read_text())
+    assert recorded["pseudonymized"] is pseudonymized

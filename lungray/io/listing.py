@@ -147,14 +147,21 @@ def _iter_local_files(root: str) -> Iterator[ListedRow]:
         return
     if not os.path.isdir(base):
         raise FileNotFoundError(f"input not found: {root}")
-    yield from _walk(base, base, set())
+    try:
+        os.scandir(base).close()
+    except OSError as exc:  # an unreadable root (a stale mount, a permission) is no quiet night
+        raise FileNotFoundError(f"input cannot be listed: {root}: {exc.strerror or exc}") from None
+    yield from _walk(base, base, os.path.realpath(base), set())
 
 
-def _walk(folder: str, base: str, walked: set[tuple[int, int]]) -> Iterator[ListedRow]:
+def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]]) -> Iterator[ListedRow]:
     """Sorted, depth first; one stat per entry (scandir's) and one per folder.
 
-    Folder symlinks are followed, each folder once (by device and inode): a link back up the
-    tree (`study/up -> ..`) would otherwise list the same files again under ever longer paths.
+    Each file is listed under one path, night after night: a folder symlink whose target lies
+    inside the root is not followed (its files are listed where they are; a link such as
+    `_latest -> 2026-11-27` would move them from path to path as it rotates, and `up -> ..`
+    listed them again under ever longer paths), and a folder outside it is walked once (by
+    device and inode), under the first link to it.
     """
     try:
         folder_id = os.stat(folder)
@@ -167,13 +174,19 @@ def _walk(folder: str, base: str, walked: set[tuple[int, int]]) -> Iterator[List
     for entry in entries:
         try:
             if entry.is_dir(follow_symlinks=True):
-                yield from _walk(entry.path, base, walked)
+                if entry.is_symlink() and is_within(os.path.realpath(entry.path), real_base):
+                    continue
+                yield from _walk(entry.path, base, real_base, walked)
             elif entry.is_file(follow_symlinks=True):
                 stat = entry.stat(follow_symlinks=True)
                 relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))
                 yield local_uri(entry.path), relpath, stat.st_size, stat.st_mtime_ns, None
         except OSError:  # vanished between the listing and the stat
             continue
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _iter_s3_objects(root: str) -> Iterator[ListedRow]:

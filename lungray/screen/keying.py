@@ -12,27 +12,46 @@ that keys otherwise is refused before it reads anything.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lungray.io.listing import exists, join_uri, read_bytes, write_whole
-from lungray.privacy import Pseudonymizer
+from lungray.privacy import KEY_HEX_CHARS, Pseudonymizer
+from lungray.screen.tables import open_table
 
 KEYING = "_lungray/keying.json"
+KEYED_PATH = re.compile(f"[0-9a-f]{{{KEY_HEX_CHARS}}}")
 
 
 def keying_record(pseudonymizer: Pseudonymizer | None) -> dict[str, Any]:
     return {"pseudonymized": pseudonymizer is not None, "key_check": pseudonymizer.key("key-check", "lungray") if pseudonymizer else None}
 
 
+def keying_of_rows(output: str) -> dict[str, Any] | None:
+    """How an output written before keying.json keyed its rows, from one image row's `path`
+    (32 hex digits under --pseudonymize, a URI otherwise); the salt cannot be told from it.
+    None for an output without image rows."""
+    images = open_table(output, "images")
+    if images is None:
+        return None
+    for batch in images.to_pyarrow_dataset().to_batches(columns=["path"]):
+        if batch.num_rows:
+            return {"pseudonymized": bool(KEYED_PATH.fullmatch(batch["path"][0].as_py()))}
+    return None
+
+
 def check_keying(output: str, pseudonymizer: Pseudonymizer | None) -> None:
     """Record this run's keying in a new OUTPUT; refuse it (ValueError) where OUTPUT was keyed otherwise."""
     uri = join_uri(output, KEYING)
     record = keying_record(pseudonymizer)
-    if not exists(uri):
-        write_whole(uri, json.dumps(record).encode())
-        return
-    recorded = json.loads(read_bytes(uri))
-    if recorded == record:
+    on_record = exists(uri)
+    recorded = json.loads(read_bytes(uri)) if on_record else keying_of_rows(output)
+    agrees = recorded is None or (
+        recorded["pseudonymized"] == record["pseudonymized"] and recorded.get("key_check", record["key_check"]) == record["key_check"]
+    )
+    if agrees:
+        if not on_record:  # a new output, or one of before keying.json: recorded from now on
+            write_whole(uri, json.dumps(record).encode())
         return
     if recorded["pseudonymized"] != record["pseudonymized"]:
         held = "pseudonymized rows" if recorded["pseudonymized"] else "rows that are not pseudonymized"

@@ -312,7 +312,7 @@ def overlays(run: Run, chunk_uris: dict[str, str]) -> Decorate:
                 continue
             name = overlay_name(study)
             target = join_uri(run.config.output, "explain", f"scored_date={run.config.date}", name)
-            write_bytes(target, png)
+            write_whole(target, png)
             paths[study] = target
         column = pa.array([paths.get(study) for study in studies["study_id"].to_pylist()], pa.string())
         return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", column)
