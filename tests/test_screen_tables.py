@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,6 +193,57 @@ def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
     assert (studies["s1"]["n_images"], studies["s1"]["prob"], studies["s1"]["run_id"]) == (2, 0.95, "r3")
     assert studies["s2"]["run_id"] == "r1" and len(studies) == 2
+
+
+def test_a_study_whose_counts_stand_keeps_its_row_night_and_overlay(tmp_path: Path) -> None:
+    """A rewritten data file (a MERGE of replaced rows, a compaction) made every study in it
+    touched: each was upserted again under tonight's run and date and counted again as
+    flagged, and under --pseudonymize a study whose driving image an earlier run scored lost
+    its overlay. Only a study whose counts, probability, flag or settings change is written."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    first = image_rows(
+        [{"path": "a1", "study_id": "a", "prob": 0.9}, {"path": "a2", "study_id": "a", "prob": 0.1}, {"path": "b1", "study_id": "b", "prob": 0.7}]
+    )
+    write_deltalake(str(tmp_path / "images"), first, mode="append", partition_by=["scored_date"])
+
+    def overlay(night: str) -> Callable[[pa.Table, pa.Table], pa.Table]:
+        def decorate(studies: pa.Table, images: pa.Table) -> pa.Table:  # an overlay for night 1's studies only
+            paths = pa.array([f"{night}/{study}.png" if night == "n1" else None for study in studies["study_id"].to_pylist()], pa.string())
+            return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", paths)
+
+        return decorate
+
+    sync_studies(output, MODEL, 0.5, "max", "r1", "2026-11-28", overlay("n1"))
+    # Night 2: a2 rescored lower (its row replaced: the file holding a1 and b1 is rewritten too).
+    merge(open_table(output, "images"), "images", image_rows([{"path": "a2", "study_id": "a", "prob": 0.05, "run_id": "r2"}]))
+    written, _ = sync_studies(output, MODEL, 0.5, "max", "r2", DATE, overlay("n2"))
+    assert written.num_rows == 0  # a's max and counts stand, b is untouched: nothing to write or count
+    # Night 3: a new image in study a, below its max: a's count changes, its probability does not.
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a3", "study_id": "a", "prob": 0.2}]), mode="append", partition_by=["scored_date"])
+    written, _ = sync_studies(output, MODEL, 0.5, "max", "r3", "2026-11-30", overlay("n3"))
+    assert written["study_id"].to_pylist() == ["a"]
+    studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
+    assert (studies["a"]["n_images"], studies["a"]["run_id"], studies["a"]["scored_date"], studies["a"]["explain_path"]) == (3, "r3", "2026-11-30", "n1/a.png")
+    assert (studies["b"]["run_id"], studies["b"]["scored_date"], studies["b"]["explain_path"]) == ("r1", "2026-11-28", "n1/b.png")
+
+
+def test_a_new_threshold_or_aggregate_reaggregates_every_study(tmp_path: Path) -> None:
+    """Under --incremental only touched studies were aggregated again: after a threshold edit
+    or --aggregate mean, the table mixed studies flagged under the old setting and the new."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    rows = image_rows([{"path": "a1", "study_id": "a", "prob": 0.9}, {"path": "a2", "study_id": "a", "prob": 0.5}, {"path": "b1", "study_id": "b", "prob": 0.6}])
+    write_deltalake(str(tmp_path / "images"), rows, mode="append", partition_by=["scored_date"])
+    sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
+    written, _ = sync_studies(output, MODEL, 0.65, "max", "r2", DATE)  # nothing new in the images table
+    assert sorted(written["study_id"].to_pylist()) == ["a", "b"]
+    assert {row["study_id"]: row["flagged"] for row in read_table(output, "studies").to_pylist()} == {"a": True, "b": False}
+    written, _ = sync_studies(output, MODEL, 0.65, "mean", "r3", DATE)
+    assert sorted(written["study_id"].to_pylist()) == ["a", "b"]  # each row records its aggregate
+    studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
+    assert (studies["a"]["prob"], studies["a"]["flagged"], studies["a"]["aggregate"]) == (pytest.approx(0.7), True, "mean")
+    assert sync_studies(output, MODEL, 0.65, "mean", "r4", DATE)[0].num_rows == 0
 
 
 @pytest.mark.parametrize("vacuumed", [False, True], ids=["since-the-watermark", "every-study-again"])

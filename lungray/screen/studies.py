@@ -10,6 +10,7 @@ the next run's first sync.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -34,6 +35,9 @@ from lungray.screen.tables import (
 log = logging.getLogger(__name__)
 
 WATERMARK = "lungray.images_version"
+# The threshold and aggregate of the last sync: studies are re-aggregated, all of them, when they change.
+SETTINGS = "lungray.study_settings"
+COMPARED = ["n_images", "n_errors", "n_skipped", "prob", "flagged", "threshold", "aggregate"]
 STUDY_IMAGE_COLUMNS = ["path", "study_id", "sop_uid", "status", "prob", "size"]
 # A decoration of the new study rows (the Grad-CAM overlays) from them and their image rows.
 Decorate = Callable[[pa.Table, pa.Table], pa.Table]
@@ -44,8 +48,12 @@ def watermark_key(model_id: str) -> str:
     return f"{WATERMARK}.{model_id}"
 
 
-def watermark(studies: DeltaTable, model_id: str) -> int | None:
-    """The images version the model's study rows last reflected (None: never synced).
+def settings_key(model_id: str) -> str:
+    return f"{SETTINGS}.{model_id}"
+
+
+def last_sync(studies: DeltaTable, model_id: str) -> dict | None:
+    """The commit of the model's last studies sync (None: never synced).
 
     Read from the newest commits first, in windows growing 16-fold: the model's last sync
     is almost always among the latest few, so a long-lived table's whole log is not read.
@@ -56,10 +64,16 @@ def watermark(studies: DeltaTable, model_id: str) -> int | None:
         commits = studies.history(limit=limit)  # newest first
         for commit in commits:
             if key in commit:
-                return int(commit[key])
+                return commit
         if len(commits) < limit:
             return None
         limit *= 16
+
+
+def watermark(studies: DeltaTable, model_id: str) -> int | None:
+    """The images version the model's study rows last reflected (None: never synced)."""
+    commit = last_sync(studies, model_id)
+    return None if commit is None else int(commit[watermark_key(model_id)])
 
 
 def changed_files(output: str, images: DeltaTable, since: int | None) -> list[str] | None:
@@ -111,19 +125,64 @@ def sync_studies(
         return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     studies = ensure_table(output, "studies")
     version = images.version()
-    since = watermark(studies, model_id)
-    if since == version:
+    synced = last_sync(studies, model_id)
+    since = None if synced is None else int(synced[watermark_key(model_id)])
+    settings = json.dumps({"threshold": threshold, "aggregate": aggregate})
+    resettled = synced is not None and settings_key(model_id) in synced and synced[settings_key(model_id)] != settings
+    if since == version and not resettled:
         return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
-    files = changed_files(output, images, since)
+    files = None if resettled else changed_files(output, images, since)
     touched = None if files is None else touched_studies(files, model_id)
     rows = study_images(images, model_id, touched)
-    new = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
+    aggregated = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
+    current = current_studies(studies, model_id, aggregated["study_id"])
+    new = changed_studies(aggregated, current)
     if decorate is not None and new.num_rows:
         new = decorate(new, rows)
-    emptied = emptied_studies(studies, model_id, touched, new["study_id"])
-    if new.num_rows or since is None or files or emptied:
-        merge(studies, "studies", new, {watermark_key(model_id): str(version)}, delete=studies_predicate(model_id, emptied))
+    new = with_kept_overlays(new, current)
+    emptied = emptied_studies(studies, model_id, touched, aggregated["study_id"])
+    if new.num_rows or since is None or files or emptied or resettled:
+        metadata = {watermark_key(model_id): str(version), settings_key(model_id): settings}
+        merge(studies, "studies", new, metadata, delete=studies_predicate(model_id, emptied))
     return new, rows
+
+
+def current_studies(studies: DeltaTable, model_id: str, study_ids: pa.Array) -> pa.Table:
+    """The model's study rows of `study_ids` as the table holds them (read within their range)."""
+    columns = ["study_id", *COMPARED, "explain_path"]
+    kept = [rows.filter(pc.is_in(rows["study_id"], study_ids)) for rows in model_rows(studies, columns, model_id, within=("study_id", study_ids), name="studies")]
+    return pa.concat_tables(kept) if kept else pa.schema([STUDY_SCHEMA.field(name) for name in columns]).empty_table()
+
+
+def changed_studies(aggregated: pa.Table, current: pa.Table) -> pa.Table:
+    """The aggregated rows that are new or differ from the table's in a counted value: a
+    study whose counts, probability, flag and settings stand keeps its row, its run and its
+    `scored_date` (the night it last changed), and is not counted or reported again."""
+    if current.num_rows == 0:
+        return aggregated
+    held = current.select(["study_id", *COMPARED]).rename_columns(["study_id", *(f"held_{name}" for name in COMPARED)])
+    joined = aggregated.join(held, "study_id", join_type="left outer")
+    changed = pc.is_null(joined["held_n_images"])
+    for name in COMPARED:
+        ours, theirs = joined[name], joined[f"held_{name}"]
+        differ = pc.fill_null(pc.not_equal(ours, theirs), True)  # a null on one side only, or on both
+        both_null = pc.and_(pc.is_null(ours), pc.is_null(theirs))
+        changed = pc.or_(changed, pc.and_(differ, pc.invert(both_null)))
+    return joined.filter(changed).select(STUDY_SCHEMA.names).sort_by("study_id")
+
+
+def with_kept_overlays(new: pa.Table, current: pa.Table) -> pa.Table:
+    """`new` with a flagged study's overlay kept where none was made tonight and its probability
+    stands: its driving image is the one the overlay shows, which a run whose paths are keyed
+    (--pseudonymize) cannot read again if an earlier run scored it."""
+    if new.num_rows == 0 or current.num_rows == 0:
+        return new
+    held = current.select(["study_id", "prob", "explain_path"]).rename_columns(["study_id", "held_prob", "held_explain_path"])
+    joined = new.join(held, "study_id", join_type="left outer").sort_by("study_id")
+    keep = pc.fill_null(pc.and_(pc.and_(pc.is_null(joined["explain_path"]), joined["flagged"]), pc.equal(joined["prob"], joined["held_prob"])), False)
+    paths = pc.if_else(keep, joined["held_explain_path"], joined["explain_path"])
+    joined = joined.set_column(joined.schema.get_field_index("explain_path"), "explain_path", paths)
+    return joined.select(STUDY_SCHEMA.names)
 
 
 def emptied_studies(studies: DeltaTable, model_id: str, touched: pa.Array | None, kept: pa.Array) -> list[str]:

@@ -134,9 +134,11 @@ def model_rows(
     model_id: str,
     within: tuple[str, pa.Array] | None = None,
     chunk_rows: int = 200_000,
+    name: str = "images",
 ) -> Iterator[pa.Table]:
-    """The model's image rows, some columns, streamed in tables of about `chunk_rows`: what
-    the ledger and the study sync read, in memory that does not grow with the history.
+    """The model's rows of table `name` (image rows by default), some columns, streamed in
+    tables of about `chunk_rows`: what the ledger and the study sync read, in memory that does
+    not grow with the history.
 
     `within` = (column, values) keeps rows whose column lies in the values' range (none when
     they hold no value); the caller filters to the values themselves. The query runs
@@ -154,9 +156,9 @@ def model_rows(
             return
         where.append(f'"{column}" BETWEEN {sql_string(bounds[0])} AND {sql_string(bounds[1])}')
     selected = ", ".join(f'"{name}"' for name in columns)
-    query = f"SELECT {selected} FROM images WHERE {' AND '.join(where)}"
-    schema = pa.schema([IMAGE_SCHEMA.field(name) for name in columns])
-    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register("images", table).execute(query))
+    query = f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
+    schema = pa.schema([SCHEMAS[name].field(column) for column in columns])
+    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(query))
     gathered: list[pa.RecordBatch] = []
     rows = 0
     for batch in reader:
