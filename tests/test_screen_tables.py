@@ -434,6 +434,26 @@ def test_each_file_is_listed_once_under_one_path_whatever_links_point_at_it(tmp_
     assert relpaths == ["shared/2.dcm", "study/1.dcm"]
 
 
+def test_s3_keys_that_pyarrow_refuses_are_listed_and_read(s3_bucket: str) -> None:
+    """S3 keys may hold empty and dot segments; pyarrow's S3 filesystem cannot open them, so such
+    files were error rows every night until given up, counted in a folder study."""
+    import boto3
+
+    from lungray.io.listing import filesystem_for
+
+    client = boto3.client("s3")
+    keys = ["odd//a.dcm", "odd/./b.dcm", "odd/../c.dcm", "plain/d.dcm"]
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=f"archive/{key}", Body=key.encode())
+    (listed,) = iter_listing(f"s3://{s3_bucket}/archive")
+    assert sorted(listed["relpath"].to_pylist()) == sorted(keys)
+    for row in listed.to_pylist():
+        assert read_bytes(row["uri"]) == row["relpath"].encode()
+    fs, path = filesystem_for(f"s3://{s3_bucket}/archive/odd//a.dcm")
+    with pytest.raises(Exception, match="[Ee]mpty path component"):  # the case: pyarrow's own reading
+        fs.open_input_stream(path).read()
+
+
 def test_an_unreadable_root_is_an_error_not_an_empty_night(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stale mount or a permission change listed nothing, exit 0: a quiet night to monitoring."""
     real_scandir = os.scandir

@@ -14,6 +14,7 @@ import posixpath
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -59,6 +60,14 @@ def local_uri(path: str) -> str:
 def s3_endpoint() -> str | None:
     """The S3-compatible endpoint from the usual AWS variables; None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=4)
+def s3_client(endpoint: str | None) -> Any:
+    """One boto3 S3 client per endpoint and process (clients are thread-safe; making one costs milliseconds)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
 
 
 def s3_region() -> str:
@@ -190,11 +199,10 @@ def is_within(path: str, folder: str) -> bool:
 
 
 def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
-    import boto3  # the listing API gives ETags, which pyarrow's filesystem does not
-
+    """Through boto3: the listing API gives ETags, which pyarrow's filesystem does not."""
     bucket, _, prefix = root[len("s3://") :].partition("/")
     prefix = prefix.rstrip("/")
-    client = boto3.client("s3", endpoint_url=s3_endpoint())
+    client = s3_client(s3_endpoint())
     found = False
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
         for item in page.get("Contents", []):
@@ -225,6 +233,9 @@ def read_bytes(uri: str) -> bytes:
     if uri.startswith(FILE_URI):
         with open(urllib.parse.unquote_to_bytes(uri[len(FILE_URI) :]), "rb") as stream:
             return stream.read()
+    if is_s3(uri):  # through the API that listed it: pyarrow's S3 filesystem refuses keys such as a//b.dcm or a/./b.dcm
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return s3_client(s3_endpoint()).get_object(Bucket=bucket, Key=key)["Body"].read()
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
