@@ -166,6 +166,13 @@ def test_out_of_scope_objects_are_skipped_rows_never_scored_and_counted_per_stud
     run = json.loads((tmp_path / "wider" / "runs" / f"{summary['run_id']}.json").read_text())
     assert run["config"]["scope"] == {"modality": ["CR", "DX"], "body_part": None, "view": ["PA", "AP", "LL", "LATERAL"]}
 
+    # Widened on an output of the narrower scope, an incremental run judges its skipped files again
+    # (before, they stayed "current": the scope never reached them); then it has nothing to do.
+    widened = ScreenConfig(model=str(flag_everything), input=str(archive), output=str(tmp_path / "out"), date=DATE, scope=wider, incremental=True)
+    assert run_screen(widened)["files_scored"] == 5  # the five skipped files, the CT skipped again
+    assert {Path(row["path"]).name: row["status"] for row in images_table(tmp_path / "out").to_pylist()} == statuses
+    assert run_screen(widened)["files_scored"] == 0
+
 
 def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_dir: Path) -> None:
     archive = junk_archive(tmp_path / "archive")

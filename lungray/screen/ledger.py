@@ -7,12 +7,15 @@ Python set of the history is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from lungray.io.listing import exists, join_uri, read_bytes, write_whole
+from lungray.io.scope import Scope
 from lungray.screen.tables import IMAGE_SCHEMA, model_rows
 
 KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
@@ -22,12 +25,31 @@ KEY_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in KEY_COLUMNS])
 @dataclass(frozen=True)
 class LedgerRule:
     """`incremental`: skip files whose last row is current (same size, mtime and ETag), except
-    errors tried fewer than `max_retries` times. Rows of `resumed_runs` (this command,
+    errors tried fewer than `max_retries` times, and skipped files when `rescore_skipped`. Rows of `resumed_runs` (this command,
     interrupted) are always skipped: their files are done for this run whatever the mode."""
 
     incremental: bool
     max_retries: int
     resumed_runs: frozenset[str] = frozenset()
+    rescore_skipped: bool = False  # the scope changed since the model's last run: its skipped files are judged again
+
+
+SCOPES = "_lungray/scope"
+
+
+def scope_record_uri(output: str, model_id: str) -> str:
+    return join_uri(output, SCOPES, f"{model_id}.json")
+
+
+def scope_changed(output: str, model_id: str, scope: Scope) -> bool:
+    """Whether the model's last finished run into `output` had another scope (False when none is recorded)."""
+    uri = scope_record_uri(output, model_id)
+    return exists(uri) and json.loads(read_bytes(uri)) != json.loads(json.dumps(asdict(scope)))
+
+
+def record_scope(output: str, model_id: str, scope: Scope) -> None:
+    """The scope the model's skipped rows were judged by, written when a run has finished."""
+    write_whole(scope_record_uri(output, model_id), json.dumps(asdict(scope)).encode())
 
 
 def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: str) -> pa.Table:
@@ -70,6 +92,8 @@ def plan(listing: pa.Table, images: DeltaTable | None, model_id: str, rule: Ledg
     resumed = pc.and_(same_version, pc.is_in(joined["prev_run_id"], pa.array(sorted(rule.resumed_runs), pa.string())))
     resumed = pc.fill_null(resumed, False)
     current = pc.and_(same_version, pc.invert(retryable))
+    if rule.rescore_skipped:
+        current = pc.and_(current, pc.invert(pc.fill_null(pc.equal(joined["prev_status"], "skipped"), False)))
     if rule.incremental:
         score = pc.and_(pc.invert(resumed), pc.invert(current))
     else:

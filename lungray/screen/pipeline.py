@@ -406,7 +406,8 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     try:
         counts = Counts()
         sync(run, counts)  # studies an interrupted run committed images for but did not reach
-        rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes))
+        rescore_skipped = ledger.scope_changed(config.output, run.model_id, config.scope)
+        rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes), rescore_skipped)
         progress = Progress()
         pending: list[pa.Table] = []
         for listed in listing_batches(config):
@@ -421,6 +422,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         progress.listing_done = True
         score_full_windows(run, pending, counts, progress, final=True)
         log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
+        ledger.record_scope(config.output, run.model_id, config.scope)
         summary = summarize(run, counts, resumes, started)
         write_summary(config.output, summary)
     except BaseException:
