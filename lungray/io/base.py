@@ -41,7 +41,8 @@ import numpy as np
 # 9: VOI LUT Sequences of 8-bit entries indexed past 255 and with a signed first mapped value read
 #    as unsigned (both misread by pydicom 3.0.2's apply_voi), JPEG 2000 / JPEG-LS samples above
 #    Bits Stored windowed as pydicom reads them (they were clipped), Float Pixel Data refused
-#    (it decoded to a black film).
+#    (it decoded to a black film), 8-bit JPEG of Bits Stored < 8 decoded in full (the scaled decode kept
+#    the bits above Bits Stored that pydicom masks).
 DECODER_VERSION = 9
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"

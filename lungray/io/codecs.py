@@ -138,8 +138,9 @@ def decode_reduced(
     rows, cols = int(ds.Rows), int(ds.Columns)
     if syntax in J2K_SYNTAXES:
         return None if j2k_frame is None else decode_j2k_reduced(j2k_frame, ds, rows, cols, floors.wavelet)
-    # Unsigned 8-bit only: Pillow returns unsigned samples, where pydicom's full decode of a signed film knows its sign.
-    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) <= 8 and int(ds.get("PixelRepresentation", 0)) == 0:
+    # Unsigned 8-bit only: Pillow returns unsigned samples, where pydicom's full decode of a signed film
+    # knows its sign, and all 8 bits, where pydicom's masks those above a smaller Bits Stored.
+    if syntax in JPEG_DCT_SYNTAXES and int(ds.get("BitsStored", 8)) == 8 and int(ds.get("PixelRepresentation", 0)) == 0:
         return decode_jpeg_draft(frame_bytes(ds, frame_index, frames), rows, cols, floors.dct)
     return None
 
