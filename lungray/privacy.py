@@ -9,7 +9,9 @@ draws a random salt for the one run instead: its keys match no other run's.
 `--pseudonymize` replaces every column that can identify a patient (the file path and
 relative path, whose folder and file names often carry names and MRNs; the study id,
 which is a UID or such a folder; the DICOM UIDs; the file's mtime) by a keyed value,
-truncates study dates to the year, and scrubs path fragments from error messages. Keys
+truncates study dates to the year, keeps only DICOM Defined Terms of the header's code
+strings (modality, body part, view; a misused one can hold a name), and scrubs the path
+from error messages. Keys
 are deterministic, so incremental screening, study grouping and joins between tables
 still work on the pseudonymized values.
 """
