@@ -25,8 +25,9 @@ KEY_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in KEY_COLUMNS])
 @dataclass(frozen=True)
 class LedgerRule:
     """`incremental`: skip files whose last row is current (same size, mtime and ETag), except
-    errors tried fewer than `max_retries` times, and skipped files when `rescore_skipped`. Rows of `resumed_runs` (this command,
-    interrupted) are always skipped: their files are done for this run whatever the mode."""
+    errors tried fewer than `max_retries` times, and skipped files when `rescore_skipped`.
+    Rows of `resumed_runs` (this command, interrupted) are always skipped: their files are
+    done for this run whatever the mode."""
 
     incremental: bool
     max_retries: int
