@@ -174,7 +174,7 @@ def test_out_of_scope_objects_are_skipped_rows_never_scored_and_counted_per_stud
     assert run_screen(widened)["files_scored"] == 0
 
 
-def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_dir: Path) -> None:
+def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = junk_archive(tmp_path / "archive")
     output = tmp_path / "out"
     config = ScreenConfig(model=str(model_dir), input=str(archive), output=str(output), date=DATE, incremental=True)
@@ -188,7 +188,19 @@ def test_incremental_runs_add_nothing_then_only_new_files(tmp_path: Path, model_
     assert sorted(images.filter(pc.equal(images["status"], "error"))["tries"].to_pylist()) == [2] * 6
     settled = run_screen(replace(config, max_retries=2))
     assert (settled["files_scored"], settled["files_given_up"]) == (0, 6)
-    assert images_table(output).num_rows == first.num_rows
+    assert images_table(output).num_rows == first.num_rows and settled["folders_unlisted"] == 0
+
+    real_scandir = os.scandir  # a study folder the run may not read: its files cannot have rows, and the summary says so
+
+    def locked_study(path: object) -> object:
+        if os.fspath(path).endswith("study-normal"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", locked_study)
+        locked = run_screen(replace(config, max_retries=2))
+    assert (locked["folders_unlisted"], locked["files_listed"], locked["files_scored"]) == (1, settled["files_listed"] - 6, 0)
 
     extra = sorted((SAMPLES / "kermany-mini" / "PNEUMONIA").glob("*.jpeg"))[10:13]
     for path in extra:

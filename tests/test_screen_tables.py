@@ -25,7 +25,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from model_factory import untrained_model_dir
 
 from lungray.io.decode import DecodeOptions
-from lungray.io.listing import iter_listing, read_bytes
+from lungray.io.listing import ListingReport, iter_listing, read_bytes
 from lungray.io.rows import process_file
 from lungray.preprocess import PreprocessConfig
 from lungray.screen import lease as lease_module
@@ -466,6 +466,25 @@ def test_an_unreadable_root_is_an_error_not_an_empty_night(tmp_path: Path, monke
     monkeypatch.setattr(os, "scandir", refuse)
     with pytest.raises(FileNotFoundError, match="input cannot be listed: .*Permission denied"):
         list(iter_listing(str(tmp_path)))
+
+
+def test_an_unreadable_subfolder_is_counted_and_warned_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Its files can have no row; they were left out without a word."""
+    for folder in ("DOE_JANE", "open"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "1.dcm").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def refuse(path: object) -> object:
+        if os.fspath(path).endswith("DOE_JANE"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    report = ListingReport()
+    relpaths = [path for batch in iter_listing(str(tmp_path), report=report) for path in batch["relpath"].to_pylist()]
+    assert relpaths == ["open/1.dcm"] and report.unlisted_folders == 1
+    assert "could not be listed (PermissionError)" in caplog.text and "DOE_JANE" not in caplog.text  # the name may be a patient's
 
 def test_a_name_that_is_no_utf8_is_listed_once_and_read(tmp_path: Path) -> None:
     """A Latin-1 folder and file name (an old SMB share) cannot be an Arrow string: it is

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 import posixpath
 import urllib.parse
@@ -19,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -105,7 +107,7 @@ def join_uri(root: str, *parts: str) -> str:
 def list_files(root: str) -> list[FileEntry]:
     """Every regular file below `root`, recursively, sorted by relative path (the listing
     `iter_listing` streams, held whole: for an ingest, which splits by patient over all of it)."""
-    entries = (FileEntry(uri, relpath, size, mtime_ns) for uri, relpath, size, mtime_ns, _ in _listed_rows(root))
+    entries = (FileEntry(uri, relpath, size, mtime_ns) for uri, relpath, size, mtime_ns, _ in _listed_rows(root, ListingReport()))
     return sorted(entries, key=lambda entry: entry.relpath)
 
 
@@ -117,14 +119,22 @@ LISTING_SCHEMA = pa.schema(
 ListedRow = tuple[str, str, int | None, int | None, str | None]  # uri, relpath, size, mtime_ns, etag
 
 
-def iter_listing(root: str, batch_rows: int = 100_000) -> Iterator[pa.Table]:
+@dataclass
+class ListingReport:
+    """What a listing could not read: folders below the input that could not be listed (a
+    permission, a vanished share), whose files then have no row; the run summary says how many."""
+
+    unlisted_folders: int = 0
+
+
+def iter_listing(root: str, batch_rows: int = 100_000, report: ListingReport | None = None) -> Iterator[pa.Table]:
     """The files below `root` as Arrow batches of at most `batch_rows`, streamed as the
     filesystem or the S3 listing returns them, so an archive of millions is never held whole.
 
     Local folders are walked in sorted order; S3 keys come in the listing's (lexicographic)
     order with its size, LastModified and ETag, so no object is opened to learn its version.
     """
-    return listing_tables(_listed_rows(root), batch_rows)
+    return listing_tables(_listed_rows(root, report or ListingReport()), batch_rows)
 
 
 def listing_tables(rows: Iterable[ListedRow], batch_rows: int) -> Iterator[pa.Table]:
@@ -139,8 +149,8 @@ def listing_tables(rows: Iterable[ListedRow], batch_rows: int) -> Iterator[pa.Ta
         yield _listing_table(batch)
 
 
-def _listed_rows(root: str) -> Iterator[ListedRow]:
-    return _iter_s3_objects(root) if is_s3(root) else _iter_local_files(root)
+def _listed_rows(root: str, report: ListingReport) -> Iterator[ListedRow]:
+    return _iter_s3_objects(root) if is_s3(root) else _iter_local_files(root, report)
 
 
 def _listing_table(rows: list[ListedRow]) -> pa.Table:
@@ -148,7 +158,7 @@ def _listing_table(rows: list[ListedRow]) -> pa.Table:
     return pa.Table.from_arrays([pa.array(column, field.type) for column, field in zip(columns, LISTING_SCHEMA)], schema=LISTING_SCHEMA)
 
 
-def _iter_local_files(root: str) -> Iterator[ListedRow]:
+def _iter_local_files(root: str, report: ListingReport) -> Iterator[ListedRow]:
     base = os.path.abspath(root)
     if os.path.isfile(base):
         stat = os.stat(base)
@@ -160,10 +170,10 @@ def _iter_local_files(root: str) -> Iterator[ListedRow]:
         os.scandir(base).close()
     except OSError as exc:  # an unreadable root (a stale mount, a permission) is no quiet night
         raise FileNotFoundError(f"input cannot be listed: {root}: {exc.strerror or exc}") from None
-    yield from _walk(base, base, os.path.realpath(base), set())
+    yield from _walk(base, base, os.path.realpath(base), set(), report)
 
 
-def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]]) -> Iterator[ListedRow]:
+def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]], report: ListingReport) -> Iterator[ListedRow]:
     """Sorted, depth first; one stat per entry (scandir's) and one per folder.
 
     Each file is listed under one path, night after night: a folder symlink whose target lies
@@ -178,14 +188,16 @@ def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]]) 
             return
         walked.add((folder_id.st_dev, folder_id.st_ino))
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-    except OSError:  # vanished or unreadable folder: nothing of it in tonight's listing
+    except OSError as exc:  # vanished or unreadable folder: nothing of it in tonight's listing, and said so
+        report.unlisted_folders += 1
+        log.warning("a folder below the input could not be listed (%s): its files are not in this listing", type(exc).__name__)
         return
     for entry in entries:
         try:
             if entry.is_dir(follow_symlinks=True):
                 if entry.is_symlink() and is_within(os.path.realpath(entry.path), real_base):
                     continue
-                yield from _walk(entry.path, base, real_base, walked)
+                yield from _walk(entry.path, base, real_base, walked, report)
             elif entry.is_file(follow_symlinks=True):
                 stat = entry.stat(follow_symlinks=True)
                 relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))

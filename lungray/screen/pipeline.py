@@ -40,7 +40,7 @@ from ray.data import SaveMode
 
 from lungray import __version__
 from lungray.io.base import DecodeOptions, decode_record, options_from_record
-from lungray.io.listing import ListedRow, filesystem_for, is_s3, iter_listing, join_uri, listing_tables, write_whole
+from lungray.io.listing import ListedRow, ListingReport, filesystem_for, is_s3, iter_listing, join_uri, listing_tables, write_whole
 from lungray.io.rows import dataset_of_blocks
 from lungray.io.scope import Scope
 from lungray.modeldir import ModelDir, load_model_dir, read_meta
@@ -167,7 +167,7 @@ def plan_actors(config: ScreenConfig, cluster: dict[str, float]) -> ActorPlan:
     return ActorPlan(actors, {"num_cpus": min(0.5, cpus / 2 / actors)}, config.batch_size or 32, threads)
 
 
-def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
+def listing_batches(config: ScreenConfig, report: ListingReport) -> Iterator[pa.Table]:
     """The input's files in Arrow batches (uri, relpath, size, mtime_ns, etag): a folder or
     prefix as listed, or the instances a PACS query finds (streamed, paged).
 
@@ -175,7 +175,7 @@ def listing_batches(config: ScreenConfig) -> Iterator[pa.Table]:
     incremental key. Its relpath STUDY/SOP gives an unreadable instance its study.
     """
     if not source.is_pacs_uri(config.input):
-        return iter_listing(config.input, config.listing_batch)
+        return iter_listing(config.input, config.listing_batch, report)
     return listing_tables(pacs_rows(config), config.listing_batch)
 
 
@@ -214,6 +214,7 @@ class Counts:
     studies_written: int = 0
     studies_flagged: int = 0
     reports: dict[str, dict[str, int]] | None = None
+    listing: ListingReport = field(default_factory=ListingReport)
 
 
 @dataclass(frozen=True)
@@ -410,7 +411,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes), rescore_skipped)
         progress = Progress()
         pending: list[pa.Table] = []
-        for listed in listing_batches(config):
+        for listed in listing_batches(config, counts.listing):
             images = open_table(config.output, "images")  # created by the first commit; this batch's ledger reads the latest version
             planned = ledger.plan(as_written(listed, pseudonymizer), images, run.model_id, rule)
             counts.listed += planned.num_rows
@@ -458,6 +459,7 @@ def summarize(run: Run, counts: Counts, resumes: tuple[str, ...], started: float
         "files_replaced": counts.replaced,  # rows that replaced an earlier row of the same file
         "files_retried": counts.retried,  # of those, files whose last row was an error
         "files_given_up": counts.given_up,  # errors not retried: --max-retries reached
+        "folders_unlisted": counts.listing.unlisted_folders,  # folders below the input that could not be listed: their files have no row
         "resumes": list(resumes),
         "chunks": counts.chunks,
         "by_status": counts.by_status,
