@@ -25,7 +25,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from model_factory import untrained_model_dir
 
 from lungray.io.decode import DecodeOptions
-from lungray.io.listing import ListingReport, iter_listing, read_bytes
+from lungray.io.listing import ListingReport, iter_listing, read_bytes, write_whole
 from lungray.io.rows import process_file
 from lungray.preprocess import PreprocessConfig
 from lungray.screen import lease as lease_module
@@ -452,6 +452,28 @@ def test_s3_keys_that_pyarrow_refuses_are_listed_and_read(s3_bucket: str) -> Non
     fs, path = filesystem_for(f"s3://{s3_bucket}/archive/odd//a.dcm")
     with pytest.raises(Exception, match="[Ee]mpty path component"):  # the case: pyarrow's own reading
         fs.open_input_stream(path).read()
+
+
+def test_two_writers_of_one_whole_file_do_not_trip_over_each_other(tmp_path: Path) -> None:
+    """Two first runs into one OUTPUT both record its keying: with one temporary name, the second
+    rename found the first had taken it (FileNotFoundError) and that run failed."""
+    target = str(tmp_path / "_lungray" / "keying.json")
+    errors: list[BaseException] = []
+
+    def write(index: int) -> None:
+        try:
+            for _ in range(200):
+                write_whole(target, json.dumps({"writer": index}).encode())
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and json.loads(Path(target).read_text())["writer"] in (0, 1)
+    assert [path.name for path in (tmp_path / "_lungray").iterdir()] == ["keying.json"]
 
 
 def test_an_unreadable_root_is_an_error_not_an_empty_night(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

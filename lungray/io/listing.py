@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -261,12 +262,13 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def write_whole(uri: str, data: bytes) -> None:
-    """Write a file that readers must never see half-written: a temporary name renamed into
-    place on a local disk, one PUT (atomic already) on S3."""
+    """Write a file that readers must never see half-written: a temporary name of this writer's
+    own (two runs may write one file at once) renamed into place on a local disk, one PUT
+    (atomic already) on S3."""
     if is_s3(uri):
         write_bytes(uri, data)
         return
-    temporary = f"{uri}.tmp"
+    temporary = f"{uri}.{uuid.uuid4().hex}.tmp"
     write_bytes(temporary, data)
     os.replace(temporary, uri)
 
