@@ -183,7 +183,7 @@ def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path
     write_deltalake(str(tmp_path / "images"), first, mode="append", partition_by=["scored_date"])
     written, _ = sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
     assert sorted(written["study_id"].to_pylist()) == ["s1", "s2"]
-    assert watermark(open_table(output, "studies"), MODEL) == open_table(output, "images").version()
+    assert watermark(open_table(output, "studies"), MODEL).version == open_table(output, "images").version()
     assert sync_studies(output, MODEL, 0.5, "max", "r2", DATE)[0].num_rows == 0  # nothing changed since
 
     # An images commit whose run was killed before its studies MERGE: the next sync finds it.
@@ -281,7 +281,7 @@ def test_a_models_watermark_is_found_behind_many_commits_of_another_model(tmp_pa
     for version in range(40):  # more than the first window of the newest commits
         write_deltalake(table, one, mode="append", commit_properties=CommitProperties(custom_metadata={watermark_key(MODEL): str(version)}))
     studies = DeltaTable(table)
-    assert (watermark(studies, "old-model"), watermark(studies, MODEL), watermark(studies, "never-synced")) == (7, 39, None)
+    assert (watermark(studies, "old-model").version, watermark(studies, MODEL).version, watermark(studies, "never-synced")) == (7, 39, None)
 
 
 def marker(tmp_path: Path, **changes) -> Path:

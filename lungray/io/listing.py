@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class FileEntry:
     """One listed file: `uri` to open it, `relpath` below the archive root, and its version
@@ -167,10 +168,6 @@ def _iter_local_files(root: str, report: ListingReport) -> Iterator[ListedRow]:
         return
     if not os.path.isdir(base):
         raise FileNotFoundError(f"input not found: {root}")
-    try:
-        os.scandir(base).close()
-    except OSError as exc:  # an unreadable root (a stale mount, a permission) is no quiet night
-        raise FileNotFoundError(f"input cannot be listed: {root}: {exc.strerror or exc}") from None
     yield from _walk(base, base, os.path.realpath(base), set(), report)
 
 
@@ -190,6 +187,8 @@ def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]], 
         walked.add((folder_id.st_dev, folder_id.st_ino))
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError as exc:  # vanished or unreadable folder: nothing of it in tonight's listing, and said so
+        if folder == base:  # an unreadable root (a stale mount, a permission) is no quiet night
+            raise FileNotFoundError(f"input cannot be listed: {base}: {exc.strerror or exc}") from None
         report.unlisted_folders += 1
         log.warning("a folder below the input could not be listed (%s): its files are not in this listing", type(exc).__name__)
         return

@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 
 from lungray.io.listing import exists, join_uri, read_bytes, write_whole
 from lungray.io.scope import Scope
-from lungray.screen.tables import IMAGE_SCHEMA, model_rows
+from lungray.screen.tables import IMAGE_SCHEMA, equal_or_both_null, model_rows
 
 KEY_COLUMNS = ["path", "size", "mtime_ns", "etag", "status", "tries", "run_id"]
 KEY_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in KEY_COLUMNS])
@@ -66,11 +66,6 @@ def previous_rows(listing_paths: pa.Array, images: DeltaTable | None, model_id: 
         if found.num_rows:
             matched.append(found)
     return pa.concat_tables(matched).cast(KEY_SCHEMA) if matched else KEY_SCHEMA.empty_table()
-
-
-def equal_or_both_null(left: pa.ChunkedArray, right: pa.ChunkedArray) -> pa.ChunkedArray:
-    both_null = pc.and_(pc.is_null(left), pc.is_null(right))
-    return pc.or_(pc.fill_null(pc.equal(left, right), False), both_null)
 
 
 def plan(listing: pa.Table, images: DeltaTable | None, model_id: str, rule: LedgerRule) -> pa.Table:

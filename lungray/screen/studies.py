@@ -10,9 +10,11 @@ the next run's first sync.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +28,7 @@ from lungray.screen.tables import (
     STUDY_SCHEMA,
     aggregate_studies,
     ensure_table,
+    equal_or_both_null,
     merge,
     model_rows,
     open_table,
@@ -52,8 +55,16 @@ def settings_key(model_id: str) -> str:
     return f"{SETTINGS}.{model_id}"
 
 
-def last_sync(studies: DeltaTable, model_id: str) -> dict | None:
-    """The commit of the model's last studies sync (None: never synced).
+class Watermark(NamedTuple):
+    """What the model's last studies sync recorded: the images version its rows reflect, and
+    the threshold and aggregate it used (None in syncs from before they were recorded)."""
+
+    version: int
+    settings: str | None
+
+
+def watermark(studies: DeltaTable, model_id: str) -> Watermark | None:
+    """The model's last studies sync (None: never synced).
 
     Read from the newest commits first, in windows growing 16-fold: the model's last sync
     is almost always among the latest few, so a long-lived table's whole log is not read.
@@ -64,16 +75,10 @@ def last_sync(studies: DeltaTable, model_id: str) -> dict | None:
         commits = studies.history(limit=limit)  # newest first
         for commit in commits:
             if key in commit:
-                return commit
+                return Watermark(int(commit[key]), commit.get(settings_key(model_id)))
         if len(commits) < limit:
             return None
         limit *= 16
-
-
-def watermark(studies: DeltaTable, model_id: str) -> int | None:
-    """The images version the model's study rows last reflected (None: never synced)."""
-    commit = last_sync(studies, model_id)
-    return None if commit is None else int(commit[watermark_key(model_id)])
 
 
 def changed_files(output: str, images: DeltaTable, since: int | None) -> list[str] | None:
@@ -125,10 +130,10 @@ def sync_studies(
         return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     studies = ensure_table(output, "studies")
     version = images.version()
-    synced = last_sync(studies, model_id)
-    since = None if synced is None else int(synced[watermark_key(model_id)])
+    synced = watermark(studies, model_id)
+    since = None if synced is None else synced.version
     settings = json.dumps({"threshold": threshold, "aggregate": aggregate})
-    resettled = synced is not None and settings_key(model_id) in synced and synced[settings_key(model_id)] != settings
+    resettled = synced is not None and synced.settings is not None and synced.settings != settings
     if since == version and not resettled:
         return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
     files = None if resettled else changed_files(output, images, since)
@@ -161,14 +166,9 @@ def changed_studies(aggregated: pa.Table, current: pa.Table) -> pa.Table:
     if current.num_rows == 0:
         return aggregated
     held = current.select(["study_id", *COMPARED]).rename_columns(["study_id", *(f"held_{name}" for name in COMPARED)])
-    joined = aggregated.join(held, "study_id", join_type="left outer")
-    changed = pc.is_null(joined["held_n_images"])
-    for name in COMPARED:
-        ours, theirs = joined[name], joined[f"held_{name}"]
-        differ = pc.fill_null(pc.not_equal(ours, theirs), True)  # a null on one side only, or on both
-        both_null = pc.and_(pc.is_null(ours), pc.is_null(theirs))
-        changed = pc.or_(changed, pc.and_(differ, pc.invert(both_null)))
-    return joined.filter(changed).select(STUDY_SCHEMA.names).sort_by("study_id")
+    joined = aggregated.join(held, "study_id", join_type="left outer")  # a new study: held values null, n_images differs
+    differs = [pc.invert(equal_or_both_null(joined[name], joined[f"held_{name}"])) for name in COMPARED]
+    return joined.filter(functools.reduce(pc.or_, differs)).select(STUDY_SCHEMA.names).sort_by("study_id")
 
 
 def with_kept_overlays(new: pa.Table, current: pa.Table) -> pa.Table:

@@ -213,6 +213,12 @@ def merge(
     raise AssertionError("unreachable")
 
 
+def equal_or_both_null(left: pa.ChunkedArray, right: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Element-wise equality where two nulls are equal (and a null and a value are not)."""
+    both_null = pc.and_(pc.is_null(left), pc.is_null(right))
+    return pc.or_(pc.fill_null(pc.equal(left, right), False), both_null)
+
+
 def aggregate_studies(
     images: pa.Table, threshold: float, aggregate: str, model_id: str, run_id: str, date: str
 ) -> pa.Table:
