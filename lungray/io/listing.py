@@ -242,14 +242,13 @@ def read_bytes(uri: str) -> bytes:
         from lungray.pacs import source  # imported only where a PACS is read: file-only workers stay light
 
         return source.retrieve_instance_bytes(uri)
-    if uri.startswith(FILE_URI):
-        with open(urllib.parse.unquote_to_bytes(uri[len(FILE_URI) :]), "rb") as stream:
-            return stream.read()
     if is_s3(uri):  # through the API that listed it: pyarrow's S3 filesystem refuses keys such as a//b.dcm or a/./b.dcm
         bucket, _, key = uri[len("s3://") :].partition("/")
         return s3_client(s3_endpoint()).get_object(Bucket=bucket, Key=key)["Body"].read()
-    fs, path = filesystem_for(uri)
-    with fs.open_input_stream(path) as stream:
+    # A local file through Python's own open: pyarrow's LocalFileSystem costs 0.3 ms more per file
+    # (2048 px JPEG: 0.37 against 0.02 ms), a sixth of a small film's whole decode.
+    local = urllib.parse.unquote_to_bytes(uri[len(FILE_URI) :]) if uri.startswith(FILE_URI) else uri
+    with open(local, "rb") as stream:
         return stream.read()
 
 
