@@ -17,7 +17,7 @@ import pytest
 from film_factory import STORAGES, film_dataset, stored_as, synthetic_film
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.encaps import get_frame
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import pixel_array
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 from scipy import ndimage
@@ -365,6 +365,66 @@ def test_irreversible_j2k_is_decoded_in_full_and_reversible_reduced_in_either_sy
     lossless.file_meta.TransferSyntaxUID = JPEG2000
     pixels = codecs.read_stored_pixels(lossless, 0, DecodeOptions(reduced=floors))
     assert pixels.decoder == "pillow-openjpeg reduce=1" and pixels.reduce == 2
+
+
+def _with_the_97_wavelet_overriding_a_53_cod(frame: bytes, where: str) -> bytes:
+    """A 9/7 codestream whose main COD is relabelled 5/3 while a segment that overrides it (T.800
+    A.6) restores 9/7: a COC of component 0 after the COD ("coc"), or a COD in the first
+    tile-part header ("tile"), its Psot grown to match. The same image to a conforming decoder."""
+    siz = frame.find(b"\xff\x4f\xff\x51") + 2
+    cod = siz
+    while frame[cod : cod + 2] != b"\xff\x52":
+        cod += 2 + struct.unpack(">H", frame[cod + 2 : cod + 4])[0]
+    cod_length = struct.unpack(">H", frame[cod + 2 : cod + 4])[0]
+    cod_end = cod + 2 + cod_length
+    assert frame[cod + 13] == 0  # the 9/7 wavelet
+    relabelled = frame[: cod + 13] + b"\x01" + frame[cod + 14 :]
+    if where == "coc":  # Ccoc (component 0), Scoc (the COD's precinct flag), then the COD's SPcod
+        spcoc = frame[cod + 9 : cod_end]
+        coc = b"\xff\x53" + struct.pack(">H", 4 + len(spcoc)) + b"\x00" + bytes([frame[cod + 4] & 1]) + spcoc
+        return relabelled[:cod_end] + coc + relabelled[cod_end:]
+    sot = relabelled.index(b"\xff\x90", cod_end)
+    tile_cod = frame[cod:cod_end]
+    psot = struct.unpack(">I", relabelled[sot + 6 : sot + 10])[0] + len(tile_cod)
+    return relabelled[: sot + 6] + struct.pack(">I", psot) + relabelled[sot + 10 : sot + 12] + tile_cod + relabelled[sot + 12 :]
+
+
+@pytest.mark.parametrize("where", ["coc", "tile"])
+def test_a_97_wavelet_set_by_coc_or_tile_part_cod_is_decoded_in_full(films, where: str) -> None:
+    """The main COD is not the last word on the wavelet: a COC or a tile-part COD overrides it.
+    Pillow's OpenJPEG decodes the spliced codestream to the original's pixels (the oracle that
+    it still means 9/7); lungray then decodes it in full, as any 9/7 film (its LL band is
+    another low-pass than the box), where reading the main COD alone took the level-1 band."""
+    lossy = pydicom.dcmread(io.BytesIO(films["j2k_lossy"][1]))
+    frame = get_frame(lossy.PixelData, 0, number_of_frames=1)
+    spliced = _with_the_97_wavelet_overriding_a_53_cod(frame, where)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(spliced))), np.asarray(Image.open(io.BytesIO(frame))))
+    assert codecs.j2k_parameters(spliced).reversible is False
+    lossy.PixelData = encapsulate([spliced])
+    pixels = codecs.read_stored_pixels(lossy, 0, DecodeOptions(reduced=ReducedDecode(wavelet=896, dct=896, binning=896)))
+    assert pixels.decoder == "pydicom+bin2" and pixels.reduce == 2
+    assert np.abs(pixels.values - box_mean(pixel_array(lossy), 2)).max() <= 0.5
+
+
+def test_j2k_levels_are_the_fewest_any_coding_style_sets() -> None:
+    """RG3_J2KR's 5 levels, with a COC of component 0 that sets 1: reduced by no more than one level."""
+    frame = get_frame(pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm")).PixelData, 0, number_of_frames=1)
+    cod = frame.index(b"\xff\x52")
+    cod_end = cod + 2 + struct.unpack(">H", frame[cod + 2 : cod + 4])[0]
+    spcoc = bytes([1]) + frame[cod + 10 : cod_end]
+    coc = b"\xff\x53" + struct.pack(">H", 4 + len(spcoc)) + b"\x00" + bytes([frame[cod + 4] & 1]) + spcoc
+    parameters = codecs.j2k_parameters(frame[:cod_end] + coc + frame[cod_end:])
+    assert (codecs.j2k_parameters(frame).levels, parameters.levels, parameters.reversible) == (5, 1, True)
+
+
+def test_a_j2k_tile_part_that_ends_inside_its_header_is_refused() -> None:
+    """A Psot that ends the tile-part at its own SOD (RG3_J2KR has no tile-part header segments) would
+    walk back to that SOD for ever."""
+    frame = get_frame(pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm")).PixelData, 0, number_of_frames=1)
+    sot = frame.index(b"\xff\x90", frame.index(b"\xff\x52"))
+    looping = frame[: sot + 6] + struct.pack(">I", 12) + frame[sot + 10 :]
+    with pytest.raises(ValueError, match="ends inside its own header"):
+        codecs.j2k_parameters(looping)
 
 
 def test_multi_frame_j2k_decodes_the_chosen_frame() -> None:

@@ -43,7 +43,9 @@ import numpy as np
 #    Bits Stored windowed as pydicom reads them (they were clipped), Float Pixel Data refused
 #    (it decoded to a black film), 8-bit JPEG of Bits Stored < 8 decoded in full (the scaled decode kept
 #    the bits above Bits Stored that pydicom masks).
-DECODER_VERSION = 9
+# 10: JPEG 2000 of the 9/7 wavelet by a COC or a tile-part COD over a 5/3 main COD decoded in full
+#    (was its level-1 band); levels the fewest any coding style segment sets (`codecs.j2k_parameters`).
+DECODER_VERSION = 10
 FIRST_DECODER_VERSION = 1
 VERSION_KEY = "decoder_version"
 # Limits that earlier decoders' DecodeOptions had and ingest summaries still carry (asdict).

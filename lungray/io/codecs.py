@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import cv2
@@ -180,21 +181,27 @@ def pillow_j2k_reduced(codestream: bytes, level: int) -> np.ndarray:
 
 
 class J2KParameters(NamedTuple):
-    """What a J2K codestream's main header (SIZ, COD) says of its image and first component."""
+    """What a J2K codestream's headers say of its image and its wavelet."""
 
     rows: int  # of the image area: Ysiz - YOsiz
     cols: int  # Xsiz - XOsiz
     components: int
-    precision: int
+    precision: int  # of the first component
     signed: bool
-    levels: int  # wavelet decomposition levels
-    reversible: bool  # the 5/3 wavelet (lossless-capable); False: the irreversible 9/7
+    levels: int  # wavelet decomposition levels: the fewest any coding style segment sets
+    reversible: bool  # the 5/3 wavelet (lossless-capable) wherever a coding style is set; False: the 9/7 somewhere
+
+
+SOT, SOD, EOC, COD, COC = b"\xff\x90", b"\xff\x93", b"\xff\xd9", b"\xff\x52", b"\xff\x53"
 
 
 def j2k_parameters(codestream: bytes) -> J2KParameters:
-    """The main header's parameters (ITU-T T.800 A.5.1 SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz,
-    YOsiz, four tile fields, Csiz, then each component's Ssiz; A.6.1 COD: SPcod's decomposition
-    levels, then code-block width, height and style, then the transformation, 1 = 5/3)."""
+    """The image's parameters (ITU-T T.800 A.5.1 SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz,
+    four tile fields, Csiz, then each component's Ssiz) and its wavelet, from every coding
+    style segment: the main header's COD, and the COCs (one component's) and tile-part COD/COCs
+    that override it (A.6.1-2; each ends SPcod/SPcoc's decomposition levels, code-block width,
+    height and style, then the transformation, 1 = 5/3). A codestream whose COD says 5/3 while
+    a COC or a tile says 9/7 is of the 9/7 wavelet where that applies."""
     start = codestream.find(b"\xff\x4f\xff\x51")  # SOC + SIZ, after a JP2 wrapper if any
     if start < 0:
         raise ValueError("no JPEG 2000 codestream header")
@@ -202,12 +209,28 @@ def j2k_parameters(codestream: bytes) -> J2KParameters:
     xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", codestream[siz + 6 : siz + 22])
     (components,) = struct.unpack(">H", codestream[siz + 38 : siz + 40])
     ssiz = codestream[siz + 40]
-    cod = main_header_segment(codestream, siz, b"\xff\x52")
-    (length,) = struct.unpack(">H", codestream[cod + 2 : cod + 4])
-    if length < 12:
-        raise ValueError(f"JPEG 2000 COD marker too short ({length} bytes)")
+    styles, main_cod, in_tiles = [], False, False
+    for marker, position in header_segments(codestream, siz):
+        in_tiles = in_tiles or marker == SOT
+        if marker not in (COD, COC):
+            continue
+        (length,) = struct.unpack(">H", codestream[position + 2 : position + 4])
+        component_bytes = 0 if marker == COD else 1 if components < 257 else 2
+        spcod = position + 4 + component_bytes + (5 if marker == COD else 1)  # after Scod + SGcod, or Ccoc + Scoc
+        if length < spcod + 5 - position - 2:
+            raise ValueError(f"JPEG 2000 {marker.hex()} marker too short ({length} bytes)")
+        styles.append((codestream[spcod], codestream[spcod + 4]))
+        main_cod = main_cod or (marker == COD and not in_tiles)
+    if not main_cod:
+        raise ValueError("no JPEG 2000 COD marker in the main header")
     return J2KParameters(
-        ysiz - yosiz, xsiz - xosiz, components, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), codestream[cod + 9], codestream[cod + 13] == 1
+        ysiz - yosiz,
+        xsiz - xosiz,
+        components,
+        (ssiz & 0x7F) + 1,
+        bool(ssiz & 0x80),
+        min(levels for levels, _ in styles),
+        all(transformation == 1 for _, transformation in styles),
     )
 
 
@@ -232,17 +255,29 @@ def j2k_frame_within_limit(ds: Dataset, frame_index: int, frames: int, max_pixel
     return codestream
 
 
-def main_header_segment(codestream: bytes, position: int, marker: bytes) -> int:
-    """Offset of `marker`'s segment in the main header, walked segment by segment from the SIZ
-    at `position` (a byte search could match inside another segment's values)."""
+def header_segments(codestream: bytes, position: int) -> Iterator[tuple[bytes, int]]:
+    """(marker, offset) of each segment of the main header from the SIZ at `position`, then of
+    each tile-part header, segment by segment (a byte search could match inside another
+    segment's values); tile data is skipped by its SOT's tile-part length, Psot. A COD before
+    the first SOT is the main header's."""
+    tile_part_end: int | None = None
     while position + 4 <= len(codestream) and codestream[position] == 0xFF:
-        if codestream[position : position + 2] == marker:
-            return position
-        if codestream[position + 1] in (0x90, 0x93):  # SOT, SOD: the main header has ended
-            break
+        marker = codestream[position : position + 2]
+        if marker == EOC:
+            return
+        if marker == SOD:  # the tile-part's data: on to the next SOT, or the end (Psot 0: the last)
+            if tile_part_end is None:
+                return
+            if tile_part_end <= position:  # walking on would walk back, round and round
+                raise ValueError("a JPEG 2000 tile-part ends inside its own header")
+            position = tile_part_end
+            continue
+        if marker == SOT:
+            (psot,) = struct.unpack(">I", codestream[position + 6 : position + 10])
+            tile_part_end = position + psot if psot else None
+        yield marker, position
         (length,) = struct.unpack(">H", codestream[position + 2 : position + 4])
         position += 2 + length
-    raise ValueError(f"no JPEG 2000 {marker.hex()} marker in the main header")
 
 
 def decode_j2k_reduced(codestream: bytes, ds: Dataset, rows: int, cols: int, min_side: int) -> tuple[np.ndarray, int, str] | None:
