@@ -25,9 +25,10 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from model_factory import untrained_model_dir
 
 from lungray.io.decode import DecodeOptions
-from lungray.io.listing import ListingReport, iter_listing, read_bytes, write_whole
+from lungray.io.listing import ListingReport, create_exclusive, iter_listing, read_bytes, write_whole
 from lungray.io.rows import process_file
 from lungray.preprocess import PreprocessConfig
+from lungray.screen import keying
 from lungray.screen import lease as lease_module
 from lungray.privacy import Pseudonymizer
 from lungray.screen.keying import check_keying
@@ -677,6 +678,57 @@ def test_runs_of_two_models_at_once_both_commit_and_a_second_run_of_one_is_refus
         assert open_table(str(output), "images").version() == version  # refused before anything was written
     finally:
         holder.release(failed=False)
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_two_first_runs_keyed_otherwise_cannot_both_record_their_keying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str, request: pytest.FixtureRequest
+) -> None:
+    """Two first runs into one new OUTPUT at once, one pseudonymized and one not, both found no
+    record and both recorded theirs, the last one winning: the other run went on keying rows as
+    the record no longer said. Now the record is created only where none is, so exactly one
+    run goes ahead and the other is refused, whichever comes second."""
+    output = str(tmp_path) if storage == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
+    both_looked = threading.Barrier(2)
+
+    def no_rows_once_both_have_looked(output: str) -> None:
+        both_looked.wait(timeout=30)  # neither writes before both have seen no record and no rows
+        return None
+
+    monkeypatch.setattr(keying, "keying_of_rows", no_rows_once_both_have_looked)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def run(name: str, pseudonymizer: Pseudonymizer | None) -> None:
+        try:
+            check_keying(output, pseudonymizer)
+            outcomes[name] = None
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions below
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=run, args=args) for args in (("keyed", Pseudonymizer("site-secret")), ("raw", None))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (went_ahead,) = [name for name, error in outcomes.items() if error is None]
+    (refused,) = [error for error in outcomes.values() if error is not None]
+    assert isinstance(refused, ValueError) and "pseudonymize" in str(refused)
+    recorded = json.loads(read_bytes(f"{output}/_lungray/keying.json"))
+    assert recorded["pseudonymized"] is (went_ahead == "keyed")
+
+
+def test_an_exclusive_create_leaves_the_first_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "_lungray" / "record.json"
+    assert create_exclusive(str(target), b"first") and not create_exclusive(str(target), b"second")
+    assert target.read_bytes() == b"first" and [path.name for path in target.parent.iterdir()] == ["record.json"]
+
+    def no_hard_links(source: str, destination: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)  # a file system without hard links: O_EXCL instead
+    other = tmp_path / "_lungray" / "other.json"
+    assert create_exclusive(str(other), b"first") and not create_exclusive(str(other), b"second")
+    assert other.read_bytes() == b"first" and sorted(path.name for path in target.parent.iterdir()) == ["other.json", "record.json"]
 
 
 @pytest.mark.parametrize("pseudonymized", [True, False])

@@ -271,6 +271,41 @@ def write_whole(uri: str, data: bytes) -> None:
     os.replace(temporary, uri)
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole file only where none is: False, writing nothing, where one is already (or,
+    on S3, another writer's conditional PUT of it is under way). Two runs recording one fact at
+    once then agree on the first one's: a hard link of a finished temporary file on a local
+    disk, a PUT with If-None-Match on S3 (a store that ignores the condition writes last-wins,
+    as `write_whole` does)."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        try:
+            s3_client(s3_endpoint()).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    temporary = f"{uri}.{uuid.uuid4().hex}.tmp"
+    write_bytes(temporary, data)
+    try:
+        os.link(temporary, uri)
+    except FileExistsError:
+        return False
+    except PermissionError:  # a file system without hard links (FAT, some FUSE): create it exclusively
+        try:
+            descriptor = os.open(uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+    finally:
+        os.remove(temporary)
+    return True
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

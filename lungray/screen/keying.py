@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
-from lungray.io.listing import exists, join_uri, read_bytes, write_whole
+from lungray.io.listing import create_exclusive, exists, join_uri, read_bytes
 from lungray.privacy import KEY_HEX_CHARS, Pseudonymizer
 from lungray.screen.tables import open_table
 
 KEYING = "_lungray/keying.json"
 KEYED_PATH = re.compile(f"[0-9a-f]{{{KEY_HEX_CHARS}}}")
+RECORD_ATTEMPTS = 5
 
 
 def keying_record(pseudonymizer: Pseudonymizer | None) -> dict[str, Any]:
@@ -41,17 +43,28 @@ def keying_of_rows(output: str) -> dict[str, Any] | None:
 
 
 def check_keying(output: str, pseudonymizer: Pseudonymizer | None) -> None:
-    """Record this run's keying in a new OUTPUT; refuse it (ValueError) where OUTPUT was keyed otherwise."""
+    """Record this run's keying in a new OUTPUT; refuse it (ValueError) where OUTPUT was keyed otherwise.
+
+    Two first runs at once each find no record; the record is created only where none is
+    (`create_exclusive`), so the second reads the first's and is refused if it keyed otherwise.
+    """
     uri = join_uri(output, KEYING)
     record = keying_record(pseudonymizer)
-    on_record = exists(uri)
-    recorded = json.loads(read_bytes(uri)) if on_record else keying_of_rows(output)
-    agrees = recorded is None or (
+    for attempt in range(RECORD_ATTEMPTS):
+        on_record = exists(uri)
+        recorded = json.loads(read_bytes(uri)) if on_record else keying_of_rows(output)
+        refuse_other_keying(output, recorded, record)
+        if on_record or create_exclusive(uri, json.dumps(record).encode()):
+            return  # a new output, or one of before keying.json, is recorded from now on
+        time.sleep(0.1 * (attempt + 1))  # another run recorded it first (or, on S3, is recording it): read theirs
+    raise RuntimeError(f"could not read or record {uri}: another run kept writing it")
+
+
+def refuse_other_keying(output: str, recorded: dict[str, Any] | None, record: dict[str, Any]) -> None:
+    """ValueError where `recorded` (None: nothing is) keyed otherwise than this run's `record`."""
+    if recorded is None or (
         recorded["pseudonymized"] == record["pseudonymized"] and recorded.get("key_check", record["key_check"]) == record["key_check"]
-    )
-    if agrees:
-        if not on_record:  # a new output, or one of before keying.json: recorded from now on
-            write_whole(uri, json.dumps(record).encode())
+    ):
         return
     if recorded["pseudonymized"] != record["pseudonymized"]:
         held = "pseudonymized rows" if recorded["pseudonymized"] else "rows that are not pseudonymized"
