@@ -42,6 +42,11 @@ def build_ensemble_dir(
         check_preprocessing(member, summary, data)
         if member.meta.get("data_fingerprint") != summary["fingerprint"]:
             raise ValueError(f"{member.path} was trained on other data than {data}; its val split would not be held out")
+        if member.meta.get("temperature", 1.0) != 1.0:  # the ensemble averages its members' raw softmax
+            raise ValueError(
+                f"{member.path} is calibrated (temperature {member.meta['temperature']}), which an ensemble would drop: "
+                "ensemble the models it was calibrated from, then calibrate the ensemble"
+            )
     config = EnsembleConfig(members=tuple(member.meta["architecture"] for member in members), tta=tta)
     network = Ensemble([member.model for member in members], tta=tta).eval()
     provisional = ModelDir(path=Path(output), model=network, meta={"preprocess": preprocess, "threshold": 0.5})

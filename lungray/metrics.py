@@ -215,7 +215,9 @@ def metrics_with_ci(
         metrics = binary_metrics(labels, probabilities, threshold)
         return [metrics[name] for name in RATE_METRICS]
 
-    point, replicates = _bootstrap(y, (p,), rates, groups, n_boot, seed)
+    # A resample of one class still has an accuracy and one of sensitivity / specificity: only
+    # the metrics it leaves undefined (NaN) skip it.
+    point, replicates = _bootstrap(y, (p,), rates, groups, n_boot, seed, one_class_resamples=True)
     estimates: dict[str, IntervalEstimate] = {}
     for column, name in enumerate(RATE_METRICS):
         low, high, n_skipped = _percentile_interval(replicates[:, column], alpha)
@@ -260,8 +262,10 @@ def delong_test(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, alpha: 
     Returns auroc_a, auroc_b, difference (a - b), its standard error se, z, the two-sided
     p_value and a normal (1 - alpha) CI of the difference (ci_low, ci_high). Images are
     treated as independent; with several images per patient prefer
-    `paired_bootstrap_auroc` with `groups`. When se is 0 (e.g. identical models) z is 0
-    and p is 1 for a zero difference, and infinite/0 otherwise.
+    `paired_bootstrap_auroc` with `groups`. When se is 0, z is 0 and p is 1 for a zero
+    difference (identical rankings); for another difference (a handful of cases, e.g. a
+    constant model against a perfect one) the variance estimate has broken down, and z, p
+    and the CI are NaN ("n/a" in the report) rather than a certainty the data cannot give.
     """
     _check_alpha(alpha)
     y, (a, b) = _validated(y_true, prob_a, prob_b)
@@ -284,8 +288,8 @@ def delong_test(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, alpha: 
     if se > 0:
         z = difference / se
     else:
-        z = 0.0 if difference == 0 else math.copysign(math.inf, difference)
-    half_width = float(norm.ppf(1 - alpha / 2)) * se
+        z = 0.0 if difference == 0 else math.nan
+    half_width = float(norm.ppf(1 - alpha / 2)) * se if math.isfinite(z) else math.nan
     return {
         "auroc_a": float(aurocs[0]),
         "auroc_b": float(aurocs[1]),
@@ -296,6 +300,13 @@ def delong_test(y_true: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike, alpha: 
         "ci_low": difference - half_width,
         "ci_high": difference + half_width,
     }
+
+
+def auroc_counts(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney U of the positives: the (positive, negative) pairs ranked right, ties counting
+    half, which is AUROC x pairs. Midranks are whole or half numbers, so U is exact in float64."""
+    positives = int(labels.sum())
+    return float(rankdata(scores)[labels == 1].sum() - positives * (positives + 1) / 2)
 
 
 def paired_bootstrap_auroc(
@@ -310,21 +321,25 @@ def paired_bootstrap_auroc(
     """AUROC(a) - AUROC(b) with a paired (optionally patient-level) bootstrap CI and p-value.
 
     Both models are scored on the same resample each time, so their correlation is kept.
-    The two-sided p-value inverts the percentile interval, 2 * the smaller share of
-    differences on either side of 0, with the +1 Monte Carlo correction so that a finite
-    number of resamples never reports p = 0.
+    The difference is exact (Mann-Whitney U counts, `auroc_counts`): two models that rank a
+    resample alike differ by 0, not by a rounding error that would count on one side only.
+    The two-sided p-value is 2 * the smaller share of differences on either side of 0, with
+    the +1 Monte Carlo correction so that a finite number of resamples never reports p = 0.
+    The CI is of order statistics (`_order_statistic_interval`), so that where alpha x the
+    resamples / 2 is whole (the defaults, none skipped) it excludes 0 exactly when p < alpha.
     """
     _check_alpha(alpha)
     y, (a, b) = _validated(y_true, prob_a, prob_b)
     _require_both_classes(y)
 
     def aurocs_and_difference(labels: np.ndarray, a_scores: np.ndarray, b_scores: np.ndarray) -> tuple[float, ...]:
-        auroc_a, auroc_b = roc_auc_score(labels, a_scores), roc_auc_score(labels, b_scores)
-        return auroc_a, auroc_b, auroc_a - auroc_b
+        pairs = float(labels.sum() * (labels.size - labels.sum()))
+        count_a, count_b = auroc_counts(labels, a_scores), auroc_counts(labels, b_scores)
+        return count_a / pairs, count_b / pairs, (count_a - count_b) / pairs
 
     point, replicates = _bootstrap(y, (a, b), aurocs_and_difference, groups, n_boot, seed)
     differences = replicates[:, 2]
-    low, high, n_skipped = _percentile_interval(differences, alpha)
+    low, high, n_skipped = _order_statistic_interval(differences, alpha)
     valid = differences[np.isfinite(differences)]
     extreme = min(np.sum(valid <= 0), np.sum(valid >= 0))
     return {
@@ -460,11 +475,13 @@ def _bootstrap(
     groups: ArrayLike | None,
     n_boot: int,
     seed: int,
+    one_class_resamples: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`statistic(y, *scores)` on the full data, shape (k,), and on `n_boot` resamples.
 
     The replicates have shape (n_boot, k); a resample holding one class only is not
-    scored and keeps a row of NaN, which `_percentile_interval` counts as skipped.
+    scored (unless `one_class_resamples`: the statistic returns NaN where it is undefined)
+    and keeps a row of NaN, which `_percentile_interval` counts as skipped.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
@@ -472,9 +489,21 @@ def _bootstrap(
     replicates = np.full((n_boot, point.size), np.nan)
     for row, indices in enumerate(_resample_indices(y.size, groups, n_boot, np.random.default_rng(seed))):
         resampled = y[indices]
-        if resampled.min() < resampled.max():
+        if one_class_resamples or resampled.min() < resampled.max():
             replicates[row] = statistic(resampled, *(score[indices] for score in scores))
     return point, replicates
+
+
+def _order_statistic_interval(values: np.ndarray, alpha: float) -> tuple[float, float, int]:
+    """(low, high, n_skipped): the m-th smallest and the m-th largest finite replicate, m =
+    ceil(alpha / 2 x their number), the same from either end (numpy's quantiles are not), so
+    that the interval excludes 0 exactly when fewer than m replicates lie on its far side."""
+    finite = np.sort(values[np.isfinite(values)])
+    n_skipped = int(values.size - finite.size)
+    if finite.size == 0:
+        return math.nan, math.nan, n_skipped
+    m = max(1, math.ceil(alpha / 2 * finite.size))
+    return float(finite[m - 1]), float(finite[finite.size - m]), n_skipped
 
 
 def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float, int]:

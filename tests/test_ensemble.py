@@ -140,6 +140,19 @@ def test_ensemble_refuses_members_trained_on_other_data(ray_session: None, tmp_p
         build_ensemble_dir(member_dirs(tmp_path / "members", other), str(data), tmp_path / "ensemble")
 
 
+def test_ensemble_refuses_a_calibrated_member(tmp_path: Path) -> None:
+    """The ensemble averages its members' raw softmax: a member's temperature would be dropped
+    without a word (T = 3: 0.472 alone, 0.417 as a one-member ensemble)."""
+    data = write_ingested(tmp_path / "data", size=SIZE)
+    cnn_dir, lstm_dir = member_dirs(tmp_path / "members", data)
+    meta_path = Path(lstm_dir) / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "temperature": 3.0}))
+    assert load_model_dir(lstm_dir).meta["temperature"] == 3.0  # a model directory like calibrate writes
+    with pytest.raises(ValueError, match="is calibrated .temperature 3.0.*calibrate the ensemble"):
+        build_ensemble_dir([cnn_dir, lstm_dir], str(data), tmp_path / "ensemble")
+
+
 def test_arguments() -> None:
     parser = argparse.ArgumentParser()
     add_ensemble_arguments(parser)

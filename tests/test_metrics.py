@@ -321,6 +321,22 @@ def test_metrics_with_ci_reports_every_rate_with_an_interval_around_it() -> None
     )
 
 
+def test_metrics_with_ci_keeps_the_resamples_of_one_class_where_a_rate_is_defined() -> None:
+    """A source of normals only (a per-source row of the report) has a specificity and its CI:
+    the ordinary percentile bootstrap over every resample is the oracle. Before, every
+    resample lacking a class was skipped for every rate, and the CI was NaN."""
+    prob = np.random.default_rng(0).random(50) * 0.6
+    y = np.zeros(50, dtype=int)
+    estimates = metrics_with_ci(y, prob, threshold=0.5, n_boot=1000)
+    draws = np.random.default_rng(0)
+    oracle = [np.mean(prob[indices] < 0.5) for indices in (draws.integers(0, 50, 50) for _ in range(1000))]
+    for name in ("specificity", "accuracy"):
+        assert (estimates[name]["ci_low"], estimates[name]["ci_high"]) == pytest.approx(tuple(np.quantile(oracle, [0.025, 0.975])))
+        assert estimates[name]["n_skipped"] == 0
+    assert math.isnan(estimates["recall"]["ci_low"]) and estimates["recall"]["n_skipped"] == 1000  # no abnormal image in any
+    assert estimates["auroc"]["n_skipped"] == 1000
+
+
 # --- McNemar --------------------------------------------------------------------------
 
 
@@ -433,6 +449,14 @@ def test_delong_very_different_models_differ() -> None:
     assert result["p_value"] < 1e-10
 
 
+def test_delong_without_variance_says_nothing_rather_than_p_0() -> None:
+    """A constant model against a perfect one on four images: every structural component is
+    equal, se is 0, and a p of 0 (z infinite) would read as certainty."""
+    result = delong_test([0, 0, 1, 1], [0.5] * 4, [0.1, 0.2, 0.8, 0.9])
+    assert (result["difference"], result["se"]) == (-0.5, 0.0)
+    assert all(math.isnan(result[key]) for key in ("z", "p_value", "ci_low", "ci_high"))
+
+
 def test_delong_needs_two_cases_of_each_class() -> None:
     with pytest.raises(ValueError):
         delong_test([0, 0, 1], [0.1, 0.2, 0.9], [0.3, 0.2, 0.8])
@@ -463,6 +487,60 @@ def test_paired_bootstrap_identical_models_and_patient_groups() -> None:
     assert different["p_value"] == pytest.approx(2 / 201)  # the smallest p 200 resamples can give
 
 
+def exact_auroc(labels: np.ndarray, scores: np.ndarray) -> Fraction:
+    """Pairs ranked right over all pairs, ties half, in exact fractions (the definition)."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    right = sum(Fraction(int(p > n) * 2 + int(p == n), 2) for p in positives for n in negatives)
+    return right / (len(positives) * len(negatives))
+
+
+def test_paired_bootstrap_counts_resamples_where_the_aurocs_tie_on_both_sides() -> None:
+    """Scores of 3 decimals whose AUROCs are exactly equal on the data and on many resamples:
+    in floats the difference came out as -5.6e-17 and such ties counted on one side only
+    (p too small; a CI bound of -1e-16 printed as -0.000). The oracle is the exact difference
+    of each resample (fractions), on the same resamples (seed 0)."""
+    y = np.array([0, 0, 0, 1, 0, 1, 0])
+    a = np.array([0.841, 0.487, 0.476, 0.258, 0.156, 0.712, 0.844])
+    b = np.array([0.678, 0.369, 0.576, 0.563, 0.937, 0.388, 0.165])
+    assert exact_auroc(y, a) == exact_auroc(y, b) and roc_auc_score(y, a) - roc_auc_score(y, b) != 0.0  # the float trap
+    result = paired_bootstrap_auroc(y, a, b, n_boot=400, seed=0)
+    assert result["difference"] == 0.0
+
+    draws = np.random.default_rng(0)
+    exact = []
+    for indices in (draws.integers(0, y.size, y.size) for _ in range(400)):
+        if 0 < y[indices].sum() < y.size:
+            exact.append(exact_auroc(y[indices], a[indices]) - exact_auroc(y[indices], b[indices]))
+    ties = sum(difference == 0 for difference in exact)
+    assert ties > 50  # the case is one of ties
+    extreme = min(sum(difference <= 0 for difference in exact), sum(difference >= 0 for difference in exact))
+    assert result["p_value"] == pytest.approx(min(1.0, 2 * (extreme + 1) / (len(exact) + 1)))
+    assert result["n_skipped"] == 400 - len(exact)
+    assert {result["ci_low"], result["ci_high"]} <= {float(difference) for difference in exact}  # no rounding residue
+
+
+def test_paired_bootstrap_interval_excludes_0_exactly_when_p_is_below_alpha() -> None:
+    """The report says "the interval excludes 0" beside the p-value: they must not disagree
+    (interpolated quantiles and the +1 correction gave CI +0.005 to +0.336 with p = 0.060)."""
+    checked = excluded = 0
+    for seed in range(150):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, int(rng.integers(15, 40)))
+        if y.min() == y.max():
+            continue
+        a = np.round(rng.random(y.size) + 0.4 * y * rng.random(), 2)
+        b = np.round(rng.random(y.size) + 0.1 * y * rng.random(), 2)
+        result = paired_bootstrap_auroc(y, a, b, n_boot=200, seed=seed)
+        if result["n_skipped"]:
+            continue
+        checked += 1
+        excludes = result["ci_low"] > 0 or result["ci_high"] < 0
+        excluded += excludes
+        assert excludes == (result["p_value"] < 0.05), result
+    assert checked > 100 and 10 < excluded < checked - 10
+
+
+# --- calibration ----------------------------------------------------------------------
 # --- calibration ----------------------------------------------------------------------
 
 

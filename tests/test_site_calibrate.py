@@ -194,6 +194,15 @@ def test_too_small_sample_warns_with_the_rule_of_three_bound() -> None:
     assert binomtest(59, 59).proportion_ci(0.90, method="exact").low >= 0.95 > binomtest(58, 58).proportion_ci(0.90, method="exact").low
 
 
+def test_a_target_sensitivity_of_one_is_warned_of_not_a_crash() -> None:
+    """--min-sensitivity 1.0 is accepted; no sample can show it (math.ceil(inf) raised OverflowError)."""
+    from scipy.stats import binomtest
+
+    (warning,) = sample_warnings(np.array([0] * 80 + [1] * 500), 1.0)
+    assert "cannot be shown by any sample" in warning and "500 abnormal" in warning
+    assert f"{binomtest(500, 500).proportion_ci(0.90, method='exact').low:.3f}" in warning  # the one-sided 95% bound
+
+
 def test_cli_calibrate_warns_on_a_small_sample_and_refuses_one_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parent = make_model_dir(tmp_path / "parent", size=SIZE)
     small = write_site_sample(tmp_path / "small", n_normal=12, n_abnormal=12)

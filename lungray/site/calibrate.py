@@ -75,9 +75,15 @@ def sample_warnings(labels: np.ndarray, target: float) -> list[str]:
     needed = abnormal_needed(target)
     if n_abnormal >= needed:
         return []
+    bound = f"{(1 - CONFIDENCE) ** (1 / n_abnormal):.3f}" if n_abnormal else "0"
+    if math.isinf(needed):  # a target of 1.0: every lower bound stays below it
+        return [
+            f"the target sensitivity 1.0 cannot be shown by any sample: with all {n_abnormal} abnormal images detected, "
+            f"the one-sided {CONFIDENCE:.0%} lower bound on sensitivity is {bound}, and the threshold is unstable"
+        ]
     return [
         f"the sample holds {n_abnormal} abnormal images: with all of them detected, the one-sided "
-        f"{CONFIDENCE:.0%} lower bound on sensitivity is {(1 - CONFIDENCE) ** (1 / n_abnormal):.3f}, below the target "
+        f"{CONFIDENCE:.0%} lower bound on sensitivity is {bound}, below the target "
         f"{target}; at least {math.ceil(needed)} abnormal images are needed to show it, and the threshold is unstable"
     ]
 
