@@ -11,11 +11,14 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pydicom
 import pytest
+import requests
 from PIL import Image
 from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, generate_uid
 
@@ -24,6 +27,7 @@ from dicom_factory import dicom_bytes, dicom_dataset
 from lungray.pacs import dicomweb, dimse, overlay, report, source
 from lungray.raysession import free_port
 from lungray.report.gradcam import overlay_png
+from lungray.screen.writeback import store_reports
 from pacs_fixtures import OrthancServer
 
 SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
@@ -199,6 +203,41 @@ def test_credentials_come_from_the_environment(orthanc: OrthancServer, monkeypat
     assert token not in str(error.value) and token not in caplog.text
 
 
+def test_a_secret_from_a_file_is_trimmed_and_never_quoted_back() -> None:
+    """A token with the newline a secret file ends with: requests refuses such a header, and its
+    error quotes the value as a repr (`b'Bearer tok\\n'`), which a scrub of the raw secret missed:
+    `lungray screen` printed the token. The token is now trimmed, and every quoted form scrubbed.
+    requests' own error is the oracle of how a library quotes it."""
+    assert dicomweb.Credentials.from_environment({dicomweb.TOKEN_VARIABLE: "tok-secret\n"}).token == "tok-secret"
+    with pytest.raises(requests.exceptions.InvalidHeader) as refused:
+        requests.Request("GET", "http://pacs.example/", headers={"Authorization": "Bearer tok-secret\n"}).prepare()
+    assert "tok-secret" in str(refused.value)
+    failure = dicomweb._failure("search", "http://pacs.example/", refused.value, ["tok-secret\n"])
+    assert "tok-secret" not in str(failure) and "***" in str(failure)
+    basic = dicomweb.Credentials(user="reader", password="pass-word")
+    header = requests.Request("GET", "http://pacs.example/", auth=(basic.user, basic.password)).prepare().headers["Authorization"]
+    leaked = dicomweb._failure("search", "http://pacs.example/", ValueError(f"bad header {header!r}"), basic.secrets)
+    assert header.split()[1] not in str(leaked) and "pass-word" not in str(leaked)
+
+
+def test_the_hospital_ca_is_used_whatever_requests_ca_bundle_says(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """requests lets REQUESTS_CA_BUNDLE override a session's `verify` (not a request's own): the
+    CA lungray was given must be the one a request is sent with."""
+    bundle = str(tmp_path / "hospital-ca.pem")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    sent_with: list[object] = []
+
+    def send(adapter, request, **kwargs):  # noqa: ANN001, ANN202 - requests' HTTPAdapter.send
+        sent_with.append(kwargs.get("verify"))
+        raise requests.exceptions.ConnectionError("not sent")
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+    session = dicomweb.make_session(dicomweb.Credentials(ca_bundle=bundle), dicomweb.RequestPolicy())
+    with pytest.raises(requests.exceptions.ConnectionError):
+        session.get("https://pacs.example/dicom-web/studies")
+    assert sent_with == [bundle]
+
+
 def test_refused_connection_fails_fast(caplog: pytest.LogCaptureFixture) -> None:
     uri = f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     caplog.set_level(logging.DEBUG)
@@ -308,6 +347,30 @@ def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     assert dicomweb.store_if_absent(orthanc.uri, again, creds) is False
     dicomweb.store_dataset(orthanc.uri, again, creds)  # even stored blindly, the same UID makes no second copy
     assert orthanc.instance_count() == before
+
+
+def test_writing_back_never_shows_the_patients_name(orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A name without carets (as many modalities write it) makes highdicom warn with the name in
+    the text (the oracle, below); such warnings reached the job's stderr once per SR and overlay."""
+    monkeypatch.setenv(dicomweb.USER_VARIABLE, orthanc.user)
+    monkeypatch.setenv(dicomweb.PASSWORD_VARIABLE, orthanc.password)
+    study = generate_uid()
+    image = make_instance(study, "20260105", "DX", seed=3)
+    image.PatientName = "PREFECT FORD"
+    load(orthanc, [image])
+    (record,) = [found for found in dicomweb.search_instances(orthanc.uri, credentials=credentials(orthanc)) if found.study_uid == study]
+    with pytest.warns(UserWarning, match="PREFECT FORD"):
+        report.build_report([report.ScoredImage(dicomweb.retrieve_instance_header(record.path, credentials(orthanc)), 0.9)], 0.5, "model-x")
+
+    studies = pa.table({"study_id": [study], "prob": [0.9], "flagged": [True], "explain_path": [None]})
+    images = pa.table({"path": [record.path], "study_id": [study], "status": ["ok"], "prob": [0.9]})
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        counts = store_reports(orthanc.uri, "flagged", False, studies, images, 0.5, "model-x")
+    assert counts["sr"]["stored"] == 1
+    assert not [warning for warning in escaped if "PREFECT" in str(warning.message)]
+    assert "PREFECT" not in caplog.text and "warning(s) about the source header" in caplog.text
 
 
 def test_dcmtk_reads_the_report_as_tid_1500(tmp_path) -> None:

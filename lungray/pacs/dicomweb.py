@@ -14,6 +14,7 @@ instead of the system's CAs). TLS certificates are always verified.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import io
@@ -69,16 +70,19 @@ class Credentials:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Credentials:
         env = os.environ if environ is None else environ
-        return cls(
-            token=env.get(TOKEN_VARIABLE) or None,
-            user=env.get(USER_VARIABLE) or None,
-            password=env.get(PASSWORD_VARIABLE) or None,
-            ca_bundle=env.get(CA_BUNDLE_VARIABLE) or None,
-        )
+
+        def value(name: str) -> str | None:
+            # A secret made from a file (Kubernetes --from-file, an env file) often ends with a
+            # newline, which no header may hold: requests would refuse it and quote it in its error.
+            return (env.get(name) or "").strip() or None
+
+        return cls(token=value(TOKEN_VARIABLE), user=value(USER_VARIABLE), password=value(PASSWORD_VARIABLE), ca_bundle=value(CA_BUNDLE_VARIABLE))
 
     @property
     def secrets(self) -> list[str]:
-        return [value for value in (self.token, self.password) if value]
+        """The token, the password, and the basic-auth header's base64 of both, which an error may quote."""
+        basic = base64.b64encode(f"{self.user}:{self.password}".encode()).decode() if self.user is not None and self.password else None
+        return [value for value in (self.token, self.password, basic) if value]
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,10 @@ def make_session(credentials: Credentials, policy: RequestPolicy) -> requests.Se
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.verify = credentials.ca_bundle or True
+    if credentials.ca_bundle:
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override the session's verify, but not
+        # a request's own: each request names the hospital's CA.
+        session.request = functools.partial(session.request, verify=credentials.ca_bundle)  # type: ignore[method-assign]
     # Auth set on the session keeps requests from reaching for ~/.netrc (it still does when anonymous).
     if credentials.token:
         session.auth = _BearerAuth(credentials.token)
@@ -229,9 +237,15 @@ def _failure(action: str, base_url: str, error: Exception, secrets: Sequence[str
     else:
         reason = f"{type(error).__name__}: {error}"
     message = f"DICOMweb {action} at {base_url} failed: {reason}"
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    return DicomwebError(message)
+    return DicomwebError(scrub_secrets(message, secrets))
+
+
+def scrub_secrets(message: str, secrets: Sequence[str]) -> str:
+    """`message` without any secret, as given or as a library quotes it (repr of the text or its bytes)."""
+    forms = {form for secret in secrets for text in (secret, secret.strip()) if text for form in (text, repr(text)[1:-1], repr(text.encode())[2:-1])}
+    for form in sorted(forms, key=len, reverse=True):
+        message = message.replace(form, "***")
+    return message
 
 
 def _network_reason(error: requests.ConnectionError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import warnings
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -42,12 +43,24 @@ def study_overlay(image_path: str, png_uri: str, model_id: str) -> Dataset:
 
 
 def _store(report_to: str, build: Callable[[], Dataset], what: str, counts: dict[str, int]) -> None:
-    try:
-        stored = dicomweb.store_if_absent(report_to, build())
-    except Exception as exc:  # noqa: BLE001 - a refused store, an unreadable or odd header: counted, the run stands
-        counts["failed"] += 1
-        log.warning("%s not stored: %s", what, exc)
-        return
+    """Build and store one object; its failure is counted and logged, never raised.
+
+    highdicom and pydicom warn and fail with the header's values in their text (a patient name
+    that is not in PN form, say), so their warnings are counted and their errors named by type
+    only; the server's own failures (DicomwebError, scrubbed of credentials) are logged whole.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            stored = dicomweb.store_if_absent(report_to, build())
+        except Exception as exc:  # noqa: BLE001 - a refused store, an unreadable or odd header: counted, the run stands
+            counts["failed"] += 1
+            detail = str(exc) if isinstance(exc, dicomweb.DicomwebError) else f"{type(exc).__name__} (its text is not shown: it may quote the header)"
+            log.warning("%s not stored: %s", what, detail)
+            return
+        finally:
+            if caught:
+                log.info("%s: %d warning(s) about the source header, not shown (they may quote its values)", what, len(caught))
     counts["stored" if stored else "already_present"] += 1
 
 
