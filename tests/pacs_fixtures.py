@@ -118,8 +118,9 @@ def orthanc_installed() -> tuple[str, Path] | None:
 
 
 @contextlib.contextmanager
-def running_orthanc(root: Path) -> Iterator[OrthancServer]:
-    """Orthanc with DICOMweb on 127.0.0.1 (free HTTP and DICOM ports), basic auth on, storage under `root`.
+def running_orthanc(root: Path, **settings: object) -> Iterator[OrthancServer]:
+    """Orthanc with DICOMweb on 127.0.0.1 (free HTTP and DICOM ports), basic auth on, storage under
+    `root`; `settings` are more top-level configuration (e.g. LimitFindResults=5).
 
     Also used by bench/pacs.py; raises RuntimeError when Orthanc is missing or does not start.
     """
@@ -157,6 +158,7 @@ def running_orthanc(root: Path) -> Iterator[OrthancServer]:
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{http_port}"},
         "HttpCompressionEnabled": False,
         "SaveJobs": False,
+        **settings,
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))

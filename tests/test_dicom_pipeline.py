@@ -490,6 +490,20 @@ def test_files_never_read_are_counted_in_their_folders_study(tmp_path: Path) -> 
     assert too_large["study_id"] == vanished["study_id"] == "P1"
 
 
+def test_a_file_whose_size_is_known_only_once_read_is_held_to_the_limit(tmp_path: Path) -> None:
+    """A PACS instance has no size before it is retrieved (size None): it was read whole and
+    scored whatever its size; the limit now applies to what was read."""
+    from lungray.io.rows import process_file
+
+    path = tmp_path / "big.dcm"
+    path.write_bytes(dicom_bytes(dicom_dataset(film(), bits_stored=12)))
+    size = path.stat().st_size
+    row, tensor = process_file(str(path), "big.dcm", None, PreprocessConfig(), DecodeOptions(), size - 1, scope=None, salt=None)
+    assert tensor is None and row["error"] == f"file too large: {size} bytes exceeds the limit of {size - 1}"
+    row, tensor = process_file(str(path), "big.dcm", None, PreprocessConfig(), DecodeOptions(), size, scope=None, salt=None)
+    assert row["status"] == "ok" and tensor is not None
+
+
 # --- module structure ----------------------------------------------------------------
 
 

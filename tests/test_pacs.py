@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import io
+import json
 import logging
 import shutil
 import socket
@@ -28,7 +29,7 @@ from lungray.pacs import dicomweb, dimse, overlay, report, source
 from lungray.raysession import free_port
 from lungray.report.gradcam import overlay_png
 from lungray.screen.writeback import store_reports
-from pacs_fixtures import OrthancServer
+from pacs_fixtures import OrthancServer, orthanc_installed, running_orthanc
 
 SOP_CLASS = {"CR": ComputedRadiographyImageStorage, "DX": DigitalXRayImageStorageForPresentation, "CT": CTImageStorage}
 FAST = dicomweb.RequestPolicy(connect_timeout_s=2, read_timeout_s=5, retries=2, backoff_s=0.1, max_retry_after_s=0.2)
@@ -308,6 +309,41 @@ def test_transient_errors_are_retried(flaky_server: tuple[str, type[_FlakyHandle
     assert handler.seen == 1 + FAST.retries  # bounded
 
 
+class _OffsetIgnoringHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every QIDO search with the same one instance, whatever its offset."""
+
+    seen = 0
+    ITEM = {tag: {"vr": "UI", "Value": [uid]} for tag, uid in (("0020000D", "1.2.3"), ("0020000E", "1.2.4"), ("00080018", "1.2.5"))}
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        type(self).seen += 1
+        body = json.dumps([self.ITEM]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)  # without the check the listing pages for ever
+def test_a_server_that_ignores_offset_fails_the_listing_instead_of_paging_for_ever() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OffsetIgnoringHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        listed = []
+        with pytest.raises(dicomweb.DicomwebError, match="answered offset 1 with the page it gave for the one before"):
+            for record in dicomweb.search_instances(uri, modalities=["DX"], credentials=dicomweb.Credentials(), policy=FAST):
+                listed.append(record.sop_uid)
+        assert listed == ["1.2.5"] and _OffsetIgnoringHandler.seen == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     study = generate_uid()
     images = [make_instance(study, "20260105", "DX", seed=1), make_instance(study, "20260105", "CR", seed=2)]
@@ -427,6 +463,18 @@ def test_dimse_search_and_retrieve(orthanc: OrthancServer) -> None:
     orthanc.delete_instance(records[0].sop_uid)
     with pytest.raises(dimse.DimseError, match=rf"C-GET of instance {records[0].sop_uid} .* returned 0 instances"):
         dimse.retrieve_instance_bytes(records[0].path, calling_aet=orthanc.calling_aet)
+
+
+def test_a_capped_c_find_says_what_stopped_it(tmp_path) -> None:
+    """An archive at its C-FIND result limit ends the search with 0xFE00 (Orthanc with
+    LimitFindResults=2, three studies): the run stops, saying why and what to do, rather than
+    listing two of the three studies or naming a bare status code."""
+    if orthanc_installed() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    with running_orthanc(tmp_path, LimitFindResults=2) as capped:
+        load(capped, [make_instance(generate_uid(), "20260110", "DX", seed=index) for index in range(3)])
+        with pytest.raises(dimse.DimseError, match=r"ended early after \d+ matches \(status 0xFE00.*narrow the dates"):
+            list(dimse.search_instances(capped.dimse_uri, calling_aet=capped.calling_aet))
 
 
 def test_dimse_failures_are_clear_and_quick(orthanc: OrthancServer) -> None:

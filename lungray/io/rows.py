@@ -104,6 +104,9 @@ def process_file(
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         row["error"] = f"could not read file: {type(exc).__name__}: {detail}"[:500]
         return row, None
+    if len(data) > max_file_bytes:  # a size not known before reading (a PACS instance) is checked now
+        row["error"] = f"file too large: {len(data)} bytes exceeds the limit of {max_file_bytes}"
+        return row, None
     dataset = None
     if scope is not None:
         header, dataset = dicom_header(data, salt, decode_options.max_pixels)

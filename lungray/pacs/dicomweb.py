@@ -296,7 +296,7 @@ def search_instances(
     if since is not None or until is not None:
         filters["StudyDate"] = f"{_date(since)}-{_date(until)}"
     for modality in modalities:
-        offset = 0
+        offset, previous_page = 0, frozenset[str]()
         while True:
             try:
                 page = client.search_for_instances(
@@ -309,7 +309,13 @@ def search_instances(
                 raise _failure("search", base_url, error, credentials.secrets) from None
             if not page:
                 break
-            offset += len(page)
+            sops = frozenset(_first(item, "00080018") or "" for item in page)
+            if sops <= previous_page:  # a server that ignores offset repeats its page for ever
+                raise DicomwebError(
+                    f"DICOMweb search at {base_url} failed: the server answered offset {offset} with the page it gave "
+                    "for the one before, so it does not page by offset; the listing cannot go on"
+                )
+            offset, previous_page = offset + len(page), sops
             for item in page:
                 study, series, sop = (_first(item, tag) for tag in ("0020000D", "0020000E", "00080018"))
                 if not (study and series and sop):  # names nothing that could be retrieved, so no row

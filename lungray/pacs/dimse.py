@@ -71,6 +71,7 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 _ARCHIVE = re.compile(r"^dimse://(?P<aet>[^@/]{1,16})@(?P<host>[^:/]+):(?P<port>\d+)(?P<rest>/.*)?$")
 _INSTANCE_PATH = re.compile(r"^/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
 _SUCCESS, _PENDING = 0x0000, (0xFF00, 0xFF01)
+_MATCHING_TERMINATED = 0xFE00  # "matching terminated due to Cancel": what archives answer at their result limit
 
 
 class DimseError(RuntimeError):
@@ -159,6 +160,12 @@ def _find(assoc, archive: Archive, query: Dataset) -> list[Dataset]:
             raise DimseError(f"C-FIND at {archive}: {_no_answer('C-FIND', archive)}")
         if code in _PENDING:
             matches.append(identifier)
+        elif code == _MATCHING_TERMINATED:
+            raise DimseError(
+                f"C-FIND at {archive} ended early after {len(matches)} matches (status 0xFE00, matching terminated: "
+                "an archive's answer at its result limit, e.g. Orthanc's LimitFindResults), so the listing would miss "
+                "the rest: narrow the dates (--since / --until) or raise the archive's limit"
+            )
         elif code != _SUCCESS:
             raise DimseError(f"C-FIND at {archive} failed with status 0x{code:04X}")
     return matches
