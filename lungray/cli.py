@@ -290,7 +290,8 @@ def add_screen_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-retries", type=int, default=ScreenConfig.max_retries, metavar="N",
-        help="--incremental scores a file whose last row is an error again on later runs, up to N tries in all (the row's `tries`)",
+        help="--incremental scores a file whose last row is an error again on later runs, up to N tries in all (the row's `tries`); "
+        "a --report-to store the PACS refused is tried again by as many runs",
     )
     parser.add_argument(
         "--chunk-files", type=int, default=ScreenConfig.chunk_files, metavar="N",

@@ -403,7 +403,7 @@ def test_writing_back_never_shows_the_patients_name(orthanc: OrthancServer, monk
     caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as escaped:
         warnings.simplefilter("always")
-        counts = store_reports(orthanc.uri, "flagged", False, studies, images, 0.5, "model-x")
+        counts, _ = store_reports(orthanc.uri, "flagged", False, studies, images, 0.5, "model-x")
     assert counts["sr"]["stored"] == 1
     assert not [warning for warning in escaped if "PREFECT" in str(warning.message)]
     assert "PREFECT" not in caplog.text and "warning(s) about the source header" in caplog.text
@@ -428,10 +428,19 @@ def test_dcmtk_reads_the_report_as_tid_1500(tmp_path) -> None:
     assert "Verification Flag   : UNVERIFIED" in done.stdout
 
 
-def test_report_uids_are_deterministic_per_model_and_study() -> None:
+def test_report_uids_are_deterministic_per_model_study_and_result() -> None:
+    """One series per model and study; one SR instance per result said in it, so that a rerun
+    stores nothing new and a changed result (an image added later) is stored as a new SR."""
     study = generate_uid()
-    assert report.report_uids("m1", study) == report.report_uids("m1", study)
-    assert len({*report.report_uids("m1", study), *report.report_uids("m2", study), *report.report_uids("m1", generate_uid())}) == 6
+    first, second = make_instance(study, "20260105", "DX", seed=1), make_instance(study, "20260105", "DX", seed=2)
+    one = report.build_report([report.ScoredImage(first, 0.7)], 0.5, "m1")
+    assert one.SOPInstanceUID == report.build_report([report.ScoredImage(first, 0.7)], 0.5, "m1").SOPInstanceUID
+    both = report.build_report([report.ScoredImage(second, 0.2), report.ScoredImage(first, 0.7)], 0.5, "m1")
+    assert both.SeriesInstanceUID == one.SeriesInstanceUID and both.SOPInstanceUID != one.SOPInstanceUID
+    for changed in (report.build_report([report.ScoredImage(first, 0.71)], 0.5, "m1"), report.build_report([report.ScoredImage(first, 0.7)], 0.6, "m1")):
+        assert changed.SOPInstanceUID not in (one.SOPInstanceUID, both.SOPInstanceUID)
+    uids = {*report.report_uids("m1", study, "a"), *report.report_uids("m2", study, "a"), *report.report_uids("m1", generate_uid(), "a")}
+    assert len(uids) == 6
     other_study = make_instance(generate_uid(), "20260105", "DX")
     with pytest.raises(ValueError, match="one study"):
         report.build_report(

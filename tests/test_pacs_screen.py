@@ -26,7 +26,7 @@ from lungray.raysession import free_port
 from lungray.screen.pipeline import ScreenConfig, run_screen
 from lungray.screen.writeback import store_reports
 from pacs_fixtures import OrthancServer
-from lungray.screen.tables import read_table
+from lungray.screen.tables import ensure_table, read_table
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(600)]
 
@@ -104,7 +104,7 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
     overlays = list(dicomweb.search_instances(orthanc.uri, modalities=("OT",)))
     assert sorted(record.study_uid for record in overlays) == sorted([two_images, one_image])
     expected_counts = {"stored": 2, "already_present": 0, "failed": 0}
-    assert summary["reports"] == {"sr": expected_counts, "overlay": expected_counts}
+    assert summary["reports"] == {"sr": expected_counts, "overlay": expected_counts, "given_up": {"studies": 0}}
     run = json.loads((output / "runs" / f"{summary['run_id']}.json").read_text())
     assert run["reports"] == summary["reports"] and run["files_listed"] == 4
 
@@ -115,13 +115,13 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
     assert (again["files_listed"], again["files_scored"], again["files_skipped"]) == (3, 0, 3)
     assert again["reports"]["sr"]["stored"] == 0 and orthanc.instance_count() == count
     images, studies_table = read_table(str(output), "images"), read_table(str(output), "studies")
-    repeated = store_reports(orthanc.uri, "flagged", True, studies_table, images, 0.0, summary["model_id"])
+    repeated, _ = store_reports(orthanc.uri, "flagged", True, studies_table, images, 0.0, summary["model_id"])
     assert repeated["sr"] == repeated["overlay"] == {"stored": 0, "already_present": 2, "failed": 0}
     # `--report all` reports every scored study, `flagged` only the flagged ones.
     flags = [row["flagged"] and row["study_id"] != one_image for row in studies_table.to_pylist()]
     one_unflagged = studies_table.set_column(studies_table.schema.get_field_index("flagged"), "flagged", pa.array(flags))
-    assert store_reports(orthanc.uri, "flagged", False, one_unflagged, images, 0.0, summary["model_id"])["sr"]["already_present"] == 1
-    assert store_reports(orthanc.uri, "all", False, one_unflagged, images, 0.0, summary["model_id"])["sr"]["already_present"] == 2
+    assert store_reports(orthanc.uri, "flagged", False, one_unflagged, images, 0.0, summary["model_id"]).counts["sr"]["already_present"] == 1
+    assert store_reports(orthanc.uri, "all", False, one_unflagged, images, 0.0, summary["model_id"]).counts["sr"]["already_present"] == 2
     assert orthanc.instance_count() == count
 
     # Neither the password nor a patient identifier in any output, the driver's log or Ray's logs.
@@ -132,6 +132,65 @@ def test_screen_from_orthanc_reports_back_and_a_rerun_adds_nothing(
             content = path.read_bytes()
             assert not any(secret in content for secret in secrets), path
     assert not any(secret.decode() in caplog.text for secret in secrets)
+
+
+@pytest.mark.slow
+def test_a_study_across_commits_gets_one_whole_sr_and_a_refused_store_is_tried_again(
+    orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study whose images fall in two commits (one file per chunk) was reported after the
+    first with only its first image, and the second found that SR's UID present and stored
+    nothing; a store the PACS refused was never tried again. Now the run stores what it queued
+    when it ends, and what was refused stays queued for the next runs."""
+    split_study, refused_study = generate_uid(), generate_uid()
+    study_images = [instance(split_study, "20260110", "DX", 0), instance(split_study, "20260110", "DX", 1)]
+    for ds in [*study_images, instance(refused_study, "20260110", "DX", 2)]:
+        orthanc.upload(dicom_bytes(ds))
+    real_store = dicomweb.store_if_absent
+
+    def pacs_refusing_one_study(uri: str, dataset: pydicom.Dataset, *args, **kwargs) -> bool:
+        if dataset.StudyInstanceUID == refused_study:
+            raise dicomweb.DicomwebError("DICOMweb store at the PACS failed: HTTP 503 Service Unavailable")
+        return real_store(uri, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(dicomweb, "store_if_absent", pacs_refusing_one_study)
+    model = untrained_model_dir(tmp_path / "model", threshold=0.0)  # every study is flagged
+    output = tmp_path / "out"
+    config = ScreenConfig(model=str(model), input=orthanc.uri, output=str(output), date=DATE, incremental=True, chunk_files=1, report_to=orthanc.uri)
+    first = run_screen(config)
+    assert first["chunks"] == 3 and first["reports"]["sr"] == {"stored": 1, "already_present": 0, "failed": 1}
+
+    (sr,) = list(dicomweb.search_instances(orthanc.uri, modalities=("SR",)))
+    content = report.read_report(pydicom.dcmread(io.BytesIO(source.retrieve_instance_bytes(sr.path))))
+    assert sr.study_uid == split_study and {image.sop_uid for image in content.images} == {ds.SOPInstanceUID for ds in study_images}
+
+    monkeypatch.setattr(dicomweb, "store_if_absent", real_store)  # the PACS is back
+    second = run_screen(config)
+    assert second["files_scored"] == 0 and second["reports"]["sr"] == {"stored": 1, "already_present": 0, "failed": 0}
+    assert sorted(record.study_uid for record in dicomweb.search_instances(orthanc.uri, modalities=("SR",))) == sorted([split_study, refused_study])
+    count = orthanc.instance_count()
+    assert run_screen(config)["reports"]["sr"] == {"stored": 0, "already_present": 0, "failed": 0}  # nothing queued is left
+    assert orthanc.instance_count() == count and not list((output / "_lungray" / "writeback").rglob("*.json"))
+
+
+def test_a_store_refused_every_night_is_given_up_after_max_tries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue is bounded: a study the PACS refuses `max_tries` times is dropped, and said to be."""
+    from lungray.screen import writeback
+
+    study = generate_uid()
+    ensure_table(str(tmp_path), "images")
+    ensure_table(str(tmp_path), "studies")
+    monkeypatch.setattr(writeback, "current_studies", lambda *args: pa.table({"study_id": [study], "prob": [0.9], "flagged": [True], "explain_path": [None]}))
+    monkeypatch.setattr(writeback, "study_images", lambda *args: pa.table({"path": ["p"], "study_id": [study], "status": ["ok"], "prob": [0.9]}))
+    monkeypatch.setattr(writeback, "study_report", lambda *args: pydicom.Dataset())
+
+    def refused(uri: str, dataset: pydicom.Dataset) -> bool:
+        raise dicomweb.DicomwebError("DICOMweb store failed: HTTP 503")
+
+    monkeypatch.setattr(dicomweb, "store_if_absent", refused)
+    writeback.queue_reports(str(tmp_path), "m1", "flagged", pa.table({"study_id": [study], "prob": [0.9], "flagged": [True]}), "run-1")
+    outcomes = [writeback.flush_reports(str(tmp_path), "m1", "dicomweb+http://pacs/dw", "flagged", False, 0.5, max_tries=2) for _ in range(3)]
+    assert [(outcome["sr"]["failed"], outcome["given_up"]["studies"]) for outcome in outcomes] == [(1, 0), (1, 1), (0, 0)]
 
 
 @pytest.mark.parametrize("failure", ["bad password", "refused connection"])

@@ -14,8 +14,10 @@ support most widely) holding one image-level TID 1501 group per screened image:
 
 The observer is a device (lungray, with the model id as model name); the SR is left
 UNVERIFIED and its SeriesDescription says it is an algorithm's output, not for diagnosis.
-Series and SOP Instance UIDs derive from (model id, study UID) alone, so a rerun builds the
-same SOP Instance UID and `dicomweb.store_if_absent` finds it there and stores no second copy.
+The Series Instance UID derives from (model id, study UID), the SOP Instance UID also from
+what the SR says (each image's probability, and the threshold): a rerun builds the same SOP
+Instance UID and `dicomweb.store_if_absent` finds it there and stores no second copy, while a
+study whose result changed (an image added on a later night) gets a new SR in the same series.
 """
 
 from __future__ import annotations
@@ -79,10 +81,16 @@ class ReportContent:
     images: tuple[ReportedImage, ...]
 
 
-def report_uids(model_id: str, study_uid: str) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of the SR for this model and study: the same on every run."""
+def report_uids(model_id: str, study_uid: str, content: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the SR for this model and study saying `content`
+    (`report_content`): the same on every run for the same result."""
+    return stable_uid("sr-series", model_id, study_uid), stable_uid("sr-instance", model_id, study_uid, content)
 
-    return stable_uid("sr-series", model_id, study_uid), stable_uid("sr-instance", model_id, study_uid)
+
+def report_content(images: Sequence[ScoredImage], threshold: float) -> str:
+    """What an SR says, as text: each image's SOP Instance UID and probability, and the threshold."""
+    scored = sorted((str(image.header.SOPInstanceUID), float(image.probability)) for image in images)
+    return repr((scored, float(threshold)))
 
 
 def stable_uid(*parts: str) -> str:
@@ -127,7 +135,7 @@ def build_report(images: Sequence[ScoredImage], threshold: float, model_id: str,
     if len(study_uids) != 1:
         raise ValueError(f"the images of one SR must share one study, got {len(study_uids)}")
     (study_uid,) = study_uids
-    series_uid, sop_uid = report_uids(model_id, study_uid)
+    series_uid, sop_uid = report_uids(model_id, study_uid, report_content(images, threshold))
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=version, parameters=[_MODEL_PARAMETER + model_id])
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -56,7 +56,7 @@ from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
 from lungray.screen.studies import Decorate, sync_studies
 from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
-from lungray.screen.writeback import REPORT_CHOICES, store_reports
+from lungray.screen.writeback import REPORT_CHOICES, flush_reports, queue_reports
 
 log = logging.getLogger(__name__)
 chunk_rows_task = ray.remote(num_returns=3)(chunk_rows)
@@ -322,17 +322,24 @@ def overlays(run: Run, chunk_uris: dict[str, str]) -> Decorate:
 
 
 def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> None:
-    """Bring the model's studies up to date with the images table; then the PACS reports."""
+    """Bring the model's studies up to date with the images table, and queue the changed ones for the PACS."""
     config = run.config
     decorate = overlays(run, chunk_uris or {}) if config.explain or config.report_overlay else None
-    studies, images = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate)
+    studies, _ = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate)
     counts.studies_written += studies.num_rows
     counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
-    if config.report_to:  # also with nothing to report: the summary then says 0 stored
-        stored = store_reports(config.report_to, config.report, config.report_overlay, studies, images, run.threshold, run.model_id)
-        counts.reports = stored if counts.reports is None else {
-            kind: {key: counts.reports[kind][key] + value for key, value in numbers.items()} for kind, numbers in stored.items()
-        }
+    if config.report_to:
+        queue_reports(config.output, run.model_id, config.report, studies, run.run_id)
+
+
+def report_back(run: Run, counts: Counts) -> None:
+    """With --report-to, store the queued studies (this run's and any an earlier run left) in the PACS;
+    the summary says what was stored, also when nothing was."""
+    config = run.config
+    if config.report_to:
+        counts.reports = flush_reports(
+            config.output, run.model_id, config.report_to, config.report, config.report_overlay, run.threshold, config.max_retries
+        )
 
 
 def score_and_commit(run: Run, window: pa.Table, counts: Counts, progress: Progress) -> None:
@@ -423,6 +430,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         progress.listing_done = True
         score_full_windows(run, pending, counts, progress, final=True)
         log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
+        report_back(run, counts)
         ledger.record_scope(config.output, run.model_id, config.scope)
         summary = summarize(run, counts, resumes, started)
         write_summary(config.output, summary)
