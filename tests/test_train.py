@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -34,7 +35,7 @@ from lungray.screen.predictor import local_model_dir
 from lungray.train.augment import AugmentConfig
 from lungray.train.export import model_dir_contents
 from lungray.train.loop import (
-    Progress, evaluate_epoch, lr_schedule, moving_average, step_schedule, train_one_epoch, weighted_loss_sums, write_checkpoint,
+    COSINE_FINAL_LR_FRACTION, Progress, aim_schedule, evaluate_epoch, lr_schedule, moving_average, step_schedule, train_one_epoch, weighted_loss_sums, write_checkpoint,
 )
 from lungray.train.trainer import (
     RAY_DIR,
@@ -303,6 +304,35 @@ def test_schedules_cosine_decays_to_one_percent_and_plateau_halves_on_a_stall() 
     assert plateau_optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
+@pytest.mark.parametrize("first_epochs, epochs", [(1, 3), (2, 5), (3, 3)])
+def test_a_cosine_schedule_resumed_for_more_epochs_follows_the_longer_run(first_epochs: int, epochs: int) -> None:
+    """A rerun with more --epochs restored the old schedule: after `epochs` 1 the rate of a
+    3-epoch run went 1e-3, 1e-5, 1e-3. The oracle is torch's own cosine schedule of the
+    longer run, stepped straight through."""
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+
+    first = lr_schedule(first_optimizer := optimizer(), "cosine", epochs=first_epochs)
+    for _ in range(first_epochs):
+        first_optimizer.step()
+        step_schedule(first, val_loss=1.0)
+    resumed = lr_schedule(resumed_optimizer := optimizer(), "cosine", epochs=epochs)
+    resumed_optimizer.load_state_dict(first_optimizer.state_dict())
+    resumed.load_state_dict(first.state_dict())
+    aim_schedule(resumed, epochs)
+    straight = torch.optim.lr_scheduler.CosineAnnealingLR(straight_optimizer := optimizer(), T_max=epochs, eta_min=1e-5)
+    for _ in range(first_epochs):
+        straight_optimizer.step()
+        straight.step()
+    for _ in range(epochs - first_epochs + 1):
+        assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(straight_optimizer.param_groups[0]["lr"], rel=1e-9)
+        resumed_optimizer.step()
+        step_schedule(resumed, val_loss=1.0)
+        straight_optimizer.step()
+        straight.step()
+
+
 def test_a_checkpoint_of_an_older_lungray_exports_its_best_weights_and_refuses_the_last(tmp_path: Path) -> None:
     """Checkpoints written before the last epoch's weights were kept hold only the best epoch's."""
     architecture = ModelConfig("cnn", widths=(4, 8), fc_hidden=8)
@@ -526,5 +556,8 @@ def test_rerun_resumes_instead_of_restarting(ray_session: None, tmp_path: Path, 
     assert longer["history"][:1] == first["history"], "the first epoch was recomputed"
     assert longer["resumed_at_epochs"] == [1]
     assert longer["training"]["epochs"] == 2
+    config = tiny_config(data, output, epochs=2)  # its second epoch at the rate a 2-epoch run has there, not the 1-epoch floor
+    halfway = COSINE_FINAL_LR_FRACTION * config.lr + (1 - COSINE_FINAL_LR_FRACTION) * config.lr * (1 + math.cos(math.pi / 2)) / 2
+    assert config.schedule == "cosine" and longer["history"][1]["lr"] == pytest.approx(halfway)
     assert exists(join_uri(output, RAY_DIR, RUN_NAME))
     assert load_model_dir(local_model_dir(output)).predict_proba(read_split(data, "val")[0]).shape == (SPLIT_SIZES["val"],)

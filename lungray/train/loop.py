@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import tempfile
@@ -199,6 +200,19 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) ->
         final_lr = COSINE_FINAL_LR_FRACTION * optimizer.param_groups[0]["lr"]
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=final_lr)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=LR_DECAY_FACTOR, patience=LR_DECAY_PATIENCE)
+
+
+def aim_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int) -> None:
+    """A cosine schedule restored from a run of another length (a rerun with more --epochs)
+    re-aimed at `epochs`: its state keeps the old length, so the rate would fall to its floor at
+    the old end and climb back. The rate is set where a run of `epochs` has it at this epoch."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == epochs:
+        return
+    scheduler.T_max = epochs
+    progress = (1 + math.cos(math.pi * scheduler.last_epoch / epochs)) / 2
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * progress
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, val_loss: float) -> None:
@@ -444,6 +458,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        aim_schedule(scheduler, config.epochs)
     class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
