@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from lungray import sources, split
 from lungray.io.base import decode_record
-from lungray.io.decode import DecodeOptions, patient_key
+from lungray.io.decode import DecodeOptions, patient_key, study_from_relpath
 from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
 from lungray.io.parquet import read_parquet
 from lungray.io.rows import dataset_of_blocks, rows_table
@@ -134,8 +134,14 @@ def decode_block(batch: pa.Table, config: IngestConfig, salt: str) -> pa.Table:
     return table
 
 
-def split_groups(patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str]) -> list[str]:
-    """Grouping key per image: a patient, joined with every patient that shares an identical image."""
+def split_groups(
+    patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str], study_ids: list[str | None], relpaths: list[str]
+) -> list[str]:
+    """Grouping key per image: a patient, joined with every patient that shares an identical
+    image or a study. A study counts where a header named it (a DICOM StudyInstanceUID), not
+    where it is the file's folder (`study_from_relpath`, often a class folder such as NORMAL/):
+    a film without a PatientID is its own patient, and the other films of its study must not
+    land in another split."""
     parent: dict[str, str] = {}
 
     def find(node: str) -> str:
@@ -145,11 +151,13 @@ def split_groups(patient_keys: list[str | None], content_hashes: list[str | None
         return node
 
     nodes = []
-    for key, digest, path in zip(patient_keys, content_hashes, paths):
+    for key, digest, path, study, relpath in zip(patient_keys, content_hashes, paths, study_ids, relpaths):
         node = f"p:{key}" if key is not None else f"f:{path}"
         nodes.append(node)
         if digest is not None:
             parent[find(node)] = find(f"h:{digest}")
+        if study is not None and study != study_from_relpath(relpath):
+            parent[find(node)] = find(f"s:{study}")
     return [find(node) for node in nodes]
 
 
@@ -178,7 +186,7 @@ def write_table(uri: str, table: pa.Table) -> None:
 def read_staging_metadata(staging: str) -> pa.Table:
     fs, path = filesystem_for(staging)
     columns = [
-        "path", "relpath", "status", "error", "skip_reason", "label", "patient_key", "source", "content_hash", "format",
+        "path", "relpath", "status", "error", "skip_reason", "label", "patient_key", "study_id", "source", "content_hash", "format",
         "modality", "body_part", "view_position",
     ]
     return pq.read_table(path, columns=columns, filesystem=fs)
@@ -231,7 +239,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         raise RuntimeError(f"decode produced {meta.num_rows} rows for {len(listed)} files")
     ok_mask = pc.equal(meta["status"], "ok")
     ok_meta = meta.filter(ok_mask).sort_by("path")  # the split depends on order: make it the listing's
-    groups = split_groups(ok_meta["patient_key"].to_pylist(), ok_meta["content_hash"].to_pylist(), ok_meta["path"].to_pylist())
+    groups = split_groups(*(ok_meta[name].to_pylist() for name in ("patient_key", "content_hash", "path", "study_id", "relpath")))
     labels = ok_meta["label"].to_pylist()
     if config.holdout:
         held_out = [any(fnmatch.fnmatchcase(relpath, pattern) for pattern in config.holdout) for relpath in ok_meta["relpath"].to_pylist()]

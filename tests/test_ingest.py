@@ -15,7 +15,7 @@ from dicom_factory import dicom_bytes, dicom_dataset, png_header_only
 from pydicom.data import get_testdata_files
 from scope_factory import scope_archive
 
-from lungray.ingest import IngestConfig, SourceSpec, run_ingest
+from lungray.ingest import IngestConfig, SourceSpec, run_ingest, split_groups
 from lungray.io.scope import Scope
 from lungray.preprocess import PreprocessConfig
 
@@ -133,6 +133,45 @@ def test_ingest_merges_sources_and_study_ids(tmp_path: Path) -> None:
     assert [row["label"] for row in dicoms if row["path"].endswith(nih)] == [0]
     assert all(row["study_id"].startswith(("1.", "2.")) for row in dicoms if row["study_id"] != ".")
     assert {row["study_id"] for row in rows if row["source"] == "kermany"} == {"NORMAL", "PNEUMONIA"}
+
+
+def test_films_of_one_study_without_a_patient_id_stay_in_one_split(tmp_path: Path) -> None:
+    """DICOM films without PatientID (labels from a CSV) were each their own patient, so the two
+    films of one study fell into different splits (8 of these 12 studies)."""
+    rng = np.random.default_rng(0)
+    lines = ["path,label"]
+    for study_index in range(12):
+        study = f"1.2.826.0.1.3680043.8.498.{study_index + 1}"
+        for view in range(2):
+            ds = dicom_dataset(rng.integers(0, 255, (64, 64), dtype=np.uint8), StudyInstanceUID=study)
+            del ds.PatientID
+            (tmp_path / "in").mkdir(exist_ok=True)
+            (tmp_path / "in" / f"s{study_index:02d}_{view}.dcm").write_bytes(dicom_bytes(ds))
+            lines.append(f"s{study_index:02d}_{view}.dcm,{study_index % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    run_ingest(
+        IngestConfig(
+            sources=(SourceSpec(str(tmp_path / "in"), dataset="csv", labels=str(tmp_path / "labels.csv")),),
+            output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=32), scope=ACCEPT_ALL,
+        )
+    )
+    rows = pq.read_table(tmp_path / "out" / "data", columns=["study_id", "split", "patient_key"]).to_pylist()
+    assert len(rows) == 24 and {row["patient_key"] for row in rows} == {None}
+    splits_of: dict[str, set[str]] = {}
+    for row in rows:
+        splits_of.setdefault(row["study_id"], set()).add(row["split"])
+    assert len(splits_of) == 12 and all(len(splits) == 1 for splits in splits_of.values()), splits_of
+    assert {split for splits in splits_of.values() for split in splits} == {"train", "val", "test"}
+
+
+def test_a_class_folder_is_no_study_for_the_split() -> None:
+    """Kermany-style files have no header; their study is their folder, NORMAL/ or PNEUMONIA/,
+    which must not join every film of a class into one group."""
+    groups = split_groups([None, None, "p1", "p1"], ["h1", "h2", "h3", "h4"], ["a", "b", "c", "d"], ["NORMAL", "NORMAL", "1.2.3", "1.2.3"],
+                          ["NORMAL/a.jpeg", "NORMAL/b.jpeg", "x/c.dcm", "x/d.dcm"])
+    assert groups[0] != groups[1] and groups[2] == groups[3]
+    joined = split_groups([None, None], ["h1", "h2"], ["a", "b"], ["1.2.3", "1.2.3"], ["x/a.dcm", "y/b.dcm"])
+    assert joined[0] == joined[1]  # one study in two folders: one group
 
 
 def test_ingest_reads_and_writes_s3(tmp_path: Path, s3_bucket: str) -> None:
