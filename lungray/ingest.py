@@ -103,8 +103,16 @@ def list_sources(specs: tuple[SourceSpec, ...], salt: str | None) -> list[Listed
     """List every source, label each file by its adapter, and hash patient IDs at once
     (salt None: no patient keys, for callers that write none)."""
     listed: list[ListedFile] = []
+    source_of: dict[str, str] = {}
     for spec in specs:
         entries = list_files(spec.uri)
+        overlap = [entry.uri for entry in entries if entry.uri in source_of]
+        if overlap:  # each file once: a second row would be a second training image, maybe labelled otherwise
+            raise ValueError(
+                f"{len(overlap)} file(s) of source {spec.uri} are also in source {source_of[overlap[0]]}: "
+                "give sources that do not overlap (a folder and one of its subfolders do)"
+            )
+        source_of.update((entry.uri, spec.uri) for entry in entries)
         infos = sources.describe(spec.dataset, [entry.relpath for entry in entries], labels_text(spec))
         for entry in entries:
             info = infos.get(entry.relpath)

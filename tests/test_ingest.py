@@ -174,6 +174,17 @@ def test_a_class_folder_is_no_study_for_the_split() -> None:
     assert joined[0] == joined[1]  # one study in two folders: one group
 
 
+def test_overlapping_sources_are_refused_before_anything_is_decoded(tmp_path: Path) -> None:
+    """A folder and one of its subfolders as two sources gave every file of the subfolder two
+    rows (two training images), and, labelled otherwise by the second source, a crash at the end."""
+    shutil.copytree(SAMPLES / "kermany-mini", tmp_path / "kermany")
+    sources = (SourceSpec(str(tmp_path / "kermany"), dataset="kermany"), SourceSpec(str(tmp_path / "kermany" / "NORMAL"), dataset="kermany"))
+    normals = sum(1 for path in (tmp_path / "kermany" / "NORMAL").rglob("*") if path.is_file())
+    with pytest.raises(ValueError, match=rf"{normals} file\(s\) of source .*NORMAL are also in source .*kermany:"):
+        run_ingest(IngestConfig(sources=sources, output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=32)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_ingest_reads_and_writes_s3(tmp_path: Path, s3_bucket: str) -> None:
     import boto3
 
