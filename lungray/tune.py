@@ -473,7 +473,7 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
     grid = build_tuner(config, trainable, resources.concurrent).fit()
 
-    table = results_table(grid, config)
+    table = results_table(grid, config, plan.base.select)
     table.to_parquet(output / "results.parquet", index=False)
     table.to_csv(output / "results.csv", index=False)
     finished = table[table["status"] != "error"].dropna(subset=[config.metric])
@@ -504,13 +504,15 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
 # --- results -------------------------------------------------------------------------------
 
 
-def results_table(grid: tune.ResultGrid, config: SweepConfig) -> pd.DataFrame:
-    """One row per trial: its values, epochs run, metrics at its best epoch, wall time; best first.
+def results_table(grid: tune.ResultGrid, config: SweepConfig, select: str) -> pd.DataFrame:
+    """One row per trial: its values, epochs run, metrics at the epoch whose weights it would
+    export (`select`, as training's: "last", or "best" validation AUROC), wall time; best first.
 
+    Trials are ranked by that epoch's metric, so that the best trial's exported weights are the
+    ones its rank was earned by (a trial's best epoch ranked it while its last was exported).
     status is "completed" (every epoch), "stopped" (by the scheduler) or "error".
     """
     names = [param.name for param in config.space.params]
-    best_index = np.nanargmax if METRIC_MODES[config.metric] == "max" else np.nanargmin
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -520,21 +522,22 @@ def results_table(grid: tune.ResultGrid, config: SweepConfig) -> pd.DataFrame:
         row: dict[str, Any] = {"trial": PurePosixPath(result.path).name, **{name: sampled.get(name) for name in names}}
         row["epochs"] = len(epochs)
         if len(epochs) and epochs[config.metric].notna().any():
-            best = epochs.iloc[int(best_index(epochs[config.metric].to_numpy(dtype=float)))]
-            row.update(best_epoch=int(best["epoch"]), **{name: float(best[name]) for name in ("val_auroc", "val_loss", "train_loss")})
+            # "best" is training's: the epoch of the best validation AUROC (`Progress.record_epoch`).
+            chosen = epochs.iloc[-1] if select == "last" else epochs.iloc[int(np.nanargmax(epochs["val_auroc"].to_numpy(dtype=float)))]
+            row.update(selected_epoch=int(chosen["epoch"]), **{name: float(chosen[name]) for name in ("val_auroc", "val_loss", "train_loss")})
         row["wall_time_s"] = float(result.metrics.get("time_total_s", math.nan))
         row["status"] = "error" if result.error else "completed" if len(epochs) >= config.trial_epochs else "stopped"
         row["error"] = str(result.error) if result.error else None
         row["checkpoint"] = result.metrics.get(CHECKPOINT_PATH_KEY)
         rows.append(row)
-    columns = ["trial", "status", *names, "epochs", "best_epoch", "val_auroc", "val_loss", "train_loss", "wall_time_s", "error", "checkpoint"]
+    columns = ["trial", "status", *names, "epochs", "selected_epoch", "val_auroc", "val_loss", "train_loss", "wall_time_s", "error", "checkpoint"]
     table = pd.DataFrame(rows).reindex(columns=columns)
     ascending = METRIC_MODES[config.metric] == "min"
     return table.sort_values(by=config.metric, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
 def sweep_figure(table: pd.DataFrame, space: SearchSpace) -> Figure:
-    """Validation AUROC (at each trial's best epoch) against each searched hyperparameter.
+    """Validation AUROC (at each trial's selected epoch) against each searched hyperparameter.
 
     Trials that did not run every epoch are hollow; the best trial (first row) is a star.
     """

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ import pytest
 import torch
 from conftest import REPO, SAMPLES
 from pyarrow.fs import FileSelector
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from lungray.evaluate import labelled_split
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
@@ -29,11 +31,14 @@ from lungray.cli import add_tune_arguments, tune_config_from_args
 from lungray.tune import (
     SETTINGS_FILE,
     SWEEP_NAME,
+    ParamSpec,
+    SearchSpace,
     SpaceError,
     SweepConfig,
     check_settings,
     load_space,
     plan_resources,
+    results_table,
     run_tune,
     trial_config,
 )
@@ -241,7 +246,8 @@ def test_sweep_stops_trailing_trials_and_exports_the_best(ingested: str, tmp_pat
     model = load_model_dir(output / "best")
     assert model.meta["training"]["lr"] == best["lr"]
     assert model.meta["history"][-1]["epoch"] == best["epochs"] - 1
-    assert max(record["val_auroc"] for record in model.meta["history"]) == pytest.approx(best["val_auroc"], abs=1e-6)
+    assert model.meta["history"][-1]["val_auroc"] == pytest.approx(best["val_auroc"], abs=1e-6)  # ranked by the exported epoch
+    assert (table.loc[table["status"] == "completed", "selected_epoch"] == EPOCHS - 1).all()
     # Exported as `lungray train` exports: the last epoch's weights, thresholded on their val probabilities.
     assert model.meta["selected_epoch"] == best["epochs"] - 1
     assert model.meta["val_metrics"]["auroc"] == pytest.approx(model.meta["history"][-1]["val_auroc"], abs=1e-6)
@@ -249,6 +255,23 @@ def test_sweep_stops_trailing_trials_and_exports_the_best(ingested: str, tmp_pat
     assert probabilities.shape == (model.meta["val_metrics"]["n"],)
     assert np.all((probabilities >= 0) & (probabilities <= 1))
     assert (output / "tune.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("select, winner, auroc", [("last", "B", 0.93), ("best", "A", 0.95)])
+def test_trials_are_ranked_by_the_epoch_whose_weights_are_exported(select: str, winner: str, auroc: float) -> None:
+    """Trial A's best epoch (0.95) outranked B (0.93 at its last), and A's last weights (0.60)
+    were exported. The ranking is now by the metric of the epoch the export takes."""
+    space = SearchSpace("cnn", 3, (ParamSpec("lr", "loguniform", 1e-4, 1e-2),))
+    config = SweepConfig(space=space, data="unused", output="unused", samples=2, scheduler="fifo")
+
+    def trial(name: str, lr: float, aurocs: list[float]) -> SimpleNamespace:
+        history = pd.DataFrame({"epoch": range(3), "val_auroc": aurocs, "val_loss": [0.5] * 3, "train_loss": [0.5] * 3})
+        return SimpleNamespace(metrics_dataframe=history, config={"lr": lr}, path=f"/sweep/{name}", error=None,
+                               metrics={"time_total_s": 1.0, CHECKPOINT_PATH_KEY: f"/sweep/{name}/checkpoint"})
+
+    table = results_table([trial("A", 1e-2, [0.70, 0.95, 0.60]), trial("B", 1e-3, [0.80, 0.90, 0.93])], config, select)
+    assert (table.iloc[0]["trial"], table.iloc[0]["val_auroc"]) == (winner, auroc)
+    assert table.iloc[0]["selected_epoch"] == (2 if select == "last" else 1)
 
 
 def trial_results(experiment: str) -> dict[str, list[str]]:
