@@ -435,6 +435,18 @@ def test_each_file_is_listed_once_under_one_path_whatever_links_point_at_it(tmp_
     assert relpaths == ["shared/2.dcm", "study/1.dcm"]
 
 
+def test_a_link_to_nothing_is_listed_and_its_row_says_why(tmp_path: Path) -> None:
+    """A dangling symlink (a film moved away under its link) was left out without a row or a count."""
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "1.dcm").write_bytes(b"x")
+    (tmp_path / "study" / "2.dcm").symlink_to(tmp_path / "moved-away.dcm")
+    (listed,) = iter_listing(str(tmp_path))
+    rows = {row["relpath"]: row for row in listed.to_pylist()}
+    assert sorted(rows) == ["study/1.dcm", "study/2.dcm"] and rows["study/2.dcm"]["size"] is None
+    row, tensor = process_file(rows["study/2.dcm"]["uri"], "study/2.dcm", None, PreprocessConfig(), DecodeOptions(), 1 << 30, None, None)
+    assert tensor is None and row["error"] == "could not read file: FileNotFoundError: No such file or directory"
+
+
 def test_s3_keys_that_pyarrow_refuses_are_listed_and_read(s3_bucket: str) -> None:
     """S3 keys may hold empty and dot segments; pyarrow's S3 filesystem cannot open them, so such
     files were error rows every night until given up, counted in a folder study."""

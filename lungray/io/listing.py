@@ -202,6 +202,9 @@ def _walk(folder: str, base: str, real_base: str, walked: set[tuple[int, int]], 
                 stat = entry.stat(follow_symlinks=True)
                 relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))
                 yield local_uri(entry.path), relpath, stat.st_size, stat.st_mtime_ns, None
+            elif entry.is_symlink() and not os.path.exists(entry.path):  # a link to nothing: listed, so its row says so
+                relpath = listed_name(os.path.relpath(entry.path, base).replace(os.sep, "/"))
+                yield local_uri(entry.path), relpath, None, None, None
         except OSError:  # vanished between the listing and the stat
             continue
 
