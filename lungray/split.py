@@ -30,8 +30,10 @@ def assign_splits(
     unknown if none is labelled). Within a stratum, patients are shuffled with
     `numpy.random.default_rng(seed)` and laid end to end by image count; each patient
     goes to the split whose share of the stratum contains its middle image. This greedy
-    fill keeps every split's image share within half a patient of its fraction without
-    any search, and a split with fraction 0 stays empty.
+    fill puts each bound between splits within half a patient (the one it cuts) of where the
+    fractions put it, so a split's image count is off by at most half a patient at each of
+    its bounds (the middle split: up to a whole patient's images), without any search; a
+    split with fraction 0 stays empty.
     """
     _check_fractions(fractions)
     if len(patient_keys) != len(labels):

@@ -146,7 +146,17 @@ class SearchSpace:
 
 
 class _SpaceLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way."""
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way. A key
+    given twice is refused: PyYAML keeps the last, and the first value would vanish unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _SpaceLoader.add_implicit_resolver(

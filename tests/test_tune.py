@@ -96,6 +96,11 @@ BAD_SPACES = {
     "range of an integer": ("model: cnn\nepochs: 2\nparams: {batch_size: {dist: uniform, low: 8, high: 64}}\n", "needs a real-valued hyperparameter"),
     "value the config refuses": ("model: cnn\nepochs: 2\nparams: {dropout: {dist: uniform, low: 0.2, high: 1.0}}\n", r"params.dropout: high 1.0 is not allowed: dropout must be in \[0, 1\)"),
     "not YAML": ("model: [cnn\n", "not valid YAML"),
+    # PyYAML keeps a repeated key's last value: the first would vanish without a word.
+    "a key given twice": ("model: cnn\nepochs: 4\nepochs: 30\nparams: {lr: {dist: choice, values: [0.001]}}\n", "the key 'epochs' is given twice"),
+    "a hyperparameter given twice": (
+        "model: cnn\nepochs: 2\nparams:\n  lr: {dist: choice, values: [0.001]}\n  lr: {dist: choice, values: [0.01]}\n", "the key 'lr' is given twice"
+    ),
 }
 
 
