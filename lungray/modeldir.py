@@ -156,9 +156,7 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
     if reserved:
         raise ValueError(f"model meta must not set {reserved}: the model directory format sets them")
     PreprocessConfig.from_dict(meta["preprocess"])
-    temperature = meta.get("temperature", 1.0)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_scoring(meta, "model meta")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     build_from_architecture(meta["architecture"]).load_state_dict(tensors, strict=True)
 
@@ -196,15 +194,34 @@ def model_digest(weights_digest: str, meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(f"{weights_digest}\n{json.dumps(scoring, sort_keys=True)}".encode()).hexdigest()
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_scoring(meta: Mapping[str, Any], where: str) -> None:
+    """What turns logits into calls: a threshold on probabilities in [0, 1] and a positive
+    finite temperature (0 gave NaN probabilities, a negative one inverted them)."""
+    threshold, temperature = meta["threshold"], meta.get("temperature", 1.0)
+    if not (is_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"{where}: threshold must be a probability in [0, 1], got {threshold!r}")
+    if not (is_number(temperature) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
+
+
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """model.json of a model directory, after checking that this version can read it."""
+    """model.json of a model directory, after checking that this version can read it and that
+    what the format and the scoring need is there (a hand-edited file fails here, saying why)."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a lungray model directory (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if not is_number(version) or version != FORMAT_VERSION:
         raise ValueError(f"{path}: model directory format_version {version!r} is not supported (this lungray reads {FORMAT_VERSION})")
+    missing = [key for key in (*REQUIRED_KEYS, *FORMAT_KEYS) if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: {META_FILE} lacks {missing}")
+    check_scoring(meta, f"{path}: {META_FILE}")
     return meta
 
 

@@ -99,6 +99,33 @@ def test_refuses_unknown_format_version(tmp_path: Path) -> None:
         load_model_dir(path)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"format_version": True}, "format_version True is not supported"),
+        ({"temperature": 0}, "temperature must be a positive finite number, got 0"),
+        ({"temperature": -1.0}, "temperature must be a positive finite number"),
+        ({"threshold": 7}, r"threshold must be a probability in \[0, 1\], got 7"),
+        ({"threshold": None}, "threshold must be a probability"),
+        ({"threshold": ...}, r"lacks \['threshold'\]"),
+        ({"weights_sha256": ...}, r"lacks \['weights_sha256'\]"),
+    ],
+)
+def test_a_hand_edited_model_json_is_refused_saying_why(tmp_path: Path, edit: dict, message: str) -> None:
+    """Only the format version and the weights' hash were checked on load: temperature 0 gave NaN
+    probabilities, -1 inverted them, threshold 7 called every film normal, a missing key was a KeyError."""
+    path = make_model_dir(tmp_path / "model")
+    meta = json.loads((path / META_FILE).read_text())
+    for key, value in edit.items():
+        if value is ...:
+            del meta[key]
+        else:
+            meta[key] = value
+    (path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load_model_dir(path)
+
+
 def test_loads_without_unpickling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_model_dir(tmp_path / "model")
 
