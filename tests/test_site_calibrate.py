@@ -43,9 +43,11 @@ def write_site_sample(
     patients = [f"site-patient-{index // images_per_patient}-{label}" for index, label in enumerate(labels)]
     paths = [f"site/{index:04d}.png" for index in range(len(labels))]
     (root / "data").mkdir(parents=True)
+    images = synthetic_images(labels, size, rng)
     table = pa.table(
         {
-            "image": ArrowTensorArray.from_numpy(synthetic_images(labels, size, rng)),
+            "image": ArrowTensorArray.from_numpy(images),
+            "content_hash": pa.array([hashlib.sha256(image.tobytes()).hexdigest()[:32] for image in images]),  # as rows.process_file
             "label": pa.array(labels if labelled else [None] * len(labels), pa.int8()),
             "split": pa.array(["train" if index % 3 else "test" for index in range(len(labels))]),
             "patient_key": pa.array(patients),

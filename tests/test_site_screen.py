@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SAMPLES
@@ -66,6 +68,22 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [(row["data_set"], row["model_id"]) for row in summary["rows"]] == [(name, m) for name in ("site-b", "home") for m in (parent.model_id, calibrated.model_id, adapted.model_id)]
     assert [row["fitted_on_this_data"] for row in summary["rows"]] == [False, True, True, False, False, False]
+    # Another ingest of the same films (other paths and splits, so another fingerprint): the
+    # calibration's films are found by content, not missed for the fingerprint.
+    again = tmp_path / "site-b-again"
+    shutil.copytree(site, again)
+    tested = 0
+    for part in (again / "data").glob("*.parquet"):
+        table = pq.read_table(part)
+        flipped = ["test" if split == "train" else "train" for split in table["split"].to_pylist()]
+        tested += flipped.count("test")
+        table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(flipped))
+        pq.write_table(table.set_column(table.schema.get_field_index("path"), "path", pa.array([f"mount2/{path}" for path in table["path"].to_pylist()])), part)
+    summary_json = json.loads((again / "summary.json").read_text())
+    (again / "summary.json").write_text(json.dumps({**summary_json, "fingerprint": "0" * 64}))
+    assert main(["compare", str(calibrated.path), "--data", str(again), "--output", str(tmp_path / "report-again"), "--n-boot", "20", "--gradcam-examples", "0"]) == 0
+    (step,) = json.loads((tmp_path / "report-again" / "metrics.json").read_text())["models"][0]["lineage"]
+    assert step["fitted_on_this_data"] and step["images_fitted_on"] == tested > 0
     assert "| CNN + calibrate site-b | site-b |" in (tmp_path / "report" / "summary.md").read_text()
     metrics = json.loads((tmp_path / "report" / "site-b" / "metrics.json").read_text())
     assert (tmp_path / "report" / "home" / "report.md").exists()

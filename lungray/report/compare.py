@@ -54,6 +54,7 @@ from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
 from lungray.report.render import across_markdown, write_report
+from lungray.site.data import FILM_KEY_CHARS
 from lungray.split import SPLITS, patient_array
 
 ALPHA = 0.05  # 95% intervals
@@ -63,7 +64,7 @@ ARCH_NAMES = {"cnn": "CNN", "cnn_lstm": "CNN-LSTM", "ensemble": "Ensemble"}
 #: The design's published results. Accuracy is the only figure it reports for either
 #: model; its split, threshold and other metrics are not known.
 PUBLISHED_ACCURACY = {"cnn": 0.925, "cnn_lstm": 0.941}
-CASE_COLUMNS = ("image", "label", "patient_key", "source", "path")
+CASE_COLUMNS = ("image", "label", "patient_key", "source", "path", "content_hash")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Cases:
     patients: np.ndarray  # patient_key; an image without one is its own patient
     sources: np.ndarray
     paths: np.ndarray
+    content_hashes: np.ndarray
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
@@ -237,7 +239,7 @@ def read_cases(data: str, split: str) -> Cases:
             f"the {split} split of {data} has {n_positive} abnormal and {labels.size - n_positive} normal images; "
             "comparing models needs at least 2 of each"
         )
-    return Cases(merged["image"][order], labels, patients, merged["source"][order].astype(str), paths)
+    return Cases(merged["image"][order], labels, patients, merged["source"][order].astype(str), paths, merged["content_hash"][order].astype(str))
 
 
 def display_names(models: Sequence[ModelDir]) -> list[str]:
@@ -313,30 +315,38 @@ def model_results(
             "inference_batch_size": config.batch_size,
         },
         "training_sources": training_sources(meta, summary),
-        "lineage": lineage_summary(meta, summary),
+        "lineage": lineage_summary(meta, summary, cases.content_hashes),
         "history": meta.get("history", []),
     }
 
 
-def lineage_summary(meta: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+def lineage_summary(meta: dict[str, Any], summary: dict[str, Any], content_hashes: np.ndarray) -> list[dict[str, Any]]:
     """The site steps a model was derived by (`lungray calibrate` / `adapt`), oldest first.
 
-    `fitted_on_this_data` marks a step whose sample is this report's data: its threshold,
-    temperature or weights were chosen on these very images, so the figures here are
-    in-sample for it; the step's own cross-validated figures (model.json) are the honest ones.
+    `fitted_on_this_data` marks a step that saw images of this report (`images_fitted_on` of
+    them, by content: another ingest of the same films, with other splits or from another
+    folder, counts too): its threshold, temperature or weights were chosen on them, so the
+    figures here are in-sample for it; the step's own cross-validated figures (model.json)
+    are the honest ones. A step recorded before `film_keys` is matched by the ingest's fingerprint.
     """
-    return [
-        {
-            "step": step["step"],
-            "site": step.get("site"),
-            "parent_model_id": step.get("parent_model_id"),
-            "n_images": step.get("n_images"),
-            "labels_used": step.get("labels_used"),
-            "fitted_on_this_data": step.get("data_fingerprint") == summary["fingerprint"],
-            "cross_validation": _cv_rates(step.get("cross_validation")),
-        }
-        for step in meta.get("lineage", [])
-    ]
+    keys = [content_hash[:FILM_KEY_CHARS] for content_hash in content_hashes]
+    steps = []
+    for step in meta.get("lineage", []):
+        fitted = None if step.get("film_keys") is None else set(step["film_keys"])
+        overlap = None if fitted is None else sum(key in fitted for key in keys)
+        steps.append(
+            {
+                "step": step["step"],
+                "site": step.get("site"),
+                "parent_model_id": step.get("parent_model_id"),
+                "n_images": step.get("n_images"),
+                "labels_used": step.get("labels_used"),
+                "fitted_on_this_data": step.get("data_fingerprint") == summary["fingerprint"] if overlap is None else overlap > 0,
+                "images_fitted_on": overlap,
+                "cross_validation": _cv_rates(step.get("cross_validation")),
+            }
+        )
+    return steps
 
 
 def _cv_rates(cross_validation: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -205,7 +205,10 @@ def adapt_labelled(parent: ModelDir, sample: SiteSample, site: str, config: Adap
     """Fine-tune a copy of the parent on part of the patients; threshold and temperature from the rest."""
     assert sample.labels is not None
     fit, held_out = holdout_split(sample, config.holdout_fraction, config.seed)
-    holdout = SiteSample(sample.data, sample.fingerprint, sample.images[held_out], sample.labels[held_out], sample.patients[held_out])
+    holdout = SiteSample(
+        sample.data, sample.fingerprint, sample.images[held_out], sample.labels[held_out], sample.patients[held_out],
+        [sample.content_hashes[index] for index in held_out],
+    )
     parent_logits = parent.predict_logits(holdout.images)
     model = copy.deepcopy(parent.model)
     history = fine_tune(model, sample.images[fit], sample.labels[fit], config)

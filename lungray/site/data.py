@@ -31,12 +31,16 @@ class SiteSample:
     images: np.ndarray  # (N, size, size), the stored dtype
     labels: np.ndarray | None  # int64 0/1; None for an unlabelled read
     patients: np.ndarray  # patient_key; an image without one is its own patient
+    content_hashes: list[str]  # each image's content_hash (of its stored tensor)
 
     def describe(self) -> dict[str, Any]:
-        """The lineage's record of what data was used (counts only: no path, no patient key)."""
+        """The lineage's record of what data was used: counts, and which images by their content
+        (`film_keys`), so that a report on another ingest of the same films still finds them
+        (no path, no patient key)."""
         record: dict[str, Any] = {
             "data": self.data,
             "data_fingerprint": self.fingerprint,
+            "film_keys": film_keys(self.content_hashes),
             "n_images": int(len(self.images)),
             "n_patients": int(np.unique(self.patients).size),
             "labels_used": self.labels is not None,
@@ -44,6 +48,14 @@ class SiteSample:
         if self.labels is not None:
             record.update(n_abnormal=int(self.labels.sum()), n_normal=int(self.labels.size - self.labels.sum()))
         return record
+
+
+FILM_KEY_CHARS = 16  # 64 bits of the tensor's SHA-256: no collision among a site's films
+
+
+def film_keys(content_hashes: list[str]) -> list[str]:
+    """The distinct films of `content_hashes`, as short keys, sorted."""
+    return sorted({content_hash[:FILM_KEY_CHARS] for content_hash in content_hashes})
 
 
 def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:
@@ -63,7 +75,7 @@ def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
     """
     summary = load_summary(data)
     check_preprocessing(model, summary, data)
-    table = read_ingest_rows(data, ["image", "patient_key", "path"] + (["label"] if labelled else []), labelled_only=labelled)
+    table = read_ingest_rows(data, ["image", "patient_key", "path", "content_hash"] + (["label"] if labelled else []), labelled_only=labelled)
     if table.num_rows == 0:
         raise ValueError(f"{data} holds no {'labelled ' if labelled else ''}images")
     images = table["image"].combine_chunks().to_numpy()
@@ -75,4 +87,7 @@ def read_site_sample(data: str, model: ModelDir, labelled: bool) -> SiteSample:
         if n_abnormal in (0, labels.size):
             only = "abnormal" if n_abnormal else "normal"
             raise ValueError(f"{data} holds {labels.size} labelled images, all {only}: a site sample needs both classes")
-    return SiteSample(data=data, fingerprint=summary["fingerprint"], images=images, labels=labels, patients=patients)
+    return SiteSample(
+        data=data, fingerprint=summary["fingerprint"], images=images, labels=labels, patients=patients,
+        content_hashes=table["content_hash"].to_pylist(),
+    )
