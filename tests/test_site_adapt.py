@@ -86,6 +86,30 @@ def test_adapt_labelled_fine_tunes_on_patients_it_does_not_threshold_on(tmp_path
     assert set(sample.labels[held_out]) == {0, 1}
 
 
+def test_a_step_after_one_that_used_the_same_films_says_its_figures_are_in_sample(tmp_path: Path) -> None:
+    """calibrate after adapt --labelled on the same site: the calibration's cross-validation
+    covered all 80 films, 56 of which the weights were fine-tuned on, without a word. After
+    AdaBN (no labels) its statistics came from every held-out fold. Both are said now; a
+    calibration on other films of the site is not warned of."""
+    from lungray.site.calibrate import CalibrateConfig, calibrate
+
+    data = write_site_sample(tmp_path / "site", n_normal=40, n_abnormal=40)
+    parent_dir = make_model_dir(tmp_path / "parent", size=SIZE)
+    adapt(AdaptConfig(model_dir=str(parent_dir), data=str(data), output=str(tmp_path / "tuned"), labelled=True, epochs=1, batch_size=16, n_boot=20, folds=3))
+    adapt(AdaptConfig(model_dir=str(parent_dir), data=str(data), output=str(tmp_path / "adabn"), labelled=False))
+    other = write_site_sample(tmp_path / "other-films", n_normal=20, n_abnormal=20, seed=9)
+    warned = {}
+    for name, data_used in (("tuned", data), ("adabn", data), ("tuned-other", other)):
+        parent = tmp_path / name.removesuffix("-other")
+        step = calibrate(CalibrateConfig(model_dir=str(parent), data=str(data_used), output=str(tmp_path / f"{name}-calibrated"), n_boot=20, folds=3))
+        warned[name] = [warning for warning in step["warnings"] if "were used" in warning]
+    assert warned["tuned"] == ["80 of these 80 images were used with their labels by the parent's adapt-labelled step (site site): "
+                               "the figures measured here are in-sample for what it fitted"]
+    (adabn,) = warned["adabn"]
+    assert adabn.startswith("80 of these 80 images were used without labels by the parent's adapt-unlabelled step")
+    assert warned["tuned-other"] == []
+
+
 def test_adapt_needs_exactly_one_mode_and_labels_for_fine_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for modes in ([], ["--labelled", "--unlabelled"]):
         with pytest.raises(SystemExit):

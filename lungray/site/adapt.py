@@ -37,7 +37,7 @@ from lungray.metrics import THRESHOLD_RULE, bootstrap_ci
 from lungray.modeldir import ModelDir, load_model_dir, model_input
 from lungray.site.calibrate import calibration_record
 from lungray.site.data import SiteSample, read_site_sample
-from lungray.site.lineage import check_free, save_derived, site_name, written_step
+from lungray.site.lineage import check_free, earlier_use, save_derived, site_name, written_step
 from lungray.train.augment import AugmentConfig, augment_batch
 
 
@@ -233,6 +233,7 @@ def adapt_labelled(parent: ModelDir, sample: SiteSample, site: str, config: Adap
             holdout.labels, holdout.patients, logits, config.min_sensitivity, config.folds, config.n_boot, config.seed
         ),
     }
+    step["warnings"] = [*earlier_use(parent.meta, step), *step["warnings"]]
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{site} (held-out patients)"}
     return save_derived(
         config.output, parent, model.state_dict(), step, threshold=step["threshold"], temperature=step["temperature"], threshold_policy=policy

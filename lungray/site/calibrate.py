@@ -34,7 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lungray.metrics import THRESHOLD_RULE, binary_metrics, bootstrap_ci, calibration_curve_data, choose_threshold, metrics_with_ci, predict_labels
 from lungray.modeldir import load_model_dir, proba_from_logits
 from lungray.site.data import read_site_sample
-from lungray.site.lineage import check_free, save_derived, site_name, written_step
+from lungray.site.lineage import check_free, earlier_use, save_derived, site_name, written_step
 from lungray.site.temperature import fit_temperature
 
 CONFIDENCE = 0.95  # of the small-sample rule and of every interval
@@ -189,12 +189,14 @@ def calibrate(config: CalibrateConfig) -> dict[str, Any]:
         sample.labels, sample.patients, parent.predict_logits(sample.images),
         config.min_sensitivity, config.folds, config.n_boot, config.seed,
     )
+    described = sample.describe()
     step = {
         "step": "calibrate",
         "site": site_name(config.site, config.data),
-        **sample.describe(),
+        **described,
         "min_sensitivity": config.min_sensitivity,
         **record,
+        "warnings": [*earlier_use(parent.meta, described), *record["warnings"]],
     }
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{step['site']}"}
     output = save_derived(

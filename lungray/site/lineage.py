@@ -49,6 +49,33 @@ def save_derived(
     return save_model_dir(output, state_dict, meta)
 
 
+def earlier_use(parent_meta: Mapping[str, Any], sample_record: Mapping[str, Any]) -> list[str]:
+    """Warnings for this step's record: earlier steps of the parent's lineage that used films of
+    this sample (by `film_keys`, or an equal fingerprint for steps recorded before them). A
+    step that saw their labels fitted weights or a threshold on them, so the figures measured
+    here on those films, cross-validated or not, are in-sample for it."""
+    keys = set(sample_record.get("film_keys") or [])
+    warnings = []
+    for step in parent_meta.get("lineage", []):
+        if step.get("film_keys") is not None:
+            used = len(keys & set(step["film_keys"]))
+        else:
+            used = sample_record["n_images"] if step.get("data_fingerprint") == sample_record.get("data_fingerprint") else 0
+        if not used:
+            continue
+        if step.get("labels_used"):
+            warnings.append(
+                f"{used} of these {sample_record['n_images']} images were used with their labels by the parent's "
+                f"{step['step']} step (site {step.get('site')}): the figures measured here are in-sample for what it fitted"
+            )
+        else:
+            warnings.append(
+                f"{used} of these {sample_record['n_images']} images were used without labels by the parent's {step['step']} "
+                f"step (site {step.get('site')}): its statistics came from them, so the held-out figures here are not wholly held out"
+            )
+    return warnings
+
+
 def written_step(output: str | os.PathLike[str]) -> dict[str, Any]:
     """What calibrate and adapt print: the directory, its model id and the lineage step as model.json holds it."""
     meta = read_meta(output)
