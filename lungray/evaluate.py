@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray.data
 from ray.data.expressions import col
 
@@ -21,6 +24,7 @@ from lungray.io.listing import filesystem_for, join_uri
 from lungray.io.parquet import read_parquet
 from lungray.metrics import binary_metrics
 from lungray.modeldir import ModelDir, load_model_dir
+from lungray.site.lineage import images_fitted_on
 from lungray.split import SPLITS
 
 SCORING_BATCH_SIZE = 256
@@ -64,14 +68,38 @@ def score_split(model: ModelDir, data: str, split: str) -> tuple[np.ndarray, np.
 
 
 def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") -> dict[str, Any]:
-    """Metrics of the model at its stored threshold on `split` of the ingest at `data`."""
+    """Metrics of the model at its stored threshold on `split` of the ingest at `data`, with what
+    they leave out (`not_scored`) and the site steps of the model that saw these images
+    (`in_sample`: its figures here are in-sample for them)."""
     model = load_model_dir(model_dir)
     summary = load_summary(data)
     check_preprocessing(model, summary, data)
     labels, probs = score_split(model, data, split)
+    rows = split_rows(data, split)
+    labelled = rows.filter(pc.is_valid(rows["label"]))
+    content_hashes = labelled["content_hash"].to_pylist()
+    in_sample = [
+        {"step": step["step"], "site": step.get("site"), "images_fitted_on": used}
+        for step in model.meta.get("lineage", [])
+        if (used := images_fitted_on(step, content_hashes)) or (used is None and step.get("data_fingerprint") == summary["fingerprint"])
+    ]
     return {
         "model_id": model.model_id,
         "split": split,
         "data_fingerprint": summary["fingerprint"],
         **binary_metrics(labels, probs, model.threshold),
+        "not_scored": {
+            "unlabelled_in_split": rows.num_rows - labelled.num_rows,
+            # Files the ingest could not decode, or set aside by scope, are in no split (errors.parquet, skipped.parquet).
+            "ingest_errors": int(summary.get("by_status", {}).get("error", 0)),
+            "ingest_skipped": int(summary.get("by_status", {}).get("skipped", 0)),
+        },
+        "in_sample": in_sample,
     }
+
+
+def split_rows(data: str, split: str) -> pa.Table:
+    """`label` and `content_hash` of every row of `split` (read by Arrow: two small columns)."""
+    filesystem, path = filesystem_for(join_uri(data, "data"))
+    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
+    return dataset.to_table(columns=["label", "content_hash"], filter=pads.field("split") == split)

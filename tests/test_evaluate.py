@@ -44,6 +44,24 @@ def test_metrics_at_the_stored_threshold(ray_session: None, tmp_path: Path, spli
         assert math.isfinite(result[name])
         assert result[name] == pytest.approx(expected[name], abs=1e-9), name
     assert json.loads(json.dumps(result)) == result
+    assert result["not_scored"] == {"unlabelled_in_split": 1, "ingest_errors": 0, "ingest_skipped": 0} and result["in_sample"] == []
+
+
+def test_evaluate_says_what_it_left_out_and_which_site_step_saw_these_images(ray_session: None, tmp_path: Path) -> None:
+    """Two films the ingest could not decode, and a calibrated model scored on the films it was
+    calibrated on: evaluate printed recall and specificity over the rest, with no word of either."""
+    from test_site_calibrate import write_site_sample
+
+    from lungray.site.calibrate import CalibrateConfig, calibrate
+
+    site = write_site_sample(tmp_path / "site", n_normal=12, n_abnormal=12)
+    summary = json.loads((site / "summary.json").read_text())
+    (site / "summary.json").write_text(json.dumps({**summary, "by_status": {"ok": 24, "error": 2}}))
+    calibrate(CalibrateConfig(model_dir=str(make_model_dir(tmp_path / "parent", size=32)), data=str(site), output=str(tmp_path / "calibrated"), n_boot=20, folds=2))
+    result = evaluate(tmp_path / "calibrated", str(site), "test")
+    tested = sum(1 for index in range(24) if index % 3 == 0)  # write_site_sample's test split
+    assert result["n"] == tested and result["not_scored"] == {"unlabelled_in_split": 0, "ingest_errors": 2, "ingest_skipped": 0}
+    assert result["in_sample"] == [{"step": "calibrate", "site": "site", "images_fitted_on": tested}]
 
 
 @pytest.mark.timeout(120)

@@ -68,8 +68,8 @@ def synthetic_images(labels: list[int | None], size: int, rng: np.random.Generat
 
 
 def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: int = SIZE, seed: int = 0) -> Path:
-    """A tiny dataset in the ingest's layout: data/*.parquet (tensor `image`, int8 `label` with
-    nulls, split, patient_key, study_id, source, path) and summary.json. Each split gets one
+    """A tiny dataset in the ingest's layout: data/*.parquet (tensor `image`, content_hash, int8
+    `label` with nulls, split, patient_key, study_id, source, path) and summary.json. Each split gets one
     unlabelled image, which training and evaluation must skip."""
     rng = np.random.default_rng(seed)
     (root / "data").mkdir(parents=True)
@@ -77,9 +77,11 @@ def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: 
     for split, n in split_sizes.items():
         labels = [index % 2 for index in range(n)] + [None]
         paths += [f"synthetic/{split}/{index}.png" for index in range(len(labels))]
+        images = synthetic_images(labels, size, rng)
         table = pa.table(
             {
-                "image": ArrowTensorArray.from_numpy(synthetic_images(labels, size, rng)),
+                "image": ArrowTensorArray.from_numpy(images),
+                "content_hash": pa.array([hashlib.sha256(image.tobytes()).hexdigest()[:32] for image in images]),  # as rows.process_file
                 "label": pa.array(labels, pa.int8()),
                 "split": pa.array([split] * len(labels)),
                 "patient_key": pa.array([f"{split}-patient-{index}" for index in range(len(labels))]),
@@ -94,6 +96,7 @@ def write_ingested(root: Path, split_sizes: dict[str, int] = SPLIT_SIZES, size: 
         "decode": TODAYS_DECODE,
         "fingerprint": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
         "splits": {split: {"images": n + 1} for split, n in split_sizes.items()},
+        "by_status": {"ok": sum(n + 1 for n in split_sizes.values())},
     }
     (root / "summary.json").write_text(json.dumps(summary))
     return root

@@ -54,7 +54,7 @@ from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
 from lungray.report.render import across_markdown, write_report
-from lungray.site.data import FILM_KEY_CHARS
+from lungray.site.lineage import images_fitted_on
 from lungray.split import SPLITS, patient_array
 
 ALPHA = 0.05  # 95% intervals
@@ -329,11 +329,9 @@ def lineage_summary(meta: dict[str, Any], summary: dict[str, Any], content_hashe
     figures here are in-sample for it; the step's own cross-validated figures (model.json)
     are the honest ones. A step recorded before `film_keys` is matched by the ingest's fingerprint.
     """
-    keys = [content_hash[:FILM_KEY_CHARS] for content_hash in content_hashes]
     steps = []
     for step in meta.get("lineage", []):
-        fitted = None if step.get("film_keys") is None else set(step["film_keys"])
-        overlap = None if fitted is None else sum(key in fitted for key in keys)
+        overlap = images_fitted_on(step, content_hashes)
         steps.append(
             {
                 "step": step["step"],

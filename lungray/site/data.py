@@ -19,6 +19,7 @@ from lungray.evaluate import check_preprocessing
 from lungray.ingest import load_summary
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.modeldir import ModelDir
+from lungray.site.lineage import film_keys
 from lungray.split import patient_array
 
 
@@ -48,14 +49,6 @@ class SiteSample:
         if self.labels is not None:
             record.update(n_abnormal=int(self.labels.sum()), n_normal=int(self.labels.size - self.labels.sum()))
         return record
-
-
-FILM_KEY_CHARS = 16  # 64 bits of the tensor's SHA-256: no collision among a site's films
-
-
-def film_keys(content_hashes: list[str]) -> list[str]:
-    """The distinct films of `content_hashes`, as short keys, sorted."""
-    return sorted({content_hash[:FILM_KEY_CHARS] for content_hash in content_hashes})
 
 
 def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:

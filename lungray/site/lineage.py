@@ -11,7 +11,7 @@ it or, without labels, keeps it under its own name.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,23 @@ from lungray.modeldir import FORMAT_KEYS, META_FILE, ModelDir, read_meta, save_m
 
 #: Parent fields that describe the parent's operating point, not the derived model's.
 PARENT_OPERATING_POINT = ("threshold_policy", "val_metrics")
+
+
+FILM_KEY_CHARS = 16  # 64 bits of the stored tensor's SHA-256: no collision among a site's films
+
+
+def film_keys(content_hashes: Sequence[str]) -> list[str]:
+    """The distinct films of `content_hashes` (ingest rows' content_hash), as short keys, sorted."""
+    return sorted({content_hash[:FILM_KEY_CHARS] for content_hash in content_hashes})
+
+
+def images_fitted_on(step: Mapping[str, Any], content_hashes: Sequence[str]) -> int | None:
+    """How many of the images with `content_hashes` a lineage step used; None for a step
+    recorded before `film_keys` (its ingest's fingerprint is all there is to match)."""
+    if step.get("film_keys") is None:
+        return None
+    fitted = set(step["film_keys"])
+    return sum(content_hash[:FILM_KEY_CHARS] in fitted for content_hash in content_hashes)
 
 
 def site_name(site: str | None, data: str) -> str:
