@@ -104,3 +104,36 @@ def test_an_ingest_is_measured_on_its_stored_images(tmp_path: Path) -> None:
     assert all(entry["max_abs_dprob"] < 1e-6 for entry in report["perturbations"].values())
     moving = measure_invariance(str(trained_model_dir(tmp_path / "trained", size=SIZE, steps=30)), str(data))
     assert moving["perturbations"]["identity"]["max_abs_dprob"] == 0.0 and moving["perturbations"]["border"]["max_abs_dprob"] > 1e-3
+
+
+def test_films_are_decoded_and_preprocessed_as_screening_does(tmp_path: Path) -> None:
+    """The invariance baseline is what the model scores in production (`rows.process_file`):
+    a padded DICOM's padding kept out of the stretch, a full-size JPEG decoded reduced. It was
+    decoded in full without the mask (a mean of 22.9 levels off for the padded film)."""
+    from collections import Counter
+
+    from film_factory import dicom_file_bytes, film_dataset, stored_as, synthetic_film
+
+    from lungray.io.decode import DecodeOptions
+    from lungray.io.rows import process_file
+    from lungray.preprocess import PreprocessConfig, preprocess
+    from lungray.site.invariance import folder_films
+
+    padded = synthetic_film(side=1024, bits=12)
+    padded[:123], padded[-123:], padded[:, :123], padded[:, -123:] = 0, 0, 0, 0
+    dataset = film_dataset(padded)
+    dataset.PixelPaddingValue = 0
+    (tmp_path / "films").mkdir()
+    (tmp_path / "films" / "padded.dcm").write_bytes(dicom_file_bytes(dataset))
+    (tmp_path / "films" / "big.jpg").write_bytes(stored_as(synthetic_film(side=2048, bits=12, seed=1), "jpeg_file"))
+    config, errors = PreprocessConfig(size=224), Counter()
+    films = {}
+    for (film, mask, _), name in zip(folder_films(str(tmp_path / "films"), None, None, DecodeOptions(), config.size, errors), ("big.jpg", "padded.dcm")):
+        films[name] = preprocess(film, config, mask)
+    assert not errors and sorted(films) == ["big.jpg", "padded.dcm"]
+    for name, tensor in films.items():
+        path = tmp_path / "films" / name
+        _, screened = process_file(str(path), name, path.stat().st_size, config, DecodeOptions(), 1 << 30, scope=None, salt=None)
+        assert np.array_equal(tensor, screened), name
+    crop = PERTURBATIONS["crop"]
+    assert crop.mask_change(np.ones((40, 40), bool)).all() and not crop.mask_change(np.zeros((40, 40), bool)).any()

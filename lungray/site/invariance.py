@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_windowing
 
 from lungray.ingest import SourceSpec, list_sources
+from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes
 from lungray.io.listing import exists, join_uri, read_bytes
 from lungray.metrics import predict_labels
@@ -84,12 +85,20 @@ def linear_window(film: np.ndarray) -> np.ndarray:
     return windowed(film, "LINEAR")
 
 
+def cropped_mask(mask: np.ndarray) -> np.ndarray:
+    """A padding mask cropped and resized as `centre_crop` crops and resizes the film."""
+    return centre_crop(mask.astype(np.float32)) > 0.5
+
+
 @dataclass(frozen=True)
 class Perturbation:
-    """A change to the film, and the version of the film it is compared with (scored once per distinct baseline)."""
+    """A change to the film, the version of the film it is compared with (scored once per
+    distinct baseline), and what the change does to the decoder's padding mask (geometry
+    moves it; a tone curve or a black frame of the detector's does not)."""
 
     change: Callable[[np.ndarray], np.ndarray]
     baseline: Callable[[np.ndarray], np.ndarray] = as_decoded
+    mask_change: Callable[[np.ndarray], np.ndarray] = as_decoded
 
 
 PERTURBATIONS: dict[str, Perturbation] = {
@@ -98,7 +107,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "sigmoid_window": Perturbation(lambda film: windowed(film, "SIGMOID"), baseline=linear_window),
     "gamma_0.7": Perturbation(lambda film: gamma_curve(film, 0.7)),
     "gamma_1.4": Perturbation(lambda film: gamma_curve(film, 1.4)),
-    "crop": Perturbation(centre_crop),
+    "crop": Perturbation(centre_crop, mask_change=cropped_mask),
 }
 
 
@@ -116,23 +125,25 @@ def movement_summary(moves: np.ndarray, flips: np.ndarray) -> dict[str, Any]:
 
 
 def folder_films(
-    input_uri: str, dataset: str | None, labels: str | None, options: DecodeOptions, errors: Counter[str]
-) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(decoded film, label) of every file under `input_uri`, decoded with the model's options as
-    screening decodes; failures counted in `errors`."""
+    input_uri: str, dataset: str | None, labels: str | None, options: DecodeOptions, model_side: int, errors: Counter[str]
+) -> Iterator[tuple[np.ndarray, np.ndarray | None, int | None]]:
+    """(decoded film, its padding mask, label) of every file under `input_uri`, decoded as
+    screening decodes (`rows.process_file`: the model's options, the reduced decode for its
+    input side, the mask the preprocessing takes); failures counted in `errors`."""
+    options = replace(options, reduced=reduced_decode_for(model_side))
     for item in list_sources((SourceSpec(uri=input_uri, dataset=dataset, labels=labels),), salt=None):
         decoded = decode_bytes(read_bytes(item.entry.uri), item.entry.relpath, options)
         if decoded.ok:
-            yield decoded.image, item.label
+            yield decoded.image, decoded.mask, item.label
         else:
             errors[decoded.error or "unknown error"] += 1
 
 
-def ingested_films(data: str) -> Iterator[tuple[np.ndarray, int | None]]:
-    """(stored image as [0,1] float, label) of every row of an ingest: films already preprocessed once."""
+def ingested_films(data: str) -> Iterator[tuple[np.ndarray, np.ndarray | None, int | None]]:
+    """(stored image as [0,1] float, no mask, label) of every row of an ingest: films already preprocessed once."""
     table = read_ingest_rows(data, ["image", "label"])
     for stored, label in zip(table["image"].combine_chunks().to_numpy(), table["label"].to_pylist()):
-        yield to_float(stored), label
+        yield to_float(stored), None, label
 
 
 def measure_invariance(
@@ -150,15 +161,15 @@ def measure_invariance(
     config = model.preprocess
     ingested = exists(join_uri(input_uri, "summary.json"))
     errors: Counter[str] = Counter()
-    films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, model.decode, errors)
+    films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, model.decode, config.size, errors)
     views: dict[str, list[np.ndarray]] = {name: [] for name in PERTURBATIONS}
     baselines = {perturbation.baseline: [] for perturbation in PERTURBATIONS.values()}
     film_labels: list[int | None] = []
-    for film, label in films:
+    for film, mask, label in films:
         for name, perturbation in PERTURBATIONS.items():
-            views[name].append(preprocess(perturbation.change(film), config))
+            views[name].append(preprocess(perturbation.change(film), config, None if mask is None else perturbation.mask_change(mask)))
         for baseline, stored in baselines.items():
-            stored.append(preprocess(baseline(film), config))
+            stored.append(preprocess(baseline(film), config, mask))
         film_labels.append(label)
     if not film_labels:
         raise ValueError(f"no film under {input_uri} could be decoded ({dict(errors)})")
