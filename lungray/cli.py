@@ -430,7 +430,8 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=AdaptConfig.learning_rate, help="fine-tuning learning rate (--labelled)")
     parser.add_argument(
         "--holdout-fraction", type=float, default=AdaptConfig.holdout_fraction,
-        help="share of the site's patients kept out of fine-tuning to choose the threshold (--labelled)",
+        help="share of the site's patients kept out of fine-tuning to choose the threshold (--labelled); "
+        "the nearest 1/k (up to 0.5) or 1 - 1/k (above) for a whole k, as a stratified k-fold by patient holds out",
     )
     add_operating_point_arguments(parser)
 

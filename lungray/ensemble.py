@@ -47,6 +47,12 @@ def build_ensemble_dir(
                 f"{member.path} is calibrated (temperature {member.meta['temperature']}), which an ensemble would drop: "
                 "ensemble the models it was calibrated from, then calibrate the ensemble"
             )
+        if member.meta.get("lineage"):  # a report could no longer tell which site's films it was fitted on
+            steps = ", ".join(step["step"] for step in member.meta["lineage"])
+            raise ValueError(
+                f"{member.path} is derived for a site ({steps}), which the ensemble's record would lose: "
+                "ensemble the home models, then adapt or calibrate the ensemble"
+            )
     config = EnsembleConfig(members=tuple(member.meta["architecture"] for member in members), tta=tta)
     network = Ensemble([member.model for member in members], tta=tta).eval()
     provisional = ModelDir(path=Path(output), model=network, meta={"preprocess": preprocess, "threshold": 0.5})

@@ -14,6 +14,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+NO_PATIENT_PREFIX = "image:"  # `patient_array`'s stand-in for an image without a patient key
 _STRATA: tuple[int | None, ...] = (0, 1, None)
 _LABEL_NAMES = {0: "normal", 1: "abnormal", None: "unknown"}
 
@@ -101,7 +102,7 @@ def _patient_groups(patient_keys: Sequence[str | None]) -> list[Hashable]:
 def patient_array(patient_keys: Sequence[str | None], paths: Sequence[str]) -> np.ndarray:
     """Patient key per image as an object array for grouped statistics (bootstrap, folds);
     an image without a patient becomes its own, named by its path."""
-    return np.array([key if key is not None else f"image:{path}" for key, path in zip(patient_keys, paths)], dtype=object)
+    return np.array([key if key is not None else f"{NO_PATIENT_PREFIX}{path}" for key, path in zip(patient_keys, paths)], dtype=object)
 
 
 def _check_fractions(fractions: Sequence[float]) -> None:

@@ -151,6 +151,10 @@ def test_ensemble_refuses_a_calibrated_member(tmp_path: Path) -> None:
     assert load_model_dir(lstm_dir).meta["temperature"] == 3.0  # a model directory like calibrate writes
     with pytest.raises(ValueError, match="is calibrated .temperature 3.0.*calibrate the ensemble"):
         build_ensemble_dir([cnn_dir, lstm_dir], str(data), tmp_path / "ensemble")
+    # AdaBN keeps temperature 1 and the home data's fingerprint: its lineage is what tells it apart.
+    meta_path.write_text(json.dumps({**meta, "lineage": [{"step": "adapt-unlabelled", "site": "site-b"}]}))
+    with pytest.raises(ValueError, match=r"is derived for a site \(adapt-unlabelled\).*adapt or calibrate the ensemble"):
+        build_ensemble_dir([cnn_dir, lstm_dir], str(data), tmp_path / "ensemble")
 
 
 def test_arguments() -> None:

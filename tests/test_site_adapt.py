@@ -86,6 +86,16 @@ def test_adapt_labelled_fine_tunes_on_patients_it_does_not_threshold_on(tmp_path
     assert set(sample.labels[held_out]) == {0, 1}
 
 
+@pytest.mark.parametrize("fraction, share", [(0.3, 1 / 3), (0.5, 1 / 2), (0.8, 4 / 5), (0.9, 9 / 10)])
+def test_the_hold_out_is_the_share_asked_for_as_near_as_whole_folds_give(tmp_path: Path, fraction: float, share: float) -> None:
+    """0.6, 0.8 and 0.9 all held out a half (one fold of two)."""
+    data = write_site_sample(tmp_path / "site", n_normal=50, n_abnormal=50, images_per_patient=1)
+    sample = read_site_sample(str(data), load_model_dir(make_model_dir(tmp_path / "parent", size=SIZE)), labelled=True)
+    fit, held_out = holdout_split(sample, fraction, seed=0)
+    assert held_out.size / 100 == pytest.approx(share, abs=0.02) and fit.size + held_out.size == 100
+    assert set(sample.patients[fit]).isdisjoint(sample.patients[held_out])
+
+
 def test_a_step_after_one_that_used_the_same_films_says_its_figures_are_in_sample(tmp_path: Path) -> None:
     """calibrate after adapt --labelled on the same site: the calibration's cross-validation
     covered all 80 films, 56 of which the weights were fine-tuned on, without a word. After

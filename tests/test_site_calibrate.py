@@ -224,6 +224,25 @@ def test_cli_calibrate_warns_on_a_small_sample_and_refuses_one_class(tmp_path: P
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_sample_without_patient_ids_is_warned_of(tmp_path: Path) -> None:
+    """Site B through its own labels.csv (path,label,subtype) has no patient column: each film was
+    its own patient in the folds and the bootstrap, without a word."""
+    data = write_site_sample(tmp_path / "site", n_normal=20, n_abnormal=20)
+    for part in (data / "data").glob("*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.set_column(table.schema.get_field_index("patient_key"), "patient_key", pa.nulls(table.num_rows, pa.string())), part)
+    parent = make_model_dir(tmp_path / "parent", size=SIZE)
+    step = calibrate(CalibrateConfig(model_dir=str(parent), data=str(data), output=str(tmp_path / "calibrated"), n_boot=20, folds=3))
+    assert [warning for warning in step["warnings"] if "no patient id" in warning] == [
+        "40 of the 40 images have no patient id, so each counts as its own patient: one patient's films may fall in different "
+        "folds and the intervals are too narrow; ingest with an adapter that reads patients (e.g. --dataset kermany) or a "
+        "labels CSV with a patient column"
+    ]
+    with_ids = calibrate(CalibrateConfig(model_dir=str(parent), data=str(write_site_sample(tmp_path / "ids", n_normal=20, n_abnormal=20)),
+                                         output=str(tmp_path / "calibrated-ids"), n_boot=20, folds=3))
+    assert not [warning for warning in with_ids["warnings"] if "no patient id" in warning]
+
+
 def test_refuses_a_sample_preprocessed_otherwise(tmp_path: Path) -> None:
     parent = make_model_dir(tmp_path / "parent", size=2 * SIZE)
     data = write_site_sample(tmp_path / "site", n_normal=4, n_abnormal=4)

@@ -156,10 +156,15 @@ def fine_tune(model: nn.Module, images: np.ndarray, labels: np.ndarray, config: 
 
 
 def holdout_split(sample: SiteSample, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fine-tune, hold-out) indices: whole patients, classes in proportion; the hold-out is 1/round(1/fraction)."""
+    """(fine-tune, hold-out) indices: whole patients, classes in proportion (one fold of a
+    stratified k-fold by patient). The hold-out is the share nearest `fraction` that a whole k
+    gives: one fold, 1/k, up to a half; above a half, all folds but one, 1 - 1/k (0.3: a
+    third; 0.8: four fifths)."""
     assert sample.labels is not None
-    splitter = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed)
-    fit, held_out = next(splitter.split(np.zeros(len(sample.labels)), sample.labels, groups=sample.patients))
+    folds = max(2, round(1 / fraction)) if fraction <= 0.5 else max(2, round(1 / (1 - fraction)))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    rest, fold = next(splitter.split(np.zeros(len(sample.labels)), sample.labels, groups=sample.patients))
+    fit, held_out = (rest, fold) if fraction <= 0.5 else (fold, rest)
     for name, part in (("fine-tuning", fit), ("hold-out", held_out)):
         if np.unique(sample.labels[part]).size < 2:
             raise ValueError(f"the sample is too small to keep both classes in its {name} part")
@@ -233,7 +238,7 @@ def adapt_labelled(parent: ModelDir, sample: SiteSample, site: str, config: Adap
             holdout.labels, holdout.patients, logits, config.min_sensitivity, config.folds, config.n_boot, config.seed
         ),
     }
-    step["warnings"] = [*earlier_use(parent.meta, step), *step["warnings"]]
+    step["warnings"] = [*earlier_use(parent.meta, step), *sample.patient_warnings(), *step["warnings"]]
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{site} (held-out patients)"}
     return save_derived(
         config.output, parent, model.state_dict(), step, threshold=step["threshold"], temperature=step["temperature"], threshold_policy=policy

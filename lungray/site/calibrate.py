@@ -196,7 +196,7 @@ def calibrate(config: CalibrateConfig) -> dict[str, Any]:
         **described,
         "min_sensitivity": config.min_sensitivity,
         **record,
-        "warnings": [*earlier_use(parent.meta, described), *record["warnings"]],
+        "warnings": [*earlier_use(parent.meta, described), *sample.patient_warnings(), *record["warnings"]],
     }
     policy = {"rule": THRESHOLD_RULE, "min_sensitivity": config.min_sensitivity, "chosen_on": f"site:{step['site']}"}
     output = save_derived(

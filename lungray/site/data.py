@@ -20,7 +20,7 @@ from lungray.ingest import load_summary
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.modeldir import ModelDir
 from lungray.site.lineage import film_keys
-from lungray.split import patient_array
+from lungray.split import NO_PATIENT_PREFIX, patient_array
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,18 @@ class SiteSample:
         if self.labels is not None:
             record.update(n_abnormal=int(self.labels.sum()), n_normal=int(self.labels.size - self.labels.sum()))
         return record
+
+    def patient_warnings(self) -> list[str]:
+        """A warning when images have no patient id: each is then its own patient, so one
+        patient's films can fall in different folds and the intervals come out too narrow."""
+        missing = sum(str(patient).startswith(NO_PATIENT_PREFIX) for patient in self.patients)
+        if not missing:
+            return []
+        return [
+            f"{missing} of the {len(self.patients)} images have no patient id, so each counts as its own patient: one "
+            "patient's films may fall in different folds and the intervals are too narrow; ingest with an adapter that "
+            "reads patients (e.g. --dataset kermany) or a labels CSV with a patient column"
+        ]
 
 
 def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:
