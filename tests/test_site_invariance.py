@@ -104,6 +104,9 @@ def test_an_ingest_is_measured_on_its_stored_images(tmp_path: Path) -> None:
     assert all(entry["max_abs_dprob"] < 1e-6 for entry in report["perturbations"].values())
     moving = measure_invariance(str(trained_model_dir(tmp_path / "trained", size=SIZE, steps=30)), str(data))
     assert moving["perturbations"]["identity"]["max_abs_dprob"] == 0.0 and moving["perturbations"]["border"]["max_abs_dprob"] > 1e-3
+    other = write_site_sample(tmp_path / "site-64", n_normal=3, n_abnormal=2, size=64)  # an ingest the model was not trained at
+    with pytest.raises(ValueError, match="preprocessed with"):
+        measure_invariance(str(constant_model_dir(tmp_path, "cnn")), str(other))
 
 
 def test_films_are_decoded_and_preprocessed_as_screening_does(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_windowing
 
-from lungray.ingest import SourceSpec, list_sources
+from lungray.evaluate import check_preprocessing
+from lungray.ingest import SourceSpec, list_sources, load_summary
 from lungray.io.base import reduced_decode_for
 from lungray.io.decode import DecodeOptions, decode_bytes
 from lungray.io.listing import exists, join_uri, read_bytes
@@ -160,6 +161,8 @@ def measure_invariance(
     model = load_model_dir(model_dir)
     config = model.preprocess
     ingested = exists(join_uri(input_uri, "summary.json"))
+    if ingested:  # stored images of another preprocessing or decoder would not be what the model scores
+        check_preprocessing(model, load_summary(input_uri), input_uri)
     errors: Counter[str] = Counter()
     films = ingested_films(input_uri) if ingested else folder_films(input_uri, dataset, labels, model.decode, config.size, errors)
     views: dict[str, list[np.ndarray]] = {name: [] for name in PERTURBATIONS}
