@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.server
 import io
@@ -261,7 +262,33 @@ def test_a_server_that_never_answers_times_out() -> None:
         assert time.monotonic() - start < 6  # two tries of one second each, not a hang
 
 
-class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+class _QidoHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in DICOMweb server's handler: JSON answers, no request log."""
+
+    def answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The DICOMweb URI of a loopback server answering with `handler`, for the block."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _FlakyHandler(_QidoHandler):
     """Answers 503 to the first `failures` requests, then an empty QIDO result."""
 
     failures = 2
@@ -275,26 +302,14 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = b"[]"
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dicom+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(b"[]")
 
 
 @pytest.fixture
 def flaky_server() -> Iterator[tuple[str, type[_FlakyHandler]]]:
     handler = type("Handler", (_FlakyHandler,), {"seen": 0})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web", handler
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as uri:
+        yield uri, handler
 
 
 def test_transient_errors_are_retried(flaky_server: tuple[str, type[_FlakyHandler]]) -> None:
@@ -309,7 +324,7 @@ def test_transient_errors_are_retried(flaky_server: tuple[str, type[_FlakyHandle
     assert handler.seen == 1 + FAST.retries  # bounded
 
 
-class _OffsetIgnoringHandler(http.server.BaseHTTPRequestHandler):
+class _OffsetIgnoringHandler(_QidoHandler):
     """Answers every QIDO search with the same one instance, whatever its offset."""
 
     seen = 0
@@ -317,31 +332,17 @@ class _OffsetIgnoringHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         type(self).seen += 1
-        body = json.dumps([self.ITEM]).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/dicom+json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(json.dumps([self.ITEM]).encode())
 
 
 @pytest.mark.timeout(60)  # without the check the listing pages for ever
 def test_a_server_that_ignores_offset_fails_the_listing_instead_of_paging_for_ever() -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OffsetIgnoringHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        uri = f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        listed = []
+    listed = []
+    with serving(_OffsetIgnoringHandler) as uri:
         with pytest.raises(dicomweb.DicomwebError, match="answered offset 1 with the page it gave for the one before"):
             for record in dicomweb.search_instances(uri, modalities=["DX"], credentials=dicomweb.Credentials(), policy=FAST):
                 listed.append(record.sop_uid)
-        assert listed == ["1.2.5"] and _OffsetIgnoringHandler.seen == 2
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert listed == ["1.2.5"] and _OffsetIgnoringHandler.seen == 2
 
 
 def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
