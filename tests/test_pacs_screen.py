@@ -173,6 +173,35 @@ def test_a_study_across_commits_gets_one_whole_sr_and_a_refused_store_is_tried_a
     assert orthanc.instance_count() == count and not list((output / "_lungray" / "writeback").rglob("*.json"))
 
 
+@pytest.mark.slow
+def test_a_run_killed_before_its_queue_is_written_leaves_the_study_to_the_next_run(
+    orthanc: OrthancServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue file was written after the studies' commit, which also moves the sync's
+    watermark: a run killed between the two left a flagged study that no later sync saw again,
+    so its SR was never stored. The queue is now written before that commit."""
+    from lungray.screen import pipeline
+
+    study = generate_uid()
+    orthanc.upload(dicom_bytes(instance(study, "20260110", "DX", 0)))
+    model = untrained_model_dir(tmp_path / "model", threshold=0.0)
+    config = ScreenConfig(model=str(model), input=orthanc.uri, output=str(tmp_path / "out"), date=DATE, incremental=True, report_to=orthanc.uri)
+    real_queue = pipeline.queue_reports
+
+    def killed(output: str, model_id: str, which: str, studies: pa.Table, run_id: str) -> None:
+        if studies.num_rows:  # the scored study, not the empty sync at the run's start
+            raise KeyboardInterrupt("killed while queueing")
+        real_queue(output, model_id, which, studies, run_id)
+
+    monkeypatch.setattr(pipeline, "queue_reports", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_screen(config)
+    monkeypatch.setattr(pipeline, "queue_reports", real_queue)
+    again = run_screen(config)
+    assert again["reports"]["sr"] == {"stored": 1, "already_present": 0, "failed": 0}
+    assert [record.study_uid for record in dicomweb.search_instances(orthanc.uri, modalities=("SR",))] == [study]
+
+
 def test_a_store_refused_every_night_is_given_up_after_max_tries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The queue is bounded: a study the PACS refuses `max_tries` times is dropped, and said to be."""
     from lungray.screen import writeback

@@ -23,6 +23,7 @@ archive is, without first learning its rate.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -325,11 +326,10 @@ def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> 
     """Bring the model's studies up to date with the images table, and queue the changed ones for the PACS."""
     config = run.config
     decorate = overlays(run, chunk_uris or {}) if config.explain or config.report_overlay else None
-    studies, _ = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate)
+    queue = functools.partial(queue_reports, config.output, run.model_id, config.report, run_id=run.run_id) if config.report_to else None
+    studies, _ = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate, queue)
     counts.studies_written += studies.num_rows
     counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
-    if config.report_to:
-        queue_reports(config.output, run.model_id, config.report, studies, run.run_id)
 
 
 def report_back(run: Run, counts: Counts) -> None:

@@ -119,11 +119,21 @@ def touched_studies(files: list[str], model_id: str) -> pa.Array:
 
 
 def sync_studies(
-    output: str, model_id: str, threshold: float, aggregate: str, run_id: str, date: str, decorate: Decorate | None = None
+    output: str,
+    model_id: str,
+    threshold: float,
+    aggregate: str,
+    run_id: str,
+    date: str,
+    decorate: Decorate | None = None,
+    before_commit: Callable[[pa.Table], None] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Re-aggregate and upsert the model's studies touched since the last sync.
 
-    Returns the study rows written and the image rows they were aggregated from.
+    `before_commit` gets the study rows to be written before the commit that also moves the
+    watermark past them (the write-back queue: once the watermark has moved, no later sync
+    would see those studies again). Returns the study rows written and the image rows they
+    were aggregated from.
     """
     images = open_table(output, "images")
     if images is None:  # nothing committed yet
@@ -147,6 +157,8 @@ def sync_studies(
     new = with_kept_overlays(new, current)
     emptied = emptied_studies(studies, model_id, touched, aggregated["study_id"])
     if new.num_rows or since is None or files or emptied or resettled:
+        if before_commit is not None and new.num_rows:
+            before_commit(new)
         metadata = {watermark_key(model_id): str(version), settings_key(model_id): settings}
         merge(studies, "studies", new, metadata, delete=studies_predicate(model_id, emptied))
     return new, rows
