@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -36,8 +37,8 @@ import pyarrow.parquet as pq
 
 from lungray import sources, split
 from lungray.io.base import decode_record
-from lungray.io.decode import DecodeOptions, patient_key, study_from_relpath
-from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, write_bytes
+from lungray.io.decode import DecodeOptions, patient_key
+from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, resolved, write_bytes
 from lungray.io.parquet import read_parquet
 from lungray.io.rows import dataset_of_blocks, rows_table
 from lungray.io.scope import Scope
@@ -106,13 +107,15 @@ def list_sources(specs: tuple[SourceSpec, ...], salt: str | None) -> list[Listed
     source_of: dict[str, str] = {}
     for spec in specs:
         entries = list_files(spec.uri)
-        overlap = [entry.uri for entry in entries if entry.uri in source_of]
+        # A file is the file its path resolves to: a source reached through a link is the same files.
+        files = [resolved(entry.uri) for entry in entries]
+        overlap = [file for file in files if file in source_of]
         if overlap:  # each file once: a second row would be a second training image, maybe labelled otherwise
             raise ValueError(
                 f"{len(overlap)} file(s) of source {spec.uri} are also in source {source_of[overlap[0]]}: "
-                "give sources that do not overlap (a folder and one of its subfolders do)"
+                "give sources that do not overlap (a folder and one of its subfolders do, through a link too)"
             )
-        source_of.update((entry.uri, spec.uri) for entry in entries)
+        source_of.update((file, spec.uri) for file in files)
         infos = sources.describe(spec.dataset, [entry.relpath for entry in entries], labels_text(spec))
         for entry in entries:
             info = infos.get(entry.relpath)
@@ -142,14 +145,19 @@ def decode_block(batch: pa.Table, config: IngestConfig, salt: str) -> pa.Table:
     return table
 
 
+# A DICOM UID (PS3.5 9.1): dot-separated numbers without leading zeros under a root arc of 0, 1 or 2,
+# so that a folder named by a date (2026.11.30) is not taken for a study.
+STUDY_UID = re.compile(r"[012](\.(0|[1-9][0-9]*))+")
+
+
 def split_groups(
     patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str], study_ids: list[str | None], relpaths: list[str]
 ) -> list[str]:
     """Grouping key per image: a patient, joined with every patient that shares an identical
-    image or a study. A study counts where a header named it (a DICOM StudyInstanceUID), not
-    where it is the file's folder (`study_from_relpath`, often a class folder such as NORMAL/):
-    a film without a PatientID is its own patient, and the other films of its study must not
-    land in another split."""
+    image or a study. A study counts where it is a UID (a header's StudyInstanceUID, or a folder
+    named by one, as exports lay studies out), not where it is any other folder
+    (`study_from_relpath`, often a class folder such as NORMAL/): a film without a PatientID is
+    its own patient, and the other films of its study must not land in another split."""
     parent: dict[str, str] = {}
 
     def find(node: str) -> str:
@@ -164,7 +172,7 @@ def split_groups(
         nodes.append(node)
         if digest is not None:
             parent[find(node)] = find(f"h:{digest}")
-        if study is not None and study != study_from_relpath(relpath):
+        if study is not None and STUDY_UID.fullmatch(study):
             parent[find(node)] = find(f"s:{study}")
     return [find(node) for node in nodes]
 

@@ -172,6 +172,11 @@ def test_a_class_folder_is_no_study_for_the_split() -> None:
     assert groups[0] != groups[1] and groups[2] == groups[3]
     joined = split_groups([None, None], ["h1", "h2"], ["a", "b"], ["1.2.3", "1.2.3"], ["x/a.dcm", "y/b.dcm"])
     assert joined[0] == joined[1]  # one study in two folders: one group
+    # The export layout <StudyInstanceUID>/<file>.dcm: the study is also the folder's name, and still a study.
+    exported = split_groups([None, None], ["h1", "h2"], ["a", "b"], ["1.2.3", "1.2.3"], ["1.2.3/a.dcm", "1.2.3/b.dcm"])
+    assert exported[0] == exported[1]
+    dated = split_groups([None, None], ["h1", "h2"], ["a", "b"], ["2026.11.30", "2026.11.30"], ["2026.11.30/a.png", "2026.11.30/b.png"])
+    assert dated[0] != dated[1]  # a day's folder is no study
 
 
 def test_overlapping_sources_are_refused_before_anything_is_decoded(tmp_path: Path) -> None:
@@ -182,6 +187,10 @@ def test_overlapping_sources_are_refused_before_anything_is_decoded(tmp_path: Pa
     normals = sum(1 for path in (tmp_path / "kermany" / "NORMAL").rglob("*") if path.is_file())
     with pytest.raises(ValueError, match=rf"{normals} file\(s\) of source .*NORMAL are also in source .*kermany:"):
         run_ingest(IngestConfig(sources=sources, output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=32)))
+    (tmp_path / "alias").symlink_to(tmp_path / "kermany")  # the same folder through a link
+    linked = (SourceSpec(str(tmp_path / "kermany"), dataset="kermany"), SourceSpec(str(tmp_path / "alias" / "NORMAL"), dataset="kermany"))
+    with pytest.raises(ValueError, match="are also in source"):
+        run_ingest(IngestConfig(sources=linked, output=str(tmp_path / "out"), preprocess=PreprocessConfig(size=32)))
     assert not (tmp_path / "out").exists()
 
 

@@ -61,6 +61,14 @@ def local_uri(path: str) -> str:
     return path if listed == path else FILE_URI + listed
 
 
+def resolved(uri: str) -> str:
+    """The file a listed local URI names, whatever link led to it (its real path); other URIs as they are."""
+    if is_s3(uri):
+        return uri
+    path = urllib.parse.unquote_to_bytes(uri[len(FILE_URI) :]) if uri.startswith(FILE_URI) else os.fsencode(uri)
+    return os.fsdecode(os.path.realpath(path))
+
+
 def s3_endpoint() -> str | None:
     """The S3-compatible endpoint from the usual AWS variables; None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
