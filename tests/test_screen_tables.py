@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -734,13 +735,54 @@ def test_an_exclusive_create_leaves_the_first_file_and_no_temporary(tmp_path: Pa
     assert create_exclusive(str(target), b"first") and not create_exclusive(str(target), b"second")
     assert target.read_bytes() == b"first" and [path.name for path in target.parent.iterdir()] == ["record.json"]
 
-    def no_hard_links(source: str, destination: str) -> None:
-        raise PermissionError(1, "Operation not permitted")
+    for number in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):  # how FAT, CIFS and FUSE mounts refuse a hard link
 
-    monkeypatch.setattr(os, "link", no_hard_links)  # a file system without hard links: O_EXCL instead
-    other = tmp_path / "_lungray" / "other.json"
-    assert create_exclusive(str(other), b"first") and not create_exclusive(str(other), b"second")
-    assert other.read_bytes() == b"first" and sorted(path.name for path in target.parent.iterdir()) == ["other.json", "record.json"]
+        def no_hard_links(source: str, destination: str, number: int = number) -> None:
+            raise OSError(number, os.strerror(number))
+
+        monkeypatch.setattr(os, "link", no_hard_links)  # a file system without hard links: O_EXCL instead
+        other = tmp_path / "_lungray" / f"other-{number}.json"
+        assert create_exclusive(str(other), b"first") and not create_exclusive(str(other), b"second")
+        assert other.read_bytes() == b"first"
+    assert sorted(path.name for path in target.parent.iterdir()) == sorted(["record.json", *(f"other-{n}.json" for n in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS))])
+
+    def full_disk(source: str, destination: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", full_disk)  # any other failure is the caller's to see
+    with pytest.raises(OSError, match="No space left"):
+        create_exclusive(str(tmp_path / "_lungray" / "third.json"), b"x")
+
+
+def test_a_keying_record_read_while_it_is_written_is_read_again(tmp_path: Path) -> None:
+    """Without hard links the record is created empty and then filled: a second first run that
+    read it in between crashed on the empty JSON instead of reading the record once written."""
+    record = tmp_path / "_lungray" / "keying.json"
+    record.parent.mkdir()
+    record.write_bytes(b"")
+    timer = threading.Timer(0.15, lambda: record.write_text(json.dumps({"pseudonymized": False, "key_check": None})))
+    timer.start()
+    with pytest.raises(ValueError, match="rows that are not pseudonymized"):
+        check_keying(str(tmp_path), Pseudonymizer("site-secret"))
+    timer.join()
+
+
+def test_an_s3_store_without_conditional_writes_records_last_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that answers If-None-Match with NotImplemented crashed the first run into a new OUTPUT."""
+    from botocore.exceptions import ClientError
+
+    from lungray.io import listing
+
+    class OldStore:
+        def put_object(self, **kwargs: object) -> None:
+            if "IfNoneMatch" in kwargs:
+                raise ClientError({"Error": {"Code": "NotImplemented", "Message": "A header you provided implies functionality that is not implemented"}}, "PutObject")
+
+    written: list[tuple[str, bytes]] = []
+    monkeypatch.setattr(listing, "s3_client", lambda endpoint: OldStore())
+    monkeypatch.setattr(listing, "write_bytes", lambda uri, data: written.append((uri, data)))
+    assert create_exclusive("s3://bucket/out/_lungray/keying.json", b"record")
+    assert written == [("s3://bucket/out/_lungray/keying.json", b"record")]
 
 
 @pytest.mark.parametrize("pseudonymized", [True, False])

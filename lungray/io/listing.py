@@ -8,6 +8,7 @@ cluster with an instance profile, and against a test server on loopback.
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import logging
 import os
@@ -282,6 +283,11 @@ def write_whole(uri: str, data: bytes) -> None:
     os.replace(temporary, uri)
 
 
+# How link(2) says a file system has no hard links: EPERM (FAT, Linux's vfat), EOPNOTSUPP / ENOTSUP
+# (CIFS, many FUSE mounts), ENOSYS.
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Write a whole file only where none is: False, writing nothing, where one is already (or,
     on S3, another writer's conditional PUT of it is under way). Two runs recording one fact at
@@ -295,9 +301,12 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         try:
             s3_client(s3_endpoint()).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
-            raise
+            if code not in ("NotImplemented", "501"):
+                raise
+            write_bytes(uri, data)  # a store without conditional writes: last one wins, as before them
         return True
     temporary = f"{uri}.{uuid.uuid4().hex}.tmp"
     write_bytes(temporary, data)
@@ -305,8 +314,10 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         os.link(temporary, uri)
     except FileExistsError:
         return False
-    except PermissionError:  # a file system without hard links (FAT, some FUSE): create it exclusively
-        try:
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        try:  # a file system without hard links (FAT, CIFS, many FUSE): create it exclusively
             descriptor = os.open(uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False

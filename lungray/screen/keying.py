@@ -52,7 +52,11 @@ def check_keying(output: str, pseudonymizer: Pseudonymizer | None) -> None:
     record = keying_record(pseudonymizer)
     for attempt in range(RECORD_ATTEMPTS):
         on_record = exists(uri)
-        recorded = json.loads(read_bytes(uri)) if on_record else keying_of_rows(output)
+        try:
+            recorded = json.loads(read_bytes(uri)) if on_record else keying_of_rows(output)
+        except (json.JSONDecodeError, FileNotFoundError):  # being written by another run (no hard links there)
+            time.sleep(0.1 * (attempt + 1))
+            continue
         refuse_other_keying(output, recorded, record)
         if on_record or create_exclusive(uri, json.dumps(record).encode()):
             return  # a new output, or one of before keying.json, is recorded from now on
