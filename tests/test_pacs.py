@@ -345,6 +345,25 @@ def test_a_server_that_ignores_offset_fails_the_listing_instead_of_paging_for_ev
     assert listed == ["1.2.5"] and _OffsetIgnoringHandler.seen == 2
 
 
+class _UnpagedHandler(_QidoHandler):
+    """Answers every QIDO search with all of its three instances, whatever limit and offset say."""
+
+    seen = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        type(self).seen += 1
+        items = [{tag: {"vr": "UI", "Value": [f"1.2.{index}.{tag[-1]}"]} for tag in ("0020000D", "0020000E", "00080018")} for index in range(3)]
+        self.answer(json.dumps(items).encode())
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_answers_whole_whatever_the_limit_is_listed_once() -> None:
+    """More than the page asked for is the whole answer: not a page to be followed by a repeat of it."""
+    with serving(_UnpagedHandler) as uri:
+        records = list(dicomweb.search_instances(uri, modalities=["DX"], page_size=2, credentials=dicomweb.Credentials(), policy=FAST))
+    assert [record.sop_uid for record in records] == ["1.2.0.8", "1.2.1.8", "1.2.2.8"] and _UnpagedHandler.seen == 1
+
+
 def test_report_round_trip_through_the_pacs(orthanc: OrthancServer) -> None:
     study = generate_uid()
     images = [make_instance(study, "20260105", "DX", seed=1), make_instance(study, "20260105", "CR", seed=2)]

@@ -330,6 +330,8 @@ def search_instances(
                     modality=_first(item, "00080060") or modality,
                     study_date=_first(item, "00080020"),
                 )
+            if len(page) > page_size:  # more than asked: the server ignores limit and answered whole
+                break
 
 
 def retrieve_instance_bytes(uri: str, credentials: Credentials | None = None, policy: RequestPolicy | None = None) -> bytes:
