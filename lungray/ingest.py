@@ -150,9 +150,7 @@ def decode_block(batch: pa.Table, config: IngestConfig, salt: str) -> pa.Table:
 STUDY_UID = re.compile(r"[012](\.(0|[1-9][0-9]*))+")
 
 
-def split_groups(
-    patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str], study_ids: list[str | None], relpaths: list[str]
-) -> list[str]:
+def split_groups(patient_keys: list[str | None], content_hashes: list[str | None], paths: list[str], study_ids: list[str | None]) -> list[str]:
     """Grouping key per image: a patient, joined with every patient that shares an identical
     image or a study. A study counts where it is a UID (a header's StudyInstanceUID, or a folder
     named by one, as exports lay studies out), not where it is any other folder
@@ -167,7 +165,7 @@ def split_groups(
         return node
 
     nodes = []
-    for key, digest, path, study, relpath in zip(patient_keys, content_hashes, paths, study_ids, relpaths):
+    for key, digest, path, study in zip(patient_keys, content_hashes, paths, study_ids):
         node = f"p:{key}" if key is not None else f"f:{path}"
         nodes.append(node)
         if digest is not None:
@@ -255,7 +253,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
         raise RuntimeError(f"decode produced {meta.num_rows} rows for {len(listed)} files")
     ok_mask = pc.equal(meta["status"], "ok")
     ok_meta = meta.filter(ok_mask).sort_by("path")  # the split depends on order: make it the listing's
-    groups = split_groups(*(ok_meta[name].to_pylist() for name in ("patient_key", "content_hash", "path", "study_id", "relpath")))
+    groups = split_groups(*(ok_meta[name].to_pylist() for name in ("patient_key", "content_hash", "path", "study_id")))
     labels = ok_meta["label"].to_pylist()
     if config.holdout:
         held_out = [any(fnmatch.fnmatchcase(relpath, pattern) for pattern in config.holdout) for relpath in ok_meta["relpath"].to_pylist()]
