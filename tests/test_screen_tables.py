@@ -183,14 +183,14 @@ def test_study_sync_catches_up_exactly_the_studies_whose_images_changed(tmp_path
     ensure_table(output, "images")
     first = image_rows([{"path": "1", "study_id": "s1", "prob": 0.2}, {"path": "2", "study_id": "s2", "prob": 0.7}])
     write_deltalake(str(tmp_path / "images"), first, mode="append", partition_by=["scored_date"])
-    written, _ = sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
+    written = sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
     assert sorted(written["study_id"].to_pylist()) == ["s1", "s2"]
     assert watermark(open_table(output, "studies"), MODEL).version == open_table(output, "images").version()
-    assert sync_studies(output, MODEL, 0.5, "max", "r2", DATE)[0].num_rows == 0  # nothing changed since
+    assert sync_studies(output, MODEL, 0.5, "max", "r2", DATE).num_rows == 0  # nothing changed since
 
     # An images commit whose run was killed before its studies MERGE: the next sync finds it.
     write_deltalake(str(tmp_path / "images"), image_rows([{"path": "3", "study_id": "s1", "prob": 0.95}]), mode="append", partition_by=["scored_date"])
-    written, _ = sync_studies(output, MODEL, 0.5, "max", "r3", DATE)
+    written = sync_studies(output, MODEL, 0.5, "max", "r3", DATE)
     assert written["study_id"].to_pylist() == ["s1"]
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
     assert (studies["s1"]["n_images"], studies["s1"]["prob"], studies["s1"]["run_id"]) == (2, 0.95, "r3")
@@ -219,11 +219,11 @@ def test_a_study_whose_counts_stand_keeps_its_row_night_and_overlay(tmp_path: Pa
     sync_studies(output, MODEL, 0.5, "max", "r1", "2026-11-28", overlay("n1"))
     # Night 2: a2 rescored lower (its row replaced: the file holding a1 and b1 is rewritten too).
     merge(open_table(output, "images"), "images", image_rows([{"path": "a2", "study_id": "a", "prob": 0.05, "run_id": "r2"}]))
-    written, _ = sync_studies(output, MODEL, 0.5, "max", "r2", DATE, overlay("n2"))
+    written = sync_studies(output, MODEL, 0.5, "max", "r2", DATE, overlay("n2"))
     assert written.num_rows == 0  # a's max and counts stand, b is untouched: nothing to write or count
     # Night 3: a new image in study a, below its max: a's count changes, its probability does not.
     write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a3", "study_id": "a", "prob": 0.2}]), mode="append", partition_by=["scored_date"])
-    written, _ = sync_studies(output, MODEL, 0.5, "max", "r3", "2026-11-30", overlay("n3"))
+    written = sync_studies(output, MODEL, 0.5, "max", "r3", "2026-11-30", overlay("n3"))
     assert written["study_id"].to_pylist() == ["a"]
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
     assert (studies["a"]["n_images"], studies["a"]["run_id"], studies["a"]["scored_date"], studies["a"]["explain_path"]) == (3, "r3", "2026-11-30", "n1/a.png")
@@ -238,14 +238,14 @@ def test_a_new_threshold_or_aggregate_reaggregates_every_study(tmp_path: Path) -
     rows = image_rows([{"path": "a1", "study_id": "a", "prob": 0.9}, {"path": "a2", "study_id": "a", "prob": 0.5}, {"path": "b1", "study_id": "b", "prob": 0.6}])
     write_deltalake(str(tmp_path / "images"), rows, mode="append", partition_by=["scored_date"])
     sync_studies(output, MODEL, 0.5, "max", "r1", DATE)
-    written, _ = sync_studies(output, MODEL, 0.65, "max", "r2", DATE)  # nothing new in the images table
+    written = sync_studies(output, MODEL, 0.65, "max", "r2", DATE)  # nothing new in the images table
     assert sorted(written["study_id"].to_pylist()) == ["a", "b"]
     assert {row["study_id"]: row["flagged"] for row in read_table(output, "studies").to_pylist()} == {"a": True, "b": False}
-    written, _ = sync_studies(output, MODEL, 0.65, "mean", "r3", DATE)
+    written = sync_studies(output, MODEL, 0.65, "mean", "r3", DATE)
     assert sorted(written["study_id"].to_pylist()) == ["a", "b"]  # each row records its aggregate
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
     assert (studies["a"]["prob"], studies["a"]["flagged"], studies["a"]["aggregate"]) == (pytest.approx(0.7), True, "mean")
-    assert sync_studies(output, MODEL, 0.65, "mean", "r4", DATE)[0].num_rows == 0
+    assert sync_studies(output, MODEL, 0.65, "mean", "r4", DATE).num_rows == 0
 
 
 @pytest.mark.parametrize("vacuumed", [False, True], ids=["since-the-watermark", "every-study-again"])

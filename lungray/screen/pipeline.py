@@ -327,7 +327,7 @@ def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> 
     config = run.config
     decorate = overlays(run, chunk_uris or {}) if config.explain or config.report_overlay else None
     queue = functools.partial(queue_reports, config.output, run.model_id, config.report, run_id=run.run_id) if config.report_to else None
-    studies, _ = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate, queue)
+    studies = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate, queue)
     counts.studies_written += studies.num_rows
     counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
 

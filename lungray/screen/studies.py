@@ -127,17 +127,16 @@ def sync_studies(
     date: str,
     decorate: Decorate | None = None,
     before_commit: Callable[[pa.Table], None] | None = None,
-) -> tuple[pa.Table, pa.Table]:
+) -> pa.Table:
     """Re-aggregate and upsert the model's studies touched since the last sync.
 
     `before_commit` gets the study rows to be written before the commit that also moves the
     watermark past them (the write-back queue: once the watermark has moved, no later sync
-    would see those studies again). Returns the study rows written and the image rows they
-    were aggregated from.
+    would see those studies again). Returns the study rows written.
     """
     images = open_table(output, "images")
     if images is None:  # nothing committed yet
-        return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
+        return STUDY_SCHEMA.empty_table()
     studies = ensure_table(output, "studies")
     version = images.version()
     synced = watermark(studies, model_id)
@@ -145,7 +144,7 @@ def sync_studies(
     settings = json.dumps({"threshold": threshold, "aggregate": aggregate})
     resettled = synced is not None and synced.settings is not None and synced.settings != settings
     if since == version and not resettled:
-        return STUDY_SCHEMA.empty_table(), STUDY_IMAGES_SCHEMA.empty_table()
+        return STUDY_SCHEMA.empty_table()
     files = None if resettled else changed_files(output, images, since)
     touched = None if files is None else touched_studies(files, model_id)
     rows = study_images(images, model_id, touched)
@@ -161,7 +160,7 @@ def sync_studies(
             before_commit(new)
         metadata = {watermark_key(model_id): str(version), settings_key(model_id): settings}
         merge(studies, "studies", new, metadata, delete=studies_predicate(model_id, emptied))
-    return new, rows
+    return new
 
 
 def current_studies(studies: DeltaTable, model_id: str, study_ids: pa.Array) -> pa.Table:
