@@ -24,7 +24,7 @@ from lungray.io.listing import filesystem_for, join_uri
 from lungray.io.parquet import read_parquet
 from lungray.metrics import binary_metrics
 from lungray.modeldir import ModelDir, load_model_dir
-from lungray.site.lineage import images_fitted_on
+from lungray.site.lineage import fitted_on, images_fitted_on
 from lungray.split import SPLITS
 
 SCORING_BATCH_SIZE = 256
@@ -79,9 +79,9 @@ def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") 
     labelled = rows.filter(pc.is_valid(rows["label"]))
     content_hashes = labelled["content_hash"].to_pylist()
     in_sample = [
-        {"step": step["step"], "site": step.get("site"), "images_fitted_on": used}
+        {"step": step["step"], "site": step.get("site"), "images_fitted_on": images_fitted_on(step, content_hashes)}
         for step in model.meta.get("lineage", [])
-        if (used := images_fitted_on(step, content_hashes)) or (used is None and step.get("data_fingerprint") == summary["fingerprint"])
+        if fitted_on(step, content_hashes, summary["fingerprint"])
     ]
     return {
         "model_id": model.model_id,

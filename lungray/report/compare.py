@@ -54,7 +54,7 @@ from lungray.preprocess import to_float
 from lungray.report import plots
 from lungray.report.gradcam import gradcam, overlay_png
 from lungray.report.render import across_markdown, write_report
-from lungray.site.lineage import images_fitted_on
+from lungray.site.lineage import fitted_on, images_fitted_on
 from lungray.split import SPLITS, patient_array
 
 ALPHA = 0.05  # 95% intervals
@@ -329,22 +329,19 @@ def lineage_summary(meta: dict[str, Any], summary: dict[str, Any], content_hashe
     figures here are in-sample for it; the step's own cross-validated figures (model.json)
     are the honest ones. A step recorded before `film_keys` is matched by the ingest's fingerprint.
     """
-    steps = []
-    for step in meta.get("lineage", []):
-        overlap = images_fitted_on(step, content_hashes)
-        steps.append(
-            {
-                "step": step["step"],
-                "site": step.get("site"),
-                "parent_model_id": step.get("parent_model_id"),
-                "n_images": step.get("n_images"),
-                "labels_used": step.get("labels_used"),
-                "fitted_on_this_data": step.get("data_fingerprint") == summary["fingerprint"] if overlap is None else overlap > 0,
-                "images_fitted_on": overlap,
-                "cross_validation": _cv_rates(step.get("cross_validation")),
-            }
-        )
-    return steps
+    return [
+        {
+            "step": step["step"],
+            "site": step.get("site"),
+            "parent_model_id": step.get("parent_model_id"),
+            "n_images": step.get("n_images"),
+            "labels_used": step.get("labels_used"),
+            "fitted_on_this_data": fitted_on(step, content_hashes, summary["fingerprint"]),
+            "images_fitted_on": images_fitted_on(step, content_hashes),
+            "cross_validation": _cv_rates(step.get("cross_validation")),
+        }
+        for step in meta.get("lineage", [])
+    ]
 
 
 def _cv_rates(cross_validation: dict[str, Any] | None) -> dict[str, Any] | None:

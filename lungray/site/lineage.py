@@ -66,6 +66,14 @@ def save_derived(
     return save_model_dir(output, state_dict, meta)
 
 
+def fitted_on(step: Mapping[str, Any], content_hashes: Sequence[str], fingerprint: str) -> bool:
+    """Whether a lineage step used any of the images with `content_hashes` (of the ingest with
+    `fingerprint`): its figures on them are in-sample. A step recorded before `film_keys` is
+    matched by its ingest's fingerprint."""
+    used = images_fitted_on(step, content_hashes)
+    return step.get("data_fingerprint") == fingerprint if used is None else used > 0
+
+
 def earlier_use(parent_meta: Mapping[str, Any], sample_record: Mapping[str, Any]) -> list[str]:
     """Warnings for this step's record: earlier steps of the parent's lineage that used films of
     this sample (by `film_keys`, or an equal fingerprint for steps recorded before them). A
