@@ -11,3 +11,9 @@ def check_known_keys(config_class: type, data: dict[str, Any], what: str) -> Non
     unknown = set(data) - {field.name for field in fields(config_class)}
     if unknown:
         raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool (which Python counts as an int): what a JSON or YAML
+    number field may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from lungray.configs import is_number
 from lungray.io.base import DecodeOptions, options_from_record
 from lungray.models import build_from_architecture
 from lungray.models.fold import fold_batchnorm
@@ -192,10 +193,6 @@ def model_digest(weights_digest: str, meta: Mapping[str, Any]) -> str:
         return weights_digest
     scoring = {"lineage": meta["lineage"], "temperature": meta.get("temperature", 1.0), "threshold": meta["threshold"]}
     return hashlib.sha256(f"{weights_digest}\n{json.dumps(scoring, sort_keys=True)}".encode()).hexdigest()
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_scoring(meta: Mapping[str, Any], where: str) -> None:

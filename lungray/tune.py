@@ -49,6 +49,7 @@ from ray.tune.search import BasicVariantGenerator
 from ray.util.state import list_nodes
 from ray.util.state.exception import RayStateApiException
 
+from lungray.configs import is_number
 from lungray.ingest import load_summary
 from lungray.io.listing import absolute_uri, filesystem_for, join_uri
 from lungray.models import ARCHITECTURES
@@ -203,8 +204,9 @@ def _is_kind(value: Any, kind: type) -> bool:
     """isinstance, except that a bool is not a number here, and an int is a valid float."""
     if kind is bool:
         return isinstance(value, bool)
-    allowed = (int, float) if kind is float else (kind,)
-    return isinstance(value, allowed) and not isinstance(value, bool)
+    if kind is float:
+        return is_number(value)
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def _parse_param(name: str, spec: Any, model: str, fail: Callable[[str], SpaceError]) -> ParamSpec:
