@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray.data
 from ray.data.expressions import col
 
-from lungray.ingest import load_summary
+from lungray.ingest import ingest_rows, load_summary
 from lungray.io.base import normalized_record
 from lungray.io.listing import filesystem_for, join_uri
 from lungray.io.parquet import read_parquet
@@ -75,7 +74,7 @@ def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") 
     summary = load_summary(data)
     check_preprocessing(model, summary, data)
     labels, probs = score_split(model, data, split)
-    rows = split_rows(data, split)
+    rows = ingest_rows(data, ["label", "content_hash"], pads.field("split") == split)
     labelled = rows.filter(pc.is_valid(rows["label"]))
     content_hashes = labelled["content_hash"].to_pylist()
     in_sample = [
@@ -97,9 +96,3 @@ def evaluate(model_dir: str | os.PathLike[str], data: str, split: str = "test") 
         "in_sample": in_sample,
     }
 
-
-def split_rows(data: str, split: str) -> pa.Table:
-    """`label` and `content_hash` of every row of `split` (read by Arrow: two small columns)."""
-    filesystem, path = filesystem_for(join_uri(data, "data"))
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    return dataset.to_table(columns=["label", "content_hash"], filter=pads.field("split") == split)

@@ -33,6 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lungray import sources, split
@@ -315,3 +316,10 @@ def load_summary(data_dir: str) -> dict[str, Any]:
     if not exists(uri):
         raise FileNotFoundError(f"{data_dir} is not a finished lungray ingest (no summary.json)")
     return json.loads(read_bytes(uri))
+
+
+def ingest_rows(data_dir: str, columns: list[str], where: pads.Expression | None = None) -> pa.Table:
+    """`columns` of the rows of a finished ingest's data/ that `where` keeps (all: None), read by
+    Arrow without Ray, in no particular order."""
+    filesystem, path = filesystem_for(join_uri(data_dir, "data"))
+    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=columns, filter=where)

@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from lungray.evaluate import check_preprocessing
-from lungray.ingest import load_summary
-from lungray.io.listing import filesystem_for, join_uri
+from lungray.ingest import ingest_rows, load_summary
 from lungray.modeldir import ModelDir
 from lungray.site.lineage import film_keys
 from lungray.split import NO_PATIENT_PREFIX, patient_array
@@ -65,9 +64,7 @@ class SiteSample:
 
 def read_ingest_rows(data: str, columns: list[str], labelled_only: bool = False) -> pa.Table:
     """`columns` of every row of the ingest at `data`, whatever its split, in path order."""
-    filesystem, path = filesystem_for(join_uri(data, "data"))
-    dataset = pads.dataset(path, filesystem=filesystem, format="parquet")
-    table = dataset.to_table(columns=list(dict.fromkeys([*columns, "path"])), filter=pads.field("label").is_valid() if labelled_only else None)
+    table = ingest_rows(data, list(dict.fromkeys([*columns, "path"])), pads.field("label").is_valid() if labelled_only else None)
     return table.take(np.argsort(np.asarray(table["path"].to_pylist(), dtype=object), kind="stable"))
 
 
