@@ -494,6 +494,24 @@ def test_dimse_search_and_retrieve(orthanc: OrthancServer) -> None:
         dimse.retrieve_instance_bytes(records[0].path, calling_aet=orthanc.calling_aet)
 
 
+def test_c_get_brings_jpeg_lossless_back_as_stored(tmp_path) -> None:
+    """JPEG Lossless process 14 (.57), the syntax of many older CR archives, is proposed in
+    the C-GET, so the archive sends the stored codestream instead of transcoding it (Orthanc
+    stores this film as .57 by its IngestTranscoding, and sends it decompressed when .57 is
+    not proposed); lungray then decodes it to the stored values."""
+    if orthanc_installed() is None:
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    pixels = np.random.default_rng(7).integers(0, 4096, (64, 64), dtype=np.uint16)
+    ds = dicom_dataset(pixels, StudyInstanceUID=generate_uid(), StudyDate="20260110", Modality="CR", SOPClassUID=ComputedRadiographyImageStorage)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    with running_orthanc(tmp_path, IngestTranscoding=pydicom.uid.JPEGLossless) as archive:
+        archive.upload(dicom_bytes(ds))
+        (record,) = dimse.search_instances(archive.dimse_uri, calling_aet=archive.calling_aet)
+        got = pydicom.dcmread(io.BytesIO(dimse.retrieve_instance_bytes(record.path, calling_aet=archive.calling_aet)))
+    assert got.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLossless
+    np.testing.assert_array_equal(got.pixel_array, pixels)
+
+
 def test_a_capped_c_find_says_what_stopped_it(tmp_path) -> None:
     """An archive at its C-FIND result limit ends the search with 0xFE00 (Orthanc with
     LimitFindResults=2, three studies): the run stops, saying why and what to do, rather than
