@@ -512,6 +512,58 @@ def test_c_get_brings_jpeg_lossless_back_as_stored(tmp_path) -> None:
     np.testing.assert_array_equal(got.pixel_array, pixels)
 
 
+@contextlib.contextmanager
+def dropping_proxy(port: int, drops: int) -> Iterator[int]:
+    """A TCP port that closes its first `drops` connections at once (an archive restarting),
+    then forwards each later one to `port`; yields the proxy's port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = 0
+
+    def pipe(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                target.sendall(chunk)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        nonlocal accepted
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                accepted += 1
+                if accepted <= drops:
+                    client.close()
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", port))
+                for source, target in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(source, target), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def test_dimse_connections_the_archive_drops_are_tried_again(orthanc: OrthancServer) -> None:
+    """An association the archive drops (a restart, a full pool) is tried again with backoff,
+    as DICOMweb requests are, rather than failing the listing or the film at once."""
+    ds = make_instance(generate_uid(), "20260110", "CR", seed=11)
+    load(orthanc, [ds])
+    record = next(r for r in dimse.search_instances(orthanc.dimse_uri, calling_aet=orthanc.calling_aet) if r.sop_uid == ds.SOPInstanceUID)
+    patient = dimse.Timeouts(association_s=2, retries=2, backoff_s=0.05)
+    with dropping_proxy(orthanc.dicom_port, drops=2) as port:
+        proxied = record.path.replace(f":{orthanc.dicom_port}/", f":{port}/")
+        got = pydicom.dcmread(io.BytesIO(dimse.retrieve_instance_bytes(proxied, calling_aet=orthanc.calling_aet, timeouts=patient)))
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    with dropping_proxy(orthanc.dicom_port, drops=2) as port:
+        listed = list(dimse.search_instances(f"dimse://{orthanc.aet}@127.0.0.1:{port}", calling_aet=orthanc.calling_aet, timeouts=patient))
+    assert ds.SOPInstanceUID in {r.sop_uid for r in listed}
+    with dropping_proxy(orthanc.dicom_port, drops=3) as port, pytest.raises(dimse.DimseError, match="cannot connect .* 3 tries"):
+        dimse.retrieve_instance_bytes(record.path.replace(f":{orthanc.dicom_port}/", f":{port}/"), calling_aet=orthanc.calling_aet, timeouts=patient)
+
+
 def test_a_capped_c_find_says_what_stopped_it(tmp_path) -> None:
     """An archive at its C-FIND result limit ends the search with 0xFE00 (Orthanc with
     LimitFindResults=2, three studies): the run stops, saying why and what to do, rather than

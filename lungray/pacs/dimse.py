@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,8 @@ class Timeouts:
     association_s: float = 10.0
     dimse_s: float = 60.0
     network_s: float = 60.0
+    retries: int = 3  # a refused or aborted association is tried again this many times (as DICOMweb's requests are)
+    backoff_s: float = 0.5  # waits backoff * 2**n seconds before try n + 1
 
 
 def is_dimse_uri(uri: str) -> bool:
@@ -144,14 +147,21 @@ def _application(archive: Archive, timeouts: Timeouts) -> AE:
     return ae
 
 
-def _associate(ae: AE, archive: Archive, handlers: list | None = None, roles: list | None = None):
-    assoc = ae.associate(archive.host, archive.port, ae_title=archive.called_aet, ext_neg=roles, evt_handlers=handlers)
-    if assoc.is_established:
-        return assoc
-    if assoc.is_rejected:
-        raise DimseError(f"DIMSE association with {archive} rejected (is the calling AE title {archive.calling_aet!r} known to it?)")
+def _associate(ae: AE, archive: Archive, timeouts: Timeouts, handlers: list | None = None, roles: list | None = None):
+    """An established association, tried again with backoff while the archive refuses or aborts
+    it (a restart, a full association pool); a rejection is the archive's configuration, not retried."""
+    for attempt in range(timeouts.retries + 1):
+        if attempt:
+            time.sleep(timeouts.backoff_s * 2 ** (attempt - 1))
+        assoc = ae.associate(archive.host, archive.port, ae_title=archive.called_aet, ext_neg=roles, evt_handlers=handlers)
+        if assoc.is_established:
+            return assoc
+        if assoc.is_rejected:
+            raise DimseError(f"DIMSE association with {archive} rejected (is the calling AE title {archive.calling_aet!r} known to it?)")
     # pynetdicom reports a refused or timed-out connection as an aborted association.
-    raise DimseError(f"cannot connect to DIMSE archive {archive} (refused, unreachable, or aborted by it)")
+    raise DimseError(
+        f"cannot connect to DIMSE archive {archive} (refused, unreachable, or aborted by it; {timeouts.retries + 1} tries)"
+    )
 
 
 def _no_answer(operation: str, archive: Archive) -> str:
@@ -213,18 +223,18 @@ def search_instances(
     ae = _application(archive, timeouts)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     study_date = f"{_date(since)}-{_date(until)}" if since or until else ""
-    assoc = _associate(ae, archive)
+    assoc = _associate(ae, archive, timeouts)
     try:
         studies = _find(assoc, archive, _query("STUDY", StudyInstanceUID="", StudyDate=study_date))
     finally:
         assoc.release()
     for study in studies:
-        yield from _study_instances(ae, archive, study, set(modalities))
+        yield from _study_instances(ae, archive, timeouts, study, set(modalities))
 
 
-def _study_instances(ae: AE, archive: Archive, study: Dataset, wanted: set[str]) -> list[InstanceRecord]:
+def _study_instances(ae: AE, archive: Archive, timeouts: Timeouts, study: Dataset, wanted: set[str]) -> list[InstanceRecord]:
     records = []
-    assoc = _associate(ae, archive)
+    assoc = _associate(ae, archive, timeouts)
     try:
         series_list = _find(assoc, archive, _query("SERIES", StudyInstanceUID=study.StudyInstanceUID, SeriesInstanceUID="", Modality=""))
         for series in series_list:
@@ -268,7 +278,7 @@ def retrieve_instance_bytes(uri: str, calling_aet: str | None = None, timeouts: 
         received.append(event.encoded_dataset(include_meta=True))
         return _SUCCESS
 
-    assoc = _associate(ae, archive, handlers=[(evt.EVT_C_STORE, on_store)], roles=roles)
+    assoc = _associate(ae, archive, timeouts, handlers=[(evt.EVT_C_STORE, on_store)], roles=roles)
     final = None
     try:
         query = _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop)
