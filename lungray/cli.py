@@ -18,7 +18,7 @@ from lungray.preprocess import ASPECT_POLICIES, INTENSITY_POLICIES, PreprocessCo
 from lungray.progress import PROGRESS_LOGGER
 from lungray.raysession import init_ray, quiet_ray
 from lungray.models.ensemble import TTA_VIEWS
-from lungray.report.compare import CompareConfig, run_compare, run_compare_across
+from lungray.report.compare import CompareConfig, json_ready, run_compare, run_compare_across
 from lungray.pacs.dicomweb import DEFAULT_MODALITIES
 from lungray.pacs.source import PacsError
 from lungray.screen.lease import ConcurrentRunError
@@ -35,6 +35,12 @@ from lungray.train.augment import AugmentConfig
 from lungray.train.loop import SCHEDULES, SELECTIONS
 from lungray.train.trainer import TrainConfig, run_training
 from lungray.tune import METRIC_MODES, SCHEDULERS, SweepConfig, load_space, run_tune
+
+
+def strict_json(value: object) -> str:
+    """`value` as indented strict JSON, NaN (an AUROC of a one-class split) as null: what jq
+    and other strict parsers read."""
+    return json.dumps(json_ready(value), indent=2, allow_nan=False)
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -265,7 +271,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = ingest_config_from_args(args)
     init_ray()
     summary = run_ingest(config)
-    print(json.dumps({key: summary[key] for key in ("files", "by_status", "by_label", "splits", "images_per_second")}, indent=2))
+    print(strict_json({key: summary[key] for key in ("files", "by_status", "by_label", "splits", "images_per_second")}))
     return 0
 
 
@@ -347,7 +353,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         print(f"lungray screen: error: {exc}", file=sys.stderr)
         return 3
     keys = ("run_id", "files_listed", "files_scored", "by_status", "studies_flagged", "images_per_second", "reports")
-    print(json.dumps({key: summary[key] for key in keys}, indent=2))
+    print(strict_json({key: summary[key] for key in keys}))
     print(f"predictions: Delta tables {args.output}/images and {args.output}/studies; run summary: runs/{summary['run_id']}.json")
     return 0
 
@@ -362,19 +368,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     config = tune_config_from_args(args)
     init_ray(progress_bars=False)
-    print(json.dumps(run_tune(config), indent=2))
+    print(strict_json(run_tune(config)))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     init_ray(progress_bars=False)
-    print(json.dumps(evaluate(args.model_dir, args.data, args.split), indent=2))
+    print(strict_json(evaluate(args.model_dir, args.data, args.split)))
     return 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     init_ray(progress_bars=False)
-    print(json.dumps(summarize(ensemble_from_args(args)), indent=2))
+    print(strict_json(summarize(ensemble_from_args(args))))
     return 0
 
 
@@ -446,7 +452,7 @@ def adapt_config_from_args(args: argparse.Namespace) -> AdaptConfig:
 
 def print_site_step(step: dict[str, object]) -> int:
     """The lineage step as JSON on stdout, its warnings also on stderr."""
-    print(json.dumps(step, indent=2))
+    print(strict_json(step))
     for warning in step.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -472,7 +478,7 @@ def add_invariance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_invariance(args: argparse.Namespace) -> int:
-    report = json.dumps(measure_invariance(args.model_dir, args.input, args.dataset, args.labels), indent=2)
+    report = strict_json(measure_invariance(args.model_dir, args.input, args.dataset, args.labels))
     if args.output:
         Path(args.output).write_text(report + "\n")
     print(report)

@@ -37,14 +37,17 @@ from lungray.metrics import (
 from lungray.modeldir import ModelDir, load_model_dir, save_model_dir
 from lungray.models import Ensemble
 from lungray.preprocess import PreprocessConfig
-from lungray.cli import add_compare_arguments, compare_config_from_args
+from lungray.cli import add_compare_arguments, compare_config_from_args, strict_json
+from lungray.report import compare, plots
 from lungray.report.compare import (
+    Cases,
     CompareConfig,
     display_names,
     run_compare,
+    run_compare_across,
     training_sources,
 )
-from lungray.report.render import pair_verdict, training_time
+from lungray.report.render import Paragraph, Table, epoch_note, fmt_p, fmt_signed, pair_verdict, to_markdown, training_time
 
 SIZE = 64
 N_BOOT = 200
@@ -292,7 +295,7 @@ def test_markdown_answers_first_and_states_data_and_method(report: tuple[dict[st
     assert re.search(r"^\| CNN-LSTM \| kermany \+ shenzhen \| [^|]+\(in-domain\) \| [^|]+\(in-domain\) \|$", markdown, flags=re.MULTILINE)
     assert "chosen on the val split" in markdown and "does not record how it was chosen" in markdown
     assert "| 2.0 min (2 x NVIDIA H200, nccl) |" in markdown  # 123 s of epochs, and where they ran
-    assert "| 3 (best 1, exported 2) |" in markdown  # the epoch validated best, and the one whose weights the model holds
+    assert "| 3 (best 2, exported 3) |" in markdown  # the epoch validated best, and the one whose weights the model holds (from 1)
     for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (output / target).is_file(), target
 
@@ -397,3 +400,102 @@ def test_training_time_says_where_the_epochs_ran() -> None:
     cpu = {"workers": 2, "device": "CPU", "threads_per_worker": 1, "backend": "gloo"}
     assert training_time(90.0, cpu) == "1.5 min (2 x CPU, 1 thread each, gloo)"
     assert training_time(90.0, {**cpu, "workers": 1, "threads_per_worker": 4, "backend": None}) == "1.5 min (1 x CPU, 4 threads each)"
+
+
+def test_verdict_numbers_read_as_they_are() -> None:
+    """A bound that rounds to zero reads +0.000, a tie reads "equal", and a p-value just under
+    alpha is not rounded up to it beside a verdict that the interval excludes 0."""
+    tie = pair_verdict(*verdict_inputs(0.0, (-0.0001, 0.02)))
+    assert "AUROC 0.800 vs 0.800: equal (95% CI +0.000 to +0.020" in tie and "higher by" not in tie
+    assert fmt_signed(-0.0001) == "+0.000" and fmt_signed(-0.0006) == "-0.001"
+    assert fmt_p(0.04995) == "0.04995" and fmt_p(0.0504) == "0.050" and fmt_p(0.0496) == "0.04960" and fmt_p(0.0005) == "< 0.001"
+    assert fmt_p(0.05) == "0.050"
+
+
+def test_epochs_are_counted_from_one_as_the_training_log_counts_them() -> None:
+    """model.json holds 0-based epochs; "15 (best 15)" is the last of 15, as `train` printed it."""
+    assert epoch_note(14, 14) == " (best 15)" and epoch_note(1, 2) == " (best 2, exported 3)" and epoch_note(None, None) == ""
+
+
+def test_a_dollar_in_a_name_is_drawn_as_written() -> None:
+    """A model's name carries its site's; `$` would start mathtext, which garbles the legend or,
+    with a backslash, raises and loses the whole report."""
+    name = r"CNN + calibrate site $\x$ one"
+    y, p = np.array([0, 1] * 10), np.linspace(0, 1, 20)
+    calibration = calibration_curve_data(y, p)
+    history = [{"epoch": 0, "train_loss": 0.5, "val_loss": 0.6, "val_auroc": 0.7}]
+    for figure in (
+        plots.roc_figure(y, {name: p}), plots.pr_figure(y, {name: p}), plots.confusion_figure({name: [[5, 5], [5, 5]]}),
+        plots.reliability_figure({name: calibration}), plots.training_figure({name: history}),
+    ):
+        assert plots.png_bytes(figure).startswith(PNG_MAGIC)
+        texts = [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
+        assert any(name in text.replace(r"\$", "$") for text in texts)
+
+
+def test_markdown_keeps_names_from_opening_html_tags() -> None:
+    markdown = to_markdown([Paragraph('<img src=x onerror=alert(1)> p < 0.05'), Table(("site",), (("<b>|x",),))])
+    assert not re.search(r"(?<!\\)<(img|b)", markdown) and r"\<img src" in markdown and "p < 0.05" in markdown and r"\<b>\|x" in markdown
+
+
+@pytest.fixture
+def fake_split(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[str, Cases]:
+    """run_compare without Ray: a 20-image split with made-up scores and paths carrying a name."""
+    model = untrained_model_dir(tmp_path / "cnn", "cnn", size=SIZE)
+    meta = load_model_dir(model).meta
+    n = 20
+    cases = Cases(
+        images=np.random.default_rng(0).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8),
+        labels=np.array([0, 1] * (n // 2)), patients=np.array([f"p{i}" for i in range(n)], dtype=object),
+        sources=np.array(["kermany"] * n), paths=np.array([f"/archive/DOE_JANE_{i}/film.png" for i in range(n)]),
+        content_hashes=np.array([f"{i:064x}" for i in range(n)]),
+    )
+    scores = np.linspace(0.05, 0.95, n)
+    monkeypatch.setattr(compare, "read_cases", lambda data, split: cases)
+    monkeypatch.setattr(compare, "load_summary", lambda data: {"fingerprint": "f" * 64, "preprocess": meta["preprocess"], "decode": meta["decode"]})
+    monkeypatch.setattr(compare, "timed_scores", lambda model, images, batch_size: (scores, 100.0))
+    return str(model), cases
+
+
+def test_a_report_names_its_examples_by_content_and_is_readable_like_its_folder(fake_split: tuple[str, Cases], tmp_path: Path) -> None:
+    model, cases = fake_split
+    output = tmp_path / "report"
+    results = run_compare(CompareConfig(model_dirs=(model,), data="d", output=str(output), n_boot=20, gradcam_examples=1))
+    examples = [example for kinds in results["models"][0]["gradcam"].values() for example in kinds]
+    assert examples and all(example["content_hash"] in set(cases.content_hashes) and "path" not in example for example in examples)
+    assert "DOE_JANE" not in (output / "metrics.json").read_text()
+    (tmp_path / "plain").mkdir()
+    assert output.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_no_examples_asked_for_is_not_no_cases(fake_split: tuple[str, Cases], tmp_path: Path) -> None:
+    model, _ = fake_split
+    results = run_compare(CompareConfig(model_dirs=(model,), data="d", output=str(tmp_path / "report"), n_boot=20, gradcam_examples=0))
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert results["models"][0]["gradcam"] == {}
+    assert "none in this split" not in markdown and "None drawn: the report was made with --gradcam-examples 0." in markdown
+
+
+def test_dot_as_output_is_refused_before_scoring_and_dot_as_data_is_its_folder(
+    fake_split: tuple[str, Cases], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--output .` would be renamed from under the shell that ran it: refused before any
+    scoring, with what to do. `--data .` / `--data ..` name their folders' reports."""
+    model, _ = fake_split
+    here = tmp_path / "site-b" / "work"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    scored = []
+    monkeypatch.setattr(compare, "timed_scores", lambda model, images, batch_size: scored.append(1) or (np.linspace(0.05, 0.95, 20), 100.0))
+    for output in (".", "..", str(here)):
+        with pytest.raises(ValueError, match="working directory .* a folder of its own"):
+            run_compare(CompareConfig(model_dirs=(model,), data="d", output=output, n_boot=20, gradcam_examples=0))
+    assert not scored
+    summary = run_compare_across(CompareConfig(model_dirs=(model,), data="d", output="across", n_boot=20, gradcam_examples=0), [".", ".."])
+    assert set(summary["data_sets"]) == {"work", "site-b"}
+    assert (here / "across" / "work" / "report.md").is_file() and (here / "across" / "site-b" / "report.md").is_file()
+
+
+def test_printed_json_is_strict() -> None:
+    """`lungray evaluate` on a one-class split has no AUROC: null, which jq reads, not NaN."""
+    assert json.loads(strict_json({"auroc": float("nan"), "recall": np.float64("nan"), "n": [1, float("inf")]})) == {"auroc": None, "recall": None, "n": [1, None]}

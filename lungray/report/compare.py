@@ -109,9 +109,7 @@ class Cases:
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Score every model on the split, compare them, and write the report folder; returns metrics.json."""
-    output = Path(config.output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} is not empty; choose another output")
+    output = report_folder(config.output)
     summary = load_summary(config.data)
     models = load_models(config.model_dirs, config.data, summary, config.device)
     cases = read_cases(config.data, config.split)
@@ -138,7 +136,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             "note": "The design reports accuracy only; its split, threshold and other metrics are not known.",
         },
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    staging = staging_folder(output)
     try:
         results["figures"] = write_figures(staging, results, cases, probs)
         for model, entry in zip(models, results["models"]):
@@ -156,6 +154,12 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
     return results
 
 
+def data_set_name(data: str, index: int) -> str:
+    """The report folder of one data set: its folder's name (`.` and `..` resolved), else `data<index>`."""
+    name = Path(data.rstrip("/")).name if "://" in data else Path(data).resolve().name
+    return name if name not in ("", ".", "..") else f"data{index}"
+
+
 def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str, Any]:
     """The same models on several data sets (e.g. home and a site): one report per data set, and a summary.
 
@@ -164,12 +168,10 @@ def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str,
     side across the data sets, with their CIs and the lineage's in-sample warning. The
     whole folder is staged and renamed into place like a single report.
     """
-    output = Path(config.output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} is not empty; choose another output")
-    names = [Path(str(data).rstrip("/")).name for data in datas]
+    output = report_folder(config.output)
+    names = [data_set_name(data, index) for index, data in enumerate(datas)]
     names = [name if names.count(name) == 1 else f"{index}-{name}" for index, name in enumerate(names)]
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    staging = staging_folder(output)
     try:
         reports = {name: run_compare(replace(config, data=data, output=str(staging / name))) for name, data in zip(names, datas)}
         summary = {
@@ -462,8 +464,11 @@ def write_gradcam_examples(
 
     "Most confident" puts the clearest successes and the errors a reader most needs to
     see first: false positives with the highest scores, false negatives with the lowest.
-    Returns the examples by kind (a kind with no case in the split has none).
+    Returns the examples by kind (a kind with no case in the split has none); no kinds at all
+    when none were asked for, so the report does not read as if the split had no such case.
     """
+    if per_kind == 0:
+        return {}
     positive, called = cases.labels == 1, predict_labels(prob, model.threshold) == 1
     highest_first = np.argsort(-prob, kind="stable")
     chosen = {
@@ -481,7 +486,9 @@ def write_gradcam_examples(
             relative = folder / f"{kind.replace(' ', '-')}-{rank}.png"
             _created(directory / folder)
             (directory / relative).write_bytes(overlay_png(np.rint(image * 255).astype(np.uint8), heat))
-            examples[kind].append({"prob": float(prob[index]), "path": str(cases.paths[index]), "file": relative.as_posix()})
+            # The film is named by its content hash (as in the ingest's rows and predictions.parquet),
+            # not its path: metrics.json is the file a report is shared as, and paths carry names.
+            examples[kind].append({"prob": float(prob[index]), "content_hash": str(cases.content_hashes[index]), "file": relative.as_posix()})
     return examples
 
 
@@ -511,6 +518,28 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def report_folder(output: str) -> Path:
+    """The report's folder, absolute, checked before any scoring: new or empty, and not the
+    working directory or one above it, which the rename into place would take from under the
+    shell that ran the command (it would then list an empty folder)."""
+    folder = Path(output).resolve()
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise ValueError(f"{output} is the working directory or holds it; give the report a folder of its own (e.g. {output.rstrip('/')}/report)")
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; choose another output")
+    return folder
+
+
+def staging_folder(output: Path) -> Path:
+    """An empty folder beside `output`, renamed to it when the report is whole. mkdtemp makes
+    it 0700; it gets a plain mkdir's mode, so the report is as readable as the folders around it."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
 
 
 def _created(directory: Path) -> Path:

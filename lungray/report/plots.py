@@ -24,6 +24,12 @@ PANEL_INCHES = 4.5
 DPI = 100
 
 
+def literal(text: str) -> str:
+    """`text` as matplotlib shows it verbatim: a model's name holds its site's name, and `$`
+    would start mathtext (garbled, or an error that loses the whole report)."""
+    return text.replace("$", r"\$")
+
+
 def png_bytes(figure: Figure) -> bytes:
     """The figure rendered by Agg as PNG."""
     FigureCanvasAgg(figure)
@@ -37,7 +43,7 @@ def roc_figure(y_true: np.ndarray, probs: Mapping[str, np.ndarray]) -> Figure:
     figure = Figure(layout="constrained", figsize=(PANEL_INCHES + 1, PANEL_INCHES))
     axis = figure.subplots()
     for name, prob in probs.items():
-        RocCurveDisplay.from_predictions(y_true, prob, name=name, ax=axis)
+        RocCurveDisplay.from_predictions(y_true, prob, name=literal(name), ax=axis)
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     axis.set(title="ROC curve", xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)")
     axis.legend(loc="lower right")
@@ -49,7 +55,7 @@ def pr_figure(y_true: np.ndarray, probs: Mapping[str, np.ndarray]) -> Figure:
     figure = Figure(layout="constrained", figsize=(PANEL_INCHES + 1, PANEL_INCHES))
     axis = figure.subplots()
     for name, prob in probs.items():
-        PrecisionRecallDisplay.from_predictions(y_true, prob, name=name, ax=axis)
+        PrecisionRecallDisplay.from_predictions(y_true, prob, name=literal(name), ax=axis)
     axis.axhline(float(np.mean(y_true)), linestyle=":", color="grey", label="chance (prevalence)")
     axis.set(title="Precision-recall curve", xlabel="recall (sensitivity)", ylabel="precision (positive predictive value)")
     axis.legend(loc="lower left")
@@ -62,7 +68,7 @@ def confusion_figure(matrices: Mapping[str, Sequence[Sequence[int]]]) -> Figure:
     axes = np.atleast_1d(figure.subplots(1, len(matrices)))
     for axis, (name, matrix) in zip(axes, matrices.items()):
         ConfusionMatrixDisplay(np.asarray(matrix), display_labels=CLASS_NAMES).plot(ax=axis, colorbar=False, cmap="Blues")
-        axis.set_title(name)
+        axis.set_title(literal(name))
     return figure
 
 
@@ -77,7 +83,7 @@ def reliability_figure(calibrations: Mapping[str, Mapping[str, Any]]) -> Figure:
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
     for name, curve in calibrations.items():
         counts = np.asarray(curve["count"], dtype=float)
-        line = axis.plot(curve["mean_predicted"], curve["fraction_positive"], label=f"{name} (ECE {curve['ece']:.3f})")[0]
+        line = axis.plot(curve["mean_predicted"], curve["fraction_positive"], label=f"{literal(name)} (ECE {curve['ece']:.3f})")[0]
         axis.scatter(curve["mean_predicted"], curve["fraction_positive"], s=20 + 180 * counts / counts.max(), color=line.get_color())
     axis.set(
         title="Reliability diagram", xlabel="mean predicted probability of abnormal",
@@ -92,10 +98,10 @@ def training_figure(histories: Mapping[str, Sequence[Mapping[str, float]]]) -> F
     figure = Figure(layout="constrained", figsize=(2 * PANEL_INCHES + 1, PANEL_INCHES))
     loss_axis, auroc_axis = figure.subplots(1, 2)
     for name, history in histories.items():
-        epochs = [record["epoch"] for record in history]
-        line = loss_axis.plot(epochs, [record["train_loss"] for record in history], label=f"{name} train")[0]
-        loss_axis.plot(epochs, [record["val_loss"] for record in history], linestyle="--", color=line.get_color(), label=f"{name} validation")
-        auroc_axis.plot(epochs, [record["val_auroc"] for record in history], marker="o", label=name)
+        epochs = [record["epoch"] + 1 for record in history]  # counted from 1, as the training log does
+        line = loss_axis.plot(epochs, [record["train_loss"] for record in history], label=f"{literal(name)} train")[0]
+        loss_axis.plot(epochs, [record["val_loss"] for record in history], linestyle="--", color=line.get_color(), label=f"{literal(name)} validation")
+        auroc_axis.plot(epochs, [record["val_auroc"] for record in history], marker="o", label=literal(name))
     loss_axis.set(title="Loss", xlabel="epoch", ylabel="class-weighted cross-entropy")
     auroc_axis.set(title="Validation AUROC", xlabel="epoch", ylabel="AUROC")
     for axis in (loss_axis, auroc_axis):

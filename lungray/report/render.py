@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +218,9 @@ def pair_verdict(pair: dict[str, Any], models: dict[str, dict[str, Any]]) -> str
     better, other, sign = oriented(pair, models)
     bootstrap, delong, test = pair["paired_bootstrap_auroc"], pair["delong"], pair["mcnemar"]
     low, high = (None, None) if bootstrap["ci_low"] is None else sorted((sign * bootstrap["ci_low"], sign * bootstrap["ci_high"]))
+    gap = "equal" if bootstrap["difference"] == 0 else f"{better['name']} higher by {fmt_auc(abs(bootstrap['difference']))}"
     ranking = (
-        f"AUROC {fmt_auc(better['metrics']['auroc']['value'])} vs {fmt_auc(other['metrics']['auroc']['value'])}: "
-        f"{better['name']} higher by {fmt_auc(abs(bootstrap['difference']))} "
+        f"AUROC {fmt_auc(better['metrics']['auroc']['value'])} vs {fmt_auc(other['metrics']['auroc']['value'])}: {gap} "
         f"(95% CI {fmt_signed(low)} to {fmt_signed(high)}, patient-level paired bootstrap p = {fmt_p(bootstrap['p_value'])}; "
         f"DeLong p = {fmt_p(delong['p_value'])})."
     )
@@ -375,10 +376,14 @@ def training_time(wall: float | None, hardware: dict[str, Any] | None) -> str:
 
 
 def epoch_note(best: int | None, selected: int | None) -> str:
-    """" (best 8, exported 12)": which epoch validated best and which one's weights the model holds."""
+    """" (best 8, exported 12)": which epoch validated best and which one's weights the model holds.
+
+    model.json counts epochs from 0; the report counts them from 1, as the training log and
+    the epoch total beside the note do ("15 (best 15)" when the last of 15 was the best).
+    """
     if best is None:
         return ""
-    return f" (best {best})" if selected in (None, best) else f" (best {best}, exported {selected})"
+    return f" (best {best + 1})" if selected in (None, best) else f" (best {best + 1}, exported {selected + 1})"
 
 
 def efficiency_table(models: Sequence[dict[str, Any]]) -> Table:
@@ -414,6 +419,8 @@ def figure_blocks(results: dict[str, Any]) -> list[Block]:
 
 def gradcam_blocks(models: Sequence[dict[str, Any]]) -> list[Block]:
     """Per model, one row of overlays per kind of case; p is the model's probability of abnormal."""
+    if not any(model["gradcam"] for model in models):
+        return [Paragraph("None drawn: the report was made with --gradcam-examples 0.")]
     blocks: list[Block] = []
     for model in models:
         blocks.append(Heading(model["name"], level=3))
@@ -457,13 +464,19 @@ def fmt_auc(value: float | None) -> str:
 
 
 def fmt_signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
+    """"+0.012"; a bound that rounds to zero reads "+0.000", never "-0.000"."""
+    return "n/a" if value is None else f"{round(value, 3) + 0.0:+.3f}"
 
 
-def fmt_p(value: float | None) -> str:
+def fmt_p(value: float | None, alpha: float = 0.05) -> str:
+    """Three decimals, or five where three would round the p-value across `alpha` (0.04995 is
+    not "0.050" beside a verdict that the interval excludes 0)."""
     if value is None:
         return "n/a"
-    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+    if value < 0.001:
+        return "< 0.001"
+    text = f"{value:.3f}"
+    return text if (value < alpha) == (float(text) < alpha) else f"{value:.5f}"
 
 
 def fmt_estimate(estimate: dict[str, float | None], fmt: Any) -> str:
@@ -480,21 +493,21 @@ def to_markdown(blocks: Sequence[Block]) -> str:
     for block in blocks:
         match block:
             case Heading(text, level):
-                lines += ["#" * level + " " + text, ""]
+                lines += ["#" * level + " " + _md(text), ""]
             case Paragraph(text, lead):
-                lines += [" ".join(part for part in (f"**{lead}**" if lead else "", text) if part), ""]
+                lines += [" ".join(part for part in (f"**{_md(lead)}**" if lead else "", _md(text)) if part), ""]
             case Bullets(items):
-                lines += [f"- {item}" for item in items] + [""]
+                lines += [f"- {_md(item)}" for item in items] + [""]
             case Table(header, rows):
                 lines.append("| " + " | ".join(_md_cell(cell) for cell in header) + " |")
                 lines.append("|" + "---|" * len(header))
                 lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
                 lines.append("")
             case Figure(path, caption):
-                lines += [f"![{caption}]({path})", "", f"*{caption}*", ""]
+                lines += [f"![{_md(caption)}]({path})", "", f"*{_md(caption)}*", ""]
             case Gallery(figures):
-                lines.append(" ".join(f"![{figure.caption}]({figure.path})" for figure in figures))
-                lines += ["", "*" + "; ".join(f"{index}: {figure.caption}" for index, figure in enumerate(figures, 1)) + "*", ""]
+                lines.append(" ".join(f"![{_md(figure.caption)}]({figure.path})" for figure in figures))
+                lines += ["", "*" + "; ".join(f"{index}: {_md(figure.caption)}" for index, figure in enumerate(figures, 1)) + "*", ""]
     return "\n".join(lines)
 
 
@@ -532,5 +545,11 @@ def _html_figure(figure: Figure, directory: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{encoded}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
+def _md(text: str) -> str:
+    """`text` with what could open an HTML tag escaped: names (a site's, a model's) reach the
+    markdown, and renderers pass raw HTML through; "p < 0.05" stays as it is."""
+    return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", text)
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return _md(text).replace("|", "\\|")
