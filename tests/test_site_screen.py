@@ -96,3 +96,6 @@ def test_screen_evaluate_and_compare_use_the_derived_temperature_threshold_and_s
     assert step["cross_validation"]["folds"] == 3 and by_id[adapted.model_id]["lineage"][0]["labels_used"] is False
     report = (tmp_path / "report" / "site-b" / "report.md").read_text()
     assert "## Site adaptation" in report and "in-sample for this step" in report and "Cross-validated over the site's patients" in report
+    # What the step warned of when it was fitted (here a sample too small for its promise) stays with its figures.
+    assert step["warnings"] == calibrated.meta["lineage"][-1]["warnings"] != []
+    assert all(f"Warning when fitted: {warning}" in report for warning in step["warnings"])

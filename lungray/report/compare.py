@@ -341,6 +341,7 @@ def lineage_summary(meta: dict[str, Any], summary: dict[str, Any], content_hashe
             "fitted_on_this_data": fitted_on(step, content_hashes, summary["fingerprint"]),
             "images_fitted_on": images_fitted_on(step, content_hashes),
             "cross_validation": _cv_rates(step.get("cross_validation")),
+            "warnings": list(step.get("warnings") or []),  # what the step said when fitted (a sample too small, ...)
         }
         for step in meta.get("lineage", [])
     ]

@@ -353,6 +353,8 @@ def lineage_blocks(models: Sequence[dict[str, Any]]) -> list[Block]:
                     f" Cross-validated over the site's patients ({cv['folds']} folds): sensitivity "
                     f"{fmt_estimate(cv['recall'], fmt_rate)}, specificity {fmt_estimate(cv['specificity'], fmt_rate)}."
                 )
+            for warning in step.get("warnings") or []:
+                line += f" Warning when fitted: {warning}"
             lines.append(line)
     return [Heading("Site adaptation"), Bullets(tuple(lines))] if lines else []
 
