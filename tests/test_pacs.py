@@ -519,9 +519,9 @@ def dropping_proxy(port: int, drops: int) -> Iterator[int]:
     listener = socket.create_server(("127.0.0.1", 0))
     accepted = 0
 
-    def pipe(source: socket.socket, target: socket.socket) -> None:
+    def pipe(sender: socket.socket, target: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            while chunk := source.recv(65536):
+            while chunk := sender.recv(65536):
                 target.sendall(chunk)
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
@@ -536,8 +536,8 @@ def dropping_proxy(port: int, drops: int) -> Iterator[int]:
                     client.close()
                     continue
                 upstream = socket.create_connection(("127.0.0.1", port))
-                for source, target in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=pipe, args=(source, target), daemon=True).start()
+                for sender, target in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(sender, target), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:

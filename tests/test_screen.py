@@ -370,6 +370,33 @@ def test_explain_writes_an_overlay_for_each_flagged_study(tmp_path: Path) -> Non
     assert len(list((output / "explain" / f"scored_date={DATE}").glob("*.png"))) == 3
 
 
+def test_two_models_explain_one_output_in_chunks_each_with_its_own_overlays_and_counts(tmp_path: Path) -> None:
+    """Two models screen one OUTPUT on one date with --explain --pseudonymize --aggregate mean,
+    in windows of 4 files. Each flagged study keeps an overlay of its own model (they shared a
+    file, the second overwriting the first), also where its top image was committed in an
+    earlier chunk than the one that last moved its mean (it was dropped: keyed paths of earlier
+    chunks cannot be read again); and the run summary counts each study once, as it stands
+    (each chunk's sync added its studies again)."""
+    archive = junk_archive(tmp_path / "archive")
+    output = tmp_path / "out"
+    summaries, models = [], []
+    for seed in (0, 1):
+        model = untrained_model_dir(tmp_path / f"model{seed}", threshold=0.0, seed=seed)
+        config = ScreenConfig(model=str(model), input=str(archive), output=str(output), date=DATE, explain=True, pseudonymize=True, aggregate="mean", chunk_files=4)
+        summaries.append(run_screen(config))
+    overlays = {}
+    for summary in summaries:
+        rows = [row for row in studies_table(output).to_pylist() if row["model_id"] == summary["model_id"]]
+        flagged = [row for row in rows if row["flagged"]]
+        assert summary["chunks"] > 1 and len(flagged) == 3
+        assert summary["studies_written"] == len(rows) == 7 and {row["run_id"] for row in rows} == {summary["run_id"]}
+        assert summary["studies_flagged"] == len(flagged)
+        assert all(row["explain_path"] and Path(row["explain_path"]).is_file() for row in flagged)
+        overlays[summary["model_id"]] = {row["explain_path"]: Path(row["explain_path"]).read_bytes() for row in flagged}
+    first, second = overlays.values()
+    assert not set(first) & set(second) and not set(first.values()) & set(second.values())
+
+
 def test_actor_plan_follows_the_gpus_or_the_gpu_flag_and_leaves_cpus_to_decode() -> None:
     config = ScreenConfig(model="m", input="i", output="o", date=DATE)
     # One CPU actor per two CPUs; together they ask for at most half, so decode tasks always find one.

@@ -36,7 +36,7 @@ from lungray.screen.keying import check_keying
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, resume_settings, run_screen
-from lungray.screen.studies import study_images, sync_studies, watermark, watermark_key
+from lungray.screen.studies import driving_images, overlay_name, study_images, sync_studies, watermark, watermark_key
 from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
 DATE = "2026-11-29"
@@ -210,9 +210,15 @@ def test_a_study_whose_counts_stand_keeps_its_row_night_and_overlay(tmp_path: Pa
     write_deltalake(str(tmp_path / "images"), first, mode="append", partition_by=["scored_date"])
 
     def overlay(night: str) -> Callable[[pa.Table, pa.Table], pa.Table]:
-        def decorate(studies: pa.Table, images: pa.Table) -> pa.Table:  # an overlay for night 1's studies only
-            paths = pa.array([f"{night}/{study}.png" if night == "n1" else None for study in studies["study_id"].to_pylist()], pa.string())
-            return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", paths)
+        def decorate(studies: pa.Table, images: pa.Table) -> pa.Table:
+            """As --explain --pseudonymize names overlays, and on night 1 only (later nights
+            cannot read the files an earlier night scored)."""
+            driving = driving_images(images, studies["study_id"].to_pylist())
+            paths = [
+                f"{night}/{overlay_name(MODEL, driving[study])}" if night == "n1" and held is None and study in driving else held
+                for study, held in zip(studies["study_id"].to_pylist(), studies["explain_path"].to_pylist())
+            ]
+            return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", pa.array(paths, pa.string()))
 
         return decorate
 
@@ -226,8 +232,44 @@ def test_a_study_whose_counts_stand_keeps_its_row_night_and_overlay(tmp_path: Pa
     written = sync_studies(output, MODEL, 0.5, "max", "r3", "2026-11-30", overlay("n3"))
     assert written["study_id"].to_pylist() == ["a"]
     studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
-    assert (studies["a"]["n_images"], studies["a"]["run_id"], studies["a"]["scored_date"], studies["a"]["explain_path"]) == (3, "r3", "2026-11-30", "n1/a.png")
-    assert (studies["b"]["run_id"], studies["b"]["scored_date"], studies["b"]["explain_path"]) == ("r1", "2026-11-28", "n1/b.png")
+    a1_overlay, b1_overlay = (f"n1/{overlay_name(MODEL, {'path': path, 'run_id': 'r0'})}" for path in ("a1", "b1"))
+    assert (studies["a"]["n_images"], studies["a"]["run_id"], studies["a"]["scored_date"], studies["a"]["explain_path"]) == (3, "r3", "2026-11-30", a1_overlay)
+    assert (studies["b"]["run_id"], studies["b"]["scored_date"], studies["b"]["explain_path"]) == ("r1", "2026-11-28", b1_overlay)
+    # Night 4: a new top image in study a; the overlay of a1 no longer shows what flags it, and
+    # this night cannot make one: none, rather than the wrong image's.
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a4", "study_id": "a", "prob": 0.99}]), mode="append", partition_by=["scored_date"])
+    sync_studies(output, MODEL, 0.5, "max", "r4", "2026-12-01", overlay("n4"))
+    studies = {row["study_id"]: row for row in read_table(output, "studies").to_pylist()}
+    assert studies["a"]["prob"] == 0.99 and studies["a"]["explain_path"] is None and studies["b"]["explain_path"] == b1_overlay
+
+
+def test_a_mean_that_moves_keeps_the_overlay_of_the_image_that_still_drives_it(tmp_path: Path) -> None:
+    """Under --aggregate mean every new image moves its study's probability. The overlay shows
+    the study's top image, which a run with keyed paths cannot read again once an earlier
+    chunk committed it: it was dropped because the probability moved, though the image it
+    shows still drives the study."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a1", "study_id": "a", "prob": 0.9}]), mode="append", partition_by=["scored_date"])
+
+    def first_chunk_only(studies: pa.Table, images: pa.Table) -> pa.Table:
+        made = [held or f"n1/{overlay_name(MODEL, {'path': 'a1', 'run_id': 'r0'})}" for held in studies["explain_path"].to_pylist()]
+        return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", pa.array(made, pa.string()))
+
+    sync_studies(output, MODEL, 0.5, "mean", "r1", DATE, first_chunk_only)
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a2", "study_id": "a", "prob": 0.7}]), mode="append", partition_by=["scored_date"])
+    written = sync_studies(output, MODEL, 0.5, "mean", "r1", DATE, lambda studies, images: studies)
+    assert written["prob"].to_pylist() == [pytest.approx(0.8)]
+    assert written["explain_path"].to_pylist() == [f"n1/{overlay_name(MODEL, {'path': 'a1', 'run_id': 'r0'})}"]
+
+
+def test_the_driving_image_and_its_overlay_name_depend_on_nothing_but_the_image_and_the_model() -> None:
+    """Of equal top probabilities the smallest path drives the study, in any row order; two
+    models' overlays of one image, or one model's of two scorings of it, are different files."""
+    rows = image_rows([{"path": path, "study_id": "s", "prob": 0.8} for path in ("b", "a", "c")])
+    assert driving_images(rows, ["s"])["s"]["path"] == driving_images(rows.take([2, 1, 0]), ["s"])["s"]["path"] == "a"
+    image = {"path": "a", "run_id": "r1"}
+    assert len({overlay_name("m1", image), overlay_name("m2", image), overlay_name("m1", {**image, "run_id": "r2"})}) == 3
 
 
 def test_a_new_threshold_or_aggregate_reaggregates_every_study(tmp_path: Path) -> None:

@@ -7,10 +7,7 @@ what the model saw.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
-import pyarrow as pa
 import torch
 
 from lungray.io.decode import DecodeOptions
@@ -18,22 +15,6 @@ from lungray.io.rows import process_file
 from lungray.modeldir import ModelDir
 from lungray.preprocess import to_float
 from lungray.report.gradcam import gradcam, overlay_png
-
-
-def overlay_name(study_id: str) -> str:
-    """A file name for a study's overlay: study ids can be folder paths, so hash them."""
-    return hashlib.sha256(study_id.encode()).hexdigest()[:24] + ".png"
-
-
-def driving_images(images: pa.Table, flagged_studies: list[str]) -> dict[str, dict]:
-    """For each flagged study, its usable image with the highest probability."""
-    wanted = set(flagged_studies)
-    best: dict[str, dict] = {}
-    for row in images.select(["path", "study_id", "status", "prob", "size"]).to_pylist():
-        if row["study_id"] in wanted and row["status"] == "ok" and row["prob"] is not None:
-            if row["study_id"] not in best or row["prob"] > best[row["study_id"]]["prob"]:
-                best[row["study_id"]] = row
-    return best
 
 
 def explain(row: dict, model: ModelDir, decode: DecodeOptions, max_file_bytes: int) -> bytes | None:

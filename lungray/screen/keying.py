@@ -18,7 +18,7 @@ from typing import Any
 
 from lungray.io.listing import create_exclusive, exists, join_uri, read_bytes
 from lungray.privacy import KEY_HEX_CHARS, Pseudonymizer
-from lungray.screen.tables import open_table
+from lungray.screen.tables import open_table, query
 
 KEYING = "_lungray/keying.json"
 KEYED_PATH = re.compile(f"[0-9a-f]{{{KEY_HEX_CHARS}}}")
@@ -36,10 +36,8 @@ def keying_of_rows(output: str) -> dict[str, Any] | None:
     images = open_table(output, "images")
     if images is None:
         return None
-    for batch in images.to_pyarrow_dataset().to_batches(columns=["path"]):
-        if batch.num_rows:
-            return {"pseudonymized": bool(KEYED_PATH.fullmatch(batch["path"][0].as_py()))}
-    return None
+    rows = query(images, "images", "SELECT path FROM images LIMIT 1")
+    return {"pseudonymized": bool(KEYED_PATH.fullmatch(rows["path"][0].as_py()))} if rows.num_rows else None
 
 
 def check_keying(output: str, pseudonymizer: Pseudonymizer | None) -> None:

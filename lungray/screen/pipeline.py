@@ -51,12 +51,12 @@ from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 from lungray.progress import Progress
 from lungray.screen import ledger
 from lungray.screen.decode import chunk_rows, decode_for_screening
-from lungray.screen.explain import driving_images, explain, overlay_name
+from lungray.screen.explain import explain
 from lungray.screen.keying import check_keying
 from lungray.screen.lease import Lease, fingerprint
 from lungray.screen.predictor import Predictor, local_model_dir
-from lungray.screen.studies import Decorate, sync_studies
-from lungray.screen.tables import ensure_table, merge, open_table, storage_options, table_uri
+from lungray.screen.studies import Decorate, driving_images, overlay_name, sync_studies
+from lungray.screen.tables import ensure_table, merge, open_table, run_study_counts, storage_options, table_uri
 from lungray.screen.writeback import REPORT_CHOICES, flush_reports, queue_reports
 
 log = logging.getLogger(__name__)
@@ -302,9 +302,9 @@ def overlays(run: Run, chunk_uris: dict[str, str]) -> Decorate:
     model: list[ModelDir] = []
 
     def decorate(studies: pa.Table, images: pa.Table) -> pa.Table:
-        flagged = pc.filter(studies["study_id"], studies["flagged"]).to_pylist()
+        unexplained = pc.filter(studies["study_id"], pc.and_(studies["flagged"], pc.is_null(studies["explain_path"]))).to_pylist()
         paths: dict[str, str] = {}
-        for study, row in driving_images(images, flagged).items():
+        for study, row in driving_images(images, unexplained).items():
             location = chunk_uris.get(row["path"], None if run.pseudonymizer else row["path"])
             if location is None:
                 continue  # a keyed path from an earlier run: this run cannot read its file
@@ -312,24 +312,22 @@ def overlays(run: Run, chunk_uris: dict[str, str]) -> Decorate:
             png = explain({**row, "path": location}, model[0], run.decode, run.config.max_file_bytes)
             if png is None:
                 continue
-            name = overlay_name(study)
-            target = join_uri(run.config.output, "explain", f"scored_date={run.config.date}", name)
+            target = join_uri(run.config.output, "explain", f"scored_date={run.config.date}", overlay_name(run.model_id, row))
             write_whole(target, png)
             paths[study] = target
-        column = pa.array([paths.get(study) for study in studies["study_id"].to_pylist()], pa.string())
+        held = studies["explain_path"].to_pylist()  # the overlays kept (studies.with_kept_overlays)
+        column = pa.array([paths.get(study, kept) for study, kept in zip(studies["study_id"].to_pylist(), held)], pa.string())
         return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", column)
 
     return decorate
 
 
-def sync(run: Run, counts: Counts, chunk_uris: dict[str, str] | None = None) -> None:
+def sync(run: Run, chunk_uris: dict[str, str] | None = None) -> None:
     """Bring the model's studies up to date with the images table, and queue the changed ones for the PACS."""
     config = run.config
     decorate = overlays(run, chunk_uris or {}) if config.explain or config.report_overlay else None
     queue = functools.partial(queue_reports, config.output, run.model_id, config.report, run_id=run.run_id) if config.report_to else None
-    studies = sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate, queue)
-    counts.studies_written += studies.num_rows
-    counts.studies_flagged += int(pc.sum(studies["flagged"]).as_py() or 0)
+    sync_studies(config.output, run.model_id, run.threshold, config.aggregate, run.run_id, config.date, decorate, queue)
 
 
 def report_back(run: Run, counts: Counts) -> None:
@@ -377,7 +375,7 @@ def commit_blocks(run: Run, blocks: list[ray.ObjectRef], window: pa.Table, commi
     for status in counts.by_status:
         counts.by_status[status] += int(pc.sum(pc.equal(checked["status"], status)).as_py() or 0)
     needs_uris = run.pseudonymizer is not None and (run.config.explain or run.config.report_overlay)
-    sync(run, counts, dict(zip(files["path"].to_pylist(), files["uri"].to_pylist())) if needs_uris else None)
+    sync(run, dict(zip(files["path"].to_pylist(), files["uri"].to_pylist())) if needs_uris else None)
     return paths
 
 
@@ -413,7 +411,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
     resumes = lease.acquire()
     try:
         counts = Counts()
-        sync(run, counts)  # studies an interrupted run committed images for but did not reach
+        sync(run)  # studies an interrupted run committed images for but did not reach
         rescore_skipped = ledger.scope_changed(config.output, run.model_id, config.scope)
         rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes), rescore_skipped)
         progress = Progress()
@@ -431,6 +429,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         score_full_windows(run, pending, counts, progress, final=True)
         log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
         report_back(run, counts)
+        counts.studies_written, counts.studies_flagged = run_study_counts(config.output, run.model_id, run_id)
         ledger.record_scope(config.output, run.model_id, config.scope)
         summary = summarize(run, counts, resumes, started)
         write_summary(config.output, summary)

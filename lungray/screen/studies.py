@@ -11,6 +11,7 @@ the next run's first sync.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -41,8 +42,8 @@ WATERMARK = "lungray.images_version"
 # The threshold and aggregate of the last sync: studies are re-aggregated, all of them, when they change.
 SETTINGS = "lungray.study_settings"
 COMPARED = ["n_images", "n_errors", "n_skipped", "prob", "flagged", "threshold", "aggregate"]
-STUDY_IMAGE_COLUMNS = ["path", "study_id", "sop_uid", "status", "prob", "size"]
-# A decoration of the new study rows (the Grad-CAM overlays) from them and their image rows.
+STUDY_IMAGE_COLUMNS = ["path", "study_id", "sop_uid", "status", "prob", "size", "run_id"]
+# A decoration of the new study rows (the Grad-CAM overlays of flagged studies without one) from them and their image rows.
 Decorate = Callable[[pa.Table, pa.Table], pa.Table]
 STUDY_IMAGES_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in STUDY_IMAGE_COLUMNS])
 
@@ -150,10 +151,9 @@ def sync_studies(
     rows = study_images(images, model_id, touched)
     aggregated = aggregate_studies(rows, threshold, aggregate, model_id, run_id, date)
     current = current_studies(studies, model_id, aggregated["study_id"])
-    new = changed_studies(aggregated, current)
+    new = with_kept_overlays(changed_studies(aggregated, current), current, rows, model_id)
     if decorate is not None and new.num_rows:
         new = decorate(new, rows)
-    new = with_kept_overlays(new, current)
     emptied = emptied_studies(studies, model_id, touched, aggregated["study_id"])
     if new.num_rows or since is None or files or emptied or resettled:
         if before_commit is not None and new.num_rows:
@@ -182,18 +182,42 @@ def changed_studies(aggregated: pa.Table, current: pa.Table) -> pa.Table:
     return joined.filter(functools.reduce(pc.or_, differs)).select(STUDY_SCHEMA.names).sort_by("study_id")
 
 
-def with_kept_overlays(new: pa.Table, current: pa.Table) -> pa.Table:
-    """`new` with a flagged study's overlay kept where none was made tonight and its probability
-    stands: its driving image is the one the overlay shows, which a run whose paths are keyed
-    (--pseudonymize) cannot read again if an earlier run scored it."""
+def driving_images(images: pa.Table, flagged_studies: list[str]) -> dict[str, dict]:
+    """For each flagged study, its usable image with the highest probability (of equals, the
+    smallest path, so that the choice does not depend on the order rows are read in)."""
+    wanted = set(flagged_studies)
+    best: dict[str, dict] = {}
+    for row in images.select(["path", "study_id", "status", "prob", "size", "run_id"]).to_pylist():
+        if row["study_id"] in wanted and row["status"] == "ok" and row["prob"] is not None:
+            held = best.get(row["study_id"])
+            if held is None or (row["prob"], held["path"]) > (held["prob"], row["path"]):
+                best[row["study_id"]] = row
+    return best
+
+
+def overlay_name(model_id: str, image: dict) -> str:
+    """The file name of one model's overlay of one scored image: a hash of the model, the
+    image's path as written (keyed with --pseudonymize) and the run that scored it. Two models'
+    overlays of a study never share a file, and a study's overlay stands while the image that
+    drives it does, whatever else in the study changes."""
+    return hashlib.sha256("\x1f".join((model_id, image["path"], image["run_id"])).encode()).hexdigest()[:24] + ".png"
+
+
+def with_kept_overlays(new: pa.Table, current: pa.Table, images: pa.Table, model_id: str) -> pa.Table:
+    """`new` with each flagged study's overlay kept where the table's shows tonight's driving
+    image: not made again, and kept where the image cannot be read again (a run whose paths
+    are keyed, --pseudonymize, cannot read a file an earlier run or chunk scored)."""
     if new.num_rows == 0 or current.num_rows == 0:
         return new
-    held = current.select(["study_id", "prob", "explain_path"]).rename_columns(["study_id", "held_prob", "held_explain_path"])
-    joined = new.join(held, "study_id", join_type="left outer").sort_by("study_id")
-    keep = pc.fill_null(pc.and_(pc.and_(pc.is_null(joined["explain_path"]), joined["flagged"]), pc.equal(joined["prob"], joined["held_prob"])), False)
-    paths = pc.if_else(keep, joined["held_explain_path"], joined["explain_path"])
-    joined = joined.set_column(joined.schema.get_field_index("explain_path"), "explain_path", paths)
-    return joined.select(STUDY_SCHEMA.names)
+    held = {study: path for study, path in zip(current["study_id"].to_pylist(), current["explain_path"].to_pylist()) if path}
+    flagged = [study for study in pc.filter(new["study_id"], new["flagged"]).to_pylist() if study in held]
+    kept = {
+        study: held[study]
+        for study, image in driving_images(images, flagged).items()
+        if held[study].rsplit("/", 1)[-1] == overlay_name(model_id, image)
+    }
+    paths = [kept.get(study, path) for study, path in zip(new["study_id"].to_pylist(), new["explain_path"].to_pylist())]
+    return new.set_column(new.schema.get_field_index("explain_path"), "explain_path", pa.array(paths, pa.string()))
 
 
 def emptied_studies(studies: DeltaTable, model_id: str, touched: pa.Array | None, kept: pa.Array) -> list[str]:
@@ -202,8 +226,8 @@ def emptied_studies(studies: DeltaTable, model_id: str, touched: pa.Array | None
     Among the touched studies, or among all the model's study rows when every study was
     re-aggregated (`touched` None)."""
     if touched is None:
-        rows = studies.to_pyarrow_dataset().to_table(columns=["study_id", "model_id"])  # as touched_studies: no pushed-down filter
-        touched = rows["study_id"].cast(pa.string()).filter(pc.equal(rows["model_id"].cast(pa.string()), model_id))
+        held = [rows["study_id"] for rows in model_rows(studies, ["study_id"], model_id, name="studies")]
+        touched = pa.chunked_array(held, pa.string())
     return sorted(set(touched.to_pylist()) - set(kept.to_pylist()) - {None})
 
 

@@ -112,9 +112,34 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
         return empty.select(columns) if columns else empty
     # Filtered after reading, not pushed into the scan: files that delta-rs wrote hold string_view
     # columns, which pyarrow's dataset filter cannot compare with a string literal.
-    rows = table.to_pyarrow_dataset().to_table()
+    rows = query(table, name, f"SELECT * FROM {name}").cast(SCHEMAS[name])
     rows = rows if filter is None else rows.filter(filter)
     return rows.select(columns) if columns else rows
+
+
+def query(table: DeltaTable, name: str, sql: str) -> pa.Table:
+    """The result of `sql` over `table` (registered as `name`), run by delta-rs's DataFusion.
+
+    The tables are read this way rather than through `to_pyarrow_dataset()`: with deltalake
+    1.6.6 a process that scanned a partitioned table's pyarrow dataset aborts at exit about
+    half the time (`terminate called without an active exception`, exit code 134), which
+    would fail a job whose work was done; a DataFusion read leaves no such thread behind.
+    """
+    return pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql)).read_all()
+
+
+def run_study_counts(output: str, model_id: str, run_id: str) -> tuple[int, int]:
+    """(study rows, flagged ones) that run `run_id` wrote and that stand: each study once,
+    however many of the run's chunks changed it, and as its last sync left it."""
+    studies = open_table(output, "studies")
+    if studies is None:
+        return 0, 0
+    counted = query(
+        studies, "studies",
+        "SELECT count(*) AS written, sum(CASE WHEN flagged THEN 1 ELSE 0 END) AS flagged FROM studies "
+        f"WHERE model_id = {sql_string(model_id)} AND run_id = {sql_string(run_id)}",
+    )
+    return int(counted["written"][0].as_py()), int(counted["flagged"][0].as_py() or 0)
 
 
 def sql_string(value: str) -> str:
@@ -156,9 +181,9 @@ def model_rows(
             return
         where.append(f'"{column}" BETWEEN {sql_string(bounds[0])} AND {sql_string(bounds[1])}')
     selected = ", ".join(f'"{name}"' for name in columns)
-    query = f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
+    sql = f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
     schema = pa.schema([SCHEMAS[name].field(column) for column in columns])
-    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(query))
+    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql))
     gathered: list[pa.RecordBatch] = []
     rows = 0
     for batch in reader:

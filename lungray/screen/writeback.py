@@ -30,8 +30,7 @@ from pydicom.dataset import Dataset
 
 from lungray.io.listing import filesystem_for, join_uri, read_bytes, write_whole
 from lungray.pacs import dicomweb, overlay, report
-from lungray.screen.explain import driving_images
-from lungray.screen.studies import current_studies, study_images
+from lungray.screen.studies import current_studies, driving_images, study_images
 from lungray.screen.tables import open_table
 
 log = logging.getLogger(__name__)
