@@ -112,7 +112,7 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
         return empty.select(columns) if columns else empty
     # Filtered after reading, not pushed into the scan: files that delta-rs wrote hold string_view
     # columns, which pyarrow's dataset filter cannot compare with a string literal.
-    rows = query(table, name, f"SELECT * FROM {name}").cast(SCHEMAS[name])
+    rows = query(table, name, f"SELECT * FROM {name}").select(SCHEMAS[name].names).cast(SCHEMAS[name])
     rows = rows if filter is None else rows.filter(filter)
     return rows.select(columns) if columns else rows
 
