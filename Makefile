@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= out/demo
 DEMO_EPOCHS ?= 3
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test test-fast clean
 

@@ -1,8 +1,8 @@
 """Connecting to Ray the same way from the CLI, `ray job submit`, and tests.
 
 Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster, with whatever
-authentication its operators chose (lungray never touches RAY_AUTH_MODE there); on a
-laptop it starts a local Ray sized for the machine. Small machines get a modest object
+authentication its operators chose; on a laptop it starts a local Ray sized for the
+machine, with Ray's token authentication as Ray sets it (lungray never touches RAY_AUTH_MODE). Small machines get a modest object
 store so that a 2-core, few-GB box is not swamped, and progress bars follow the terminal.
 """
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RAY_DATA_LOGGING_CONFIG = "RAY_DATA_LOGGING_CONFIG"  # read by every process when it imports Ray Data
 PROGRESS_BARS_LOGGER = "ray.data._internal.progress"
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def init_ray(num_cpus: int | None = None, progress_bars: bool | None = None) -> None:
@@ -65,10 +66,10 @@ def start_local_ray(num_cpus: int, object_store_memory: int, log_to_driver: bool
     the processes Ray starts, points them at this one. It is removed from the driver again
     afterwards, since Ray would let it override an explicit address in a later `ray` command.
     A minimal Ray install (a GPU box's wheel kit, say) runs without the dashboard, with a warning.
-    The instance is this process's own and ends with it, so unless the caller chose otherwise
-    its token authentication is off (RAY_AUTH_MODE=disabled; Ray would otherwise print a notice).
+    Ray's token authentication stays as Ray sets it (on, unless RAY_AUTH_MODE says otherwise):
+    the instance's ports listen on every interface, and without it anyone who reaches them
+    could run code in it and read its environment, the site's patient salt included.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not dashboard_installed():
         log.warning("ray[default] is not installed: Ray runs without its dashboard (`ray job submit` and Tune need it)")
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, log_to_driver=log_to_driver)
@@ -109,6 +110,8 @@ def quiet_ray(verbose: bool) -> None:
     # "ray" itself is set back to INFO by ray.init (its "Started a local Ray instance" line stays).
     for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray's notice that token authentication is on, printed by every local Ray: it stays on.
+    logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
     logging.getLogger(PROGRESS_BARS_LOGGER).setLevel(logging.ERROR)
 
 

@@ -176,11 +176,13 @@ def test_init_ray_leaves_the_auth_settings_of_a_cluster_it_joins_alone(monkeypat
 
     calls.clear()
     monkeypatch.setattr(raysession, "dashboard_installed", lambda: False)
-    raysession.start_local_ray(num_cpus=1, object_store_memory=100_000_000)  # a Ray of our own: auth off by default
-    assert calls[0][1] == "disabled"
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    # A Ray of our own listens on every interface: its token authentication stays as Ray sets it
+    # (on), so nobody who reaches its ports runs code in it or reads the salt from its environment.
     raysession.start_local_ray(num_cpus=1, object_store_memory=100_000_000)
-    assert calls[1][1] == "token"  # unless the caller chose
+    assert calls[0][1] is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    raysession.start_local_ray(num_cpus=1, object_store_memory=100_000_000)
+    assert calls[1][1] == "disabled"  # the caller's choice
 
 
 def text_of(path: Path) -> str:
