@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from lungray import sources, split
 from lungray.io.base import decode_record
 from lungray.io.decode import DecodeOptions, patient_key
-from lungray.io.listing import FileEntry, delete_dir, exists, filesystem_for, join_uri, list_files, read_bytes, resolved, write_bytes
+from lungray.io.listing import FileEntry, delete_dir, delete_file, exists, filesystem_for, join_uri, list_files, read_bytes, resolved, write_bytes
 from lungray.io.parquet import read_parquet
 from lungray.io.rows import dataset_of_blocks, rows_table
 from lungray.io.scope import Scope
@@ -49,6 +49,9 @@ from lungray.privacy import Pseudonymizer, require_salt, resolve_salt
 log = logging.getLogger(__name__)
 
 DEFAULT_LABEL_FILES = {"chestxray14": "Data_Entry_2017.csv", "csv": "labels.csv"}
+# Written before an ingest deletes or writes anything in OUTPUT, removed once summary.json is:
+# a data/ folder without it (or _staging/) is not an unfinished ingest's, and is left alone.
+STARTED_MARKER = "_lungray_ingest_started"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         require_salt(self.throwaway_salt)
+        split.check_fractions(self.fractions)  # before the decode, not after it
 
 
 @dataclass
@@ -218,19 +222,23 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
     summary_uri = join_uri(output, "summary.json")
     staging = join_uri(output, "_staging")
     data_uri = join_uri(output, "data")
+    marker = join_uri(output, STARTED_MARKER)
     if exists(summary_uri):
         raise FileExistsError(f"{output} already holds a finished ingest (summary.json); choose another output")
-    delete_dir(staging)
-    delete_dir(data_uri)
+    if exists(data_uri) and not (exists(marker) or exists(staging)):
+        raise FileExistsError(f"{output} holds a data/ folder that no lungray ingest started; choose another output")
     salt = resolve_salt(config.throwaway_salt)
     pseudonymizer = Pseudonymizer(salt) if config.pseudonymize else None
 
     def written(table: pa.Table) -> pa.Table:
         return pseudonymizer.table(table) if pseudonymizer else table
 
-    listed = list_sources(config.sources, salt)
+    listed = list_sources(config.sources, salt)  # a mistyped input fails here, before anything is deleted
     if not listed:
         raise ValueError("no files found in the input")
+    write_bytes(marker, b"an unfinished lungray ingest: its next run starts it again\n")
+    delete_dir(staging)  # an unfinished ingest's, started again
+    delete_dir(data_uri)
     log.info("listed %d files", len(listed))
     listing = pa.table(
         {
@@ -307,6 +315,7 @@ def run_ingest(config: IngestConfig) -> dict[str, Any]:
     }
     delete_dir(staging)
     write_bytes(summary_uri, json.dumps(summary, indent=2).encode())
+    delete_file(marker)
     return summary
 
 

@@ -36,7 +36,7 @@ def assign_splits(
     its bounds (the middle split: up to a whole patient's images), without any search; a
     split with fraction 0 stays empty.
     """
-    _check_fractions(fractions)
+    check_fractions(fractions)
     if len(patient_keys) != len(labels):
         raise ValueError(f"{len(patient_keys)} patient keys but {len(labels)} labels")
     _check_labels(labels)
@@ -105,7 +105,7 @@ def patient_array(patient_keys: Sequence[str | None], paths: Sequence[str]) -> n
     return np.array([key if key is not None else f"{NO_PATIENT_PREFIX}{path}" for key, path in zip(patient_keys, paths)], dtype=object)
 
 
-def _check_fractions(fractions: Sequence[float]) -> None:
+def check_fractions(fractions: Sequence[float]) -> None:
     """Reject fractions that are not three finite non-negative numbers summing to 1."""
     if len(fractions) != len(SPLITS):
         raise ValueError(f"need {len(SPLITS)} fractions for {SPLITS}, got {len(fractions)}")
@@ -137,7 +137,7 @@ def assign_with_holdout(
     goes to test with all of its images; the others split train/val in the ratio of
     `fractions[0]:fractions[1]`.
     """
-    _check_fractions(fractions)
+    check_fractions(fractions)
     if not len(patient_keys) == len(labels) == len(held_out):
         raise ValueError("patient_keys, labels and held_out must have one entry per image")
     groups = list(_patient_groups(patient_keys))

@@ -191,6 +191,32 @@ def test_overlapping_sources_are_refused_before_anything_is_decoded(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_is_only_cleared_for_an_ingest_that_can_start(tmp_path: Path) -> None:
+    """A data/ folder no ingest started is left alone and refused; an unfinished ingest's is
+    cleared only once the new run's input lists (a mistyped input deleted it first); fractions
+    that do not sum to 1 are refused before any decode."""
+    theirs = tmp_path / "project"
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "data" / "notes.txt").write_text("precious")
+    archive = str(SAMPLES / "kermany-mini")
+    with pytest.raises(FileExistsError, match="data/ folder that no lungray ingest started"):
+        run_ingest(IngestConfig(sources=(SourceSpec(archive, dataset="kermany"),), output=str(theirs), preprocess=PreprocessConfig(size=32)))
+    assert (theirs / "data" / "notes.txt").read_text() == "precious"
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "_staging").mkdir(parents=True)
+    (unfinished / "data").mkdir()
+    (unfinished / "data" / "part-0.parquet").write_bytes(b"an earlier run's")
+    with pytest.raises(FileNotFoundError):
+        run_ingest(IngestConfig(sources=(SourceSpec(str(tmp_path / "no-such-archive"), dataset="kermany"),), output=str(unfinished)))
+    assert (unfinished / "data" / "part-0.parquet").exists()
+    with pytest.raises(ValueError, match="must sum to 1"):
+        IngestConfig(sources=(SourceSpec(archive, dataset="kermany"),), output=str(unfinished), fractions=(0.7, 0.2, 0.2))
+    summary = run_ingest(IngestConfig(sources=(SourceSpec(archive, dataset="kermany"),), output=str(unfinished), preprocess=PreprocessConfig(size=32)))
+    assert summary["files"] > 0 and not (unfinished / "data" / "part-0.parquet").exists()
+    assert sorted(path.name for path in unfinished.iterdir()) == ["data", "errors.parquet", "skipped.parquet", "summary.json"]
+
+
 def test_ingest_reads_and_writes_s3(tmp_path: Path, s3_bucket: str) -> None:
     import boto3
 

@@ -342,3 +342,9 @@ def delete_dir(uri: str) -> None:
     fs, path = filesystem_for(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
