@@ -147,7 +147,7 @@ def add_scope_and_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--throwaway-salt", action="store_true",
-        help="run without LUNGRAY_PATIENT_SALT, keying with a random salt for this run only (demo and throwaway data)",
+        help="allow a run without LUNGRAY_PATIENT_SALT, keying with a random salt for this run only (demo and throwaway data); where it is set, it is used",
     )
 
 

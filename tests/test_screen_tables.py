@@ -28,6 +28,7 @@ from model_factory import untrained_model_dir
 from lungray.io.decode import DecodeOptions
 from lungray.io.listing import ListingReport, create_exclusive, iter_listing, read_bytes, write_whole
 from lungray.io.rows import process_file
+from lungray.raysession import free_port
 from lungray.preprocess import PreprocessConfig
 from lungray.screen import keying
 from lungray.screen import lease as lease_module
@@ -508,6 +509,16 @@ def test_s3_keys_that_pyarrow_refuses_are_listed_and_read(s3_bucket: str) -> Non
     fs, path = filesystem_for(f"s3://{s3_bucket}/archive/odd//a.dcm")
     with pytest.raises(Exception, match="[Ee]mpty path component"):  # the case: pyarrow's own reading
         fs.open_input_stream(path).read()
+
+
+def test_an_s3_input_that_cannot_be_listed_is_not_found_with_its_reason(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket that is not there, or credentials S3 refuses, gave botocore's traceback (exit 1);
+    it is the input-not-found error a local folder gives (exit 2), with S3's reason."""
+    with pytest.raises(FileNotFoundError, match=r"input cannot be listed: s3://no-such-bucket-here/tonight \(NoSuchBucket\)"):
+        list(iter_listing("s3://no-such-bucket-here/tonight"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: botocore's own error
+    with pytest.raises(FileNotFoundError, match=r"input cannot be listed: s3://any-bucket \(EndpointConnectionError\)"):
+        list(iter_listing("s3://any-bucket"))
 
 
 def test_two_writers_of_one_whole_file_do_not_trip_over_each_other(tmp_path: Path) -> None:

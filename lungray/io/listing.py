@@ -230,7 +230,7 @@ def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
     prefix = prefix.rstrip("/")
     client = s3_client(s3_endpoint())
     found = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+    for page in _s3_pages(client, root, bucket, f"{prefix}/" if prefix else ""):
         for item in page.get("Contents", []):
             key = item["Key"]
             if key.endswith("/"):
@@ -243,6 +243,27 @@ def _iter_s3_objects(root: str) -> Iterator[ListedRow]:
         except client.exceptions.ClientError:
             raise FileNotFoundError(f"input not found: {root}") from None
         yield root, posixpath.basename(prefix), int(head["ContentLength"]), _mtime_ns(head["LastModified"]), head["ETag"].strip('"')
+
+
+def _s3_pages(client: Any, root: str, bucket: str, prefix: str) -> Iterator[dict]:
+    """The listing's pages; a bucket that is not there or not ours to list (no credentials,
+    access denied) is FileNotFoundError with S3's reason, as a local folder not found is."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    pages = iter(client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
+    first = True
+    while True:
+        try:
+            page = next(pages)
+        except StopIteration:
+            return
+        except (BotoCoreError, ClientError) as exc:
+            reason = exc.response["Error"].get("Code", "error") if isinstance(exc, ClientError) else type(exc).__name__
+            if first:
+                raise FileNotFoundError(f"input cannot be listed: {root} ({reason})") from None
+            raise OSError(f"listing {root} failed part-way ({reason}); the run can be rerun") from None
+        first = False
+        yield page
 
 
 def _mtime_ns(modified: datetime.datetime) -> int:
