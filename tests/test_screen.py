@@ -397,6 +397,15 @@ def test_two_models_explain_one_output_in_chunks_each_with_its_own_overlays_and_
     assert not set(first) & set(second) and not set(first.values()) & set(second.values())
 
 
+def test_dates_are_written_as_the_partition_contract_spells_them() -> None:
+    """Python's fromisoformat also takes 20261207 and 2026-W49-1, which became a partition
+    `scored_date=20261207` that no `scored_date = '2026-12-07'` filter finds."""
+    config = ScreenConfig(model="m", input="dicomweb+http://pacs/dicom-web", output="o", date="20261207", since="2026-W49-1", until="2026-12-08")
+    assert (config.date, config.since, config.until) == ("2026-12-07", "2026-11-30", "2026-12-08")
+    with pytest.raises(ValueError):
+        ScreenConfig(model="m", input="i", output="o", date="7/12/2026")
+
+
 def test_actor_plan_follows_the_gpus_or_the_gpu_flag_and_leaves_cpus_to_decode() -> None:
     config = ScreenConfig(model="m", input="i", output="o", date=DATE)
     # One CPU actor per two CPUs; together they ask for at most half, so decode tasks always find one.

@@ -95,10 +95,9 @@ class ScreenConfig:
 
     def __post_init__(self) -> None:
         require_salt(self.throwaway_salt)
-        dt.date.fromisoformat(self.date)  # a clear error for a malformed --date
-        for name in ("since", "until"):
+        for name in ("date", "since", "until"):  # a clear error for a malformed date; 20261207 written as 2026-12-07
             if getattr(self, name) is not None:
-                dt.date.fromisoformat(getattr(self, name))
+                object.__setattr__(self, name, dt.date.fromisoformat(getattr(self, name)).isoformat())
         pacs = source.is_pacs_uri(self.input)
         if not pacs and (self.since or self.until or tuple(self.modalities) != dicomweb.DEFAULT_MODALITIES):
             raise ValueError("--since, --until and --modality filter a PACS query: the input must be dicomweb+http(s):// or dimse://")
