@@ -463,3 +463,19 @@ def test_files_per_task_keeps_cpus_busy_within_bounds() -> None:
     assert files_per_task(5_000_000, cpus=64) == 256  # huge archives: the upper bound
     with pytest.raises(ValueError, match="files_per_task"):
         ScreenConfig(model="m", input="i", output="o", date=DATE, files_per_task=0)
+
+
+def test_progress_says_the_time_left_once_the_listing_is_known_to_be_done(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The listing's last batch was only known to be the last after its windows were scored, so
+    every line but the run's final one said "still listing" and never the time left."""
+    import logging
+
+    from lungray.progress import PROGRESS_LOGGER
+
+    archive = junk_archive(tmp_path / "archive")
+    model = untrained_model_dir(tmp_path / "model")
+    with caplog.at_level(logging.INFO, logger=PROGRESS_LOGGER):
+        run_screen(ScreenConfig(model=str(model), input=str(archive), output=str(tmp_path / "out"), date=DATE, chunk_files=4))
+    lines = [record.getMessage() for record in caplog.records if record.name == PROGRESS_LOGGER]
+    assert len(lines) > 2 and all("listing done" in line for line in lines)
+    assert any("left" in line for line in lines[:-1])

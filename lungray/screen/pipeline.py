@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,6 +60,7 @@ from lungray.screen.tables import ensure_table, merge, open_table, run_study_cou
 from lungray.screen.writeback import REPORT_CHOICES, flush_reports, queue_reports
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 chunk_rows_task = ray.remote(num_returns=3)(chunk_rows)
 
 
@@ -177,6 +178,19 @@ def listing_batches(config: ScreenConfig, report: ListingReport) -> Iterator[pa.
     if not source.is_pacs_uri(config.input):
         return iter_listing(config.input, config.listing_batch, report)
     return listing_tables(pacs_rows(config), config.listing_batch)
+
+
+def flag_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
+    """Each item with whether it is the last: the next is fetched before the current is yielded."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def pacs_rows(config: ScreenConfig) -> Iterator[ListedRow]:
@@ -415,7 +429,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         rule = ledger.LedgerRule(config.incremental, config.max_retries, frozenset(resumes), rescore_skipped)
         progress = Progress()
         pending: list[pa.Table] = []
-        for listed in listing_batches(config, counts.listing):
+        for listed, last in flag_last(listing_batches(config, counts.listing)):
             images = open_table(config.output, "images")  # created by the first commit; this batch's ledger reads the latest version
             planned = ledger.plan(as_written(listed, pseudonymizer), images, run.model_id, rule)
             counts.listed += planned.num_rows
@@ -423,6 +437,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
                 setattr(counts, name, getattr(counts, name) + int(pc.sum(planned[name]).as_py() or 0))
             pending.append(planned.filter(planned["score"]))
             progress.listed, progress.to_score = counts.listed, progress.to_score + pending[-1].num_rows
+            progress.listing_done = last  # known before this batch's windows are scored, so their lines say the time left
             pending = score_full_windows(run, pending, counts, progress, final=False)
         progress.listing_done = True
         score_full_windows(run, pending, counts, progress, final=True)
