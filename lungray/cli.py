@@ -9,6 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
+from ray.exceptions import RayError
+
 from lungray.ensemble import build_ensemble_dir, summarize
 from lungray.evaluate import evaluate
 from lungray.ingest import IngestConfig, SourceSpec, run_ingest
@@ -263,7 +266,7 @@ def tune_config_from_args(args: argparse.Namespace) -> SweepConfig:
         space=load_space(args.space), data=args.data, output=args.output, samples=args.samples, storage=args.storage,
         scheduler=args.scheduler, metric=args.metric, grace_period=args.grace_period, epochs=args.epochs,
         workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-        max_concurrent=args.max_concurrent, seed=args.seed, min_sensitivity=args.min_sensitivity,
+        max_concurrent=args.max_concurrent, seed=args.seed, min_sensitivity=args.min_sensitivity, console=getattr(args, "verbose", False),
     )
 
 
@@ -478,10 +481,12 @@ def add_invariance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_invariance(args: argparse.Namespace) -> int:
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the measurement, not after it
     report = strict_json(measure_invariance(args.model_dir, args.input, args.dataset, args.labels))
+    print(report)
     if args.output:
         Path(args.output).write_text(report + "\n")
-    print(report)
     return 0
 
 
@@ -519,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, (RayError, pa.ArrowException)):
+            raise  # a failure inside the run (a Ray task's error takes its cause's class): exit 1, with its traceback
         # Bad arguments or inputs: a message, not a traceback. Anything else fails loudly (exit 1).
         print(f"lungray {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ def quiet_ray(verbose: bool) -> None:
     context.print_on_execution_start = False
     context.enable_progress_bars = False
     # "ray" itself is set back to INFO by ray.init (its "Started a local Ray instance" line stays).
-    for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink", "ray.train"):
+    for name in ("ray", "ray.data", "ray.data._internal.datasource.delta_datasink", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray's notice that token authentication is on, printed by every local Ray: it stays on.
     logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)

@@ -25,6 +25,7 @@ their Train run is rebuilt at the same storage and name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "sweep.json"
 SWEEP_NAME = "sweep"
+CONSOLE_LOG = "tune-console.log"  # Tune's own console tables, without --verbose
 TRIALS_DIR = "trials"
 BEST_DIR = "best"
 # The trial function only waits on its TorchTrainer, whose workers hold the real CPUs.
@@ -284,6 +286,7 @@ class SweepConfig:
     max_concurrent: int | None = None
     seed: int = 0  # samples the space, and seeds every trial's training alike
     min_sensitivity: float = TrainConfig.min_sensitivity
+    console: bool = False  # Tune's own console tables (--verbose); stdout is then not the summary's JSON alone
 
     def __post_init__(self) -> None:
         # Tune runs each trial in a folder of its own: a relative path would be looked up there.
@@ -314,7 +317,7 @@ class SweepConfig:
     def settings(self, fingerprint: str) -> dict[str, Any]:
         """What decides the sweep's trials and ranking; a rerun must match them to continue."""
         values = asdict(self)
-        for name in ("data", "output", "storage", "cpus_per_worker", "max_concurrent"):
+        for name in ("data", "output", "storage", "cpus_per_worker", "max_concurrent", "console"):
             del values[name]
         values.update(space=self.space.to_dict(), epochs=self.trial_epochs, data_fingerprint=fingerprint)
         return values
@@ -461,8 +464,21 @@ def build_tuner(config: SweepConfig, trainable: Any, concurrent: int) -> tune.Tu
             search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=config.seed),
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage_path, storage_filesystem=filesystem),
+        run_config=tune.RunConfig(
+            name=SWEEP_NAME, storage_path=storage_path, storage_filesystem=filesystem, verbose=1 if config.console else 0
+        ),
     )
+
+
+def console_of(config: SweepConfig, output: Path) -> contextlib.AbstractContextManager:
+    """Where Tune's console goes: the terminal with --verbose, else OUTPUT/tune-console.log.
+    Tune prints its configuration box and trial tables to stdout whatever its `verbose` says,
+    and the command's stdout is the sweep summary's JSON, which a script parses."""
+    if config.console:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(output / CONSOLE_LOG, "a"))))
+    return stack
 
 
 def run_tune(config: SweepConfig) -> dict[str, Any]:
@@ -483,7 +499,8 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         console_log_level=ray_train_console_level(),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
-    grid = build_tuner(config, trainable, resources.concurrent).fit()
+    with console_of(config, output):
+        grid = build_tuner(config, trainable, resources.concurrent).fit()
 
     table = results_table(grid, config, plan.base.select)
     table.to_parquet(output / "results.parquet", index=False)

@@ -490,6 +490,9 @@ def test_dot_as_output_is_refused_before_scoring_and_dot_as_data_is_its_folder(
     for output in (".", "..", str(here)):
         with pytest.raises(ValueError, match="working directory .* a folder of its own"):
             run_compare(CompareConfig(model_dirs=(model,), data="d", output=output, n_boot=20, gradcam_examples=0))
+    (here / "afile.html").write_text("mine")
+    with pytest.raises(FileExistsError, match="afile.html is a file; choose another output"):
+        run_compare(CompareConfig(model_dirs=(model,), data="d", output="afile.html", n_boot=20, gradcam_examples=0))
     assert not scored
     summary = run_compare_across(CompareConfig(model_dirs=(model,), data="d", output="across", n_boot=20, gradcam_examples=0), [".", ".."])
     assert set(summary["data_sets"]) == {"work", "site-b"}

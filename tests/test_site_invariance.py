@@ -84,7 +84,7 @@ def test_identity_and_an_invariant_model_move_nothing(tmp_path: Path, arch: str)
 def test_a_trained_model_moves_under_a_border_and_never_under_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     films = film_folder(tmp_path / "films")
     model_dir = trained_model_dir(tmp_path / "model", size=SIZE, steps=30)  # an untrained net barely reacts to anything
-    output = tmp_path / "invariance.json"
+    output = tmp_path / "reports" / "invariance.json"  # a folder not made yet: made, not the finished report lost
     assert main(["invariance", str(model_dir), "--input", str(films), "--dataset", "kermany", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert report == json.loads(capsys.readouterr().out)

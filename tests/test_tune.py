@@ -27,7 +27,7 @@ from lungray.io.listing import filesystem_for, read_bytes
 from lungray.modeldir import load_model_dir
 from lungray.preprocess import PreprocessConfig
 from lungray.train.trainer import TrainConfig
-from lungray.cli import add_tune_arguments, tune_config_from_args
+from lungray.cli import add_tune_arguments, main, tune_config_from_args
 from lungray.tune import (
     SETTINGS_FILE,
     SWEEP_NAME,
@@ -311,7 +311,9 @@ def driver() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_interrupted_sweep_on_s3_resumes(ingested: str, tmp_path: Path, s3_bucket: str, driver: list[subprocess.Popen[bytes]]) -> None:
+def test_interrupted_sweep_on_s3_resumes(
+    ingested: str, tmp_path: Path, s3_bucket: str, driver: list[subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
     """The driver is killed once two trials have finished; the same command then completes the sweep."""
     import ray
 
@@ -343,9 +345,9 @@ def test_interrupted_sweep_on_s3_resumes(ingested: str, tmp_path: Path, s3_bucke
     before = trial_results(experiment)
     assert len(finished) < 4, "every trial had finished: nothing was interrupted"
 
-    parser = argparse.ArgumentParser()
-    add_tune_arguments(parser)
-    summary = run_tune(tune_config_from_args(parser.parse_args(arguments)))
+    capsys.readouterr()
+    assert main(["tune", *arguments]) == 0  # the same command, through the CLI: its stdout is the summary's JSON alone
+    summary = json.loads(capsys.readouterr().out)  # (Tune's console tables went there too)
 
     table = pd.read_parquet(output / "results.parquet")
     assert summary["trials"] == len(table) == 4

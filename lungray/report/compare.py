@@ -528,8 +528,8 @@ def report_folder(output: str) -> Path:
     folder = Path(output).resolve()
     if folder == Path.cwd() or folder in Path.cwd().parents:
         raise ValueError(f"{output} is the working directory or holds it; give the report a folder of its own (e.g. {output.rstrip('/')}/report)")
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty; choose another output")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} is {'not empty' if folder.is_dir() else 'a file'}; choose another output")
     return folder
 
 
