@@ -379,7 +379,7 @@ def test_two_models_explain_one_output_in_chunks_each_with_its_own_overlays_and_
     (each chunk's sync added its studies again)."""
     archive = junk_archive(tmp_path / "archive")
     output = tmp_path / "out"
-    summaries, models = [], []
+    summaries = []
     for seed in (0, 1):
         model = untrained_model_dir(tmp_path / f"model{seed}", threshold=0.0, seed=seed)
         config = ScreenConfig(model=str(model), input=str(archive), output=str(output), date=DATE, explain=True, pseudonymize=True, aggregate="mean", chunk_files=4)
