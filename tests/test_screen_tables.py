@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -271,6 +272,18 @@ def test_the_driving_image_and_its_overlay_name_depend_on_nothing_but_the_image_
     assert driving_images(rows, ["s"])["s"]["path"] == driving_images(rows.take([2, 1, 0]), ["s"])["s"]["path"] == "a"
     image = {"path": "a", "run_id": "r1"}
     assert len({overlay_name("m1", image), overlay_name("m2", image), overlay_name("m1", {**image, "run_id": "r2"})}) == 3
+
+
+def test_a_study_mean_is_the_same_to_the_last_bit_in_any_row_order() -> None:
+    """A scan may return a study's rows in another order after a MERGE rewrote its files; the
+    mean's last bit followed the order, and the study was written, counted and reported again."""
+    probs = np.random.default_rng(3).random(60)
+    rows = image_rows([{"path": f"{index:03d}", "study_id": "s", "prob": float(prob)} for index, prob in enumerate(probs)])
+    means = {
+        aggregate_studies(rows.take(np.random.default_rng(seed).permutation(rows.num_rows)), 0.5, "mean", MODEL, "r1", DATE)["prob"][0].as_py()
+        for seed in range(40)
+    }
+    assert len(means) == 1 and means.pop() == pytest.approx(probs.mean(), rel=1e-15)
 
 
 def test_a_new_threshold_or_aggregate_reaggregates_every_study(tmp_path: Path) -> None:

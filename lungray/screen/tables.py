@@ -252,6 +252,10 @@ def aggregate_studies(
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if images.num_rows == 0:
         return STUDY_SCHEMA.empty_table()
+    # One order, and one thread, whatever order the rows were read in: a mean's last bit depends
+    # on the order it sums in, and a study whose mean moved by a bit would be written, counted
+    # and reported again (its SR names its probability).
+    images = images.sort_by([("study_id", "ascending"), ("path", "ascending")])
     status = images["status"]
     usable = pc.and_(pc.equal(status, "ok"), pc.is_valid(images["prob"]))
     counts = pa.table(
@@ -262,7 +266,7 @@ def aggregate_studies(
             "is_skipped": pc.cast(pc.equal(status, "skipped"), pa.int32()),
             "score": pc.if_else(usable, images["prob"], pa.scalar(None, pa.float64())),
         }
-    ).group_by("study_id").aggregate([("one", "sum"), ("is_error", "sum"), ("is_skipped", "sum"), ("score", aggregate)])
+    ).group_by("study_id", use_threads=False).aggregate([("one", "sum"), ("is_error", "sum"), ("is_skipped", "sum"), ("score", aggregate)])
     counts = counts.sort_by("study_id")
     prob = counts[f"score_{aggregate}"]
     flagged = pc.fill_null(pc.greater_equal(prob, threshold), False)
