@@ -250,3 +250,26 @@ def test_pacs_flags_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
         ScreenConfig(model="m", input="dicomweb+http://127.0.0.1:1/dicom-web", output="o", report_overlay=True)
     with pytest.raises(ValueError, match="must not hold credentials"):
         ScreenConfig(model="m", input="dicomweb+http://127.0.0.1:1/dicom-web", output="o", report_to="dicomweb+http://u:p@h/dw")
+
+
+def test_a_listing_that_fails_part_way_is_a_failed_run_not_an_unqueryable_pacs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 says the PACS could not be queried and nothing was done; a query that fails after
+    some pages (whose films may be scored and committed by then) is a failed run, exit 1."""
+    from lungray.screen.pipeline import pacs_rows
+
+    record = dicomweb.InstanceRecord("dicomweb+http://pacs/dicom-web/studies/1.2/series/1.3/instances/1.4", "1.2", "1.3", "1.4", None, "DX", None)
+
+    def search(pages: int):
+        def found(*args: object) -> object:
+            yield from [record] * pages
+            raise dicomweb.DicomwebError("QIDO-RS search at http://pacs: 503")
+
+        return found
+
+    config = ScreenConfig(model="m", input="dicomweb+http://pacs/dicom-web", output="o")
+    monkeypatch.setattr(source, "search_instances", search(0))
+    with pytest.raises(dicomweb.DicomwebError):
+        list(pacs_rows(config))
+    monkeypatch.setattr(source, "search_instances", search(1))
+    with pytest.raises(RuntimeError, match="failed after 1 instances: QIDO-RS search .* 503; the same command resumes"):
+        list(pacs_rows(config))

@@ -194,11 +194,19 @@ def flag_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
 
 
 def pacs_rows(config: ScreenConfig) -> Iterator[ListedRow]:
+    """The instances the PACS query finds. A query that fails on its first page is a PacsError
+    (the PACS cannot be queried: exit 2, nothing done); one that fails part-way is a failed run
+    (exit 1), whose committed chunks the same command resumes from."""
     seen: set[str] = set()  # a study can come back on two pages of a query; one night's instances
-    for record in source.search_instances(config.input, config.since, config.until, config.modalities):
-        if record.path not in seen:
-            seen.add(record.path)
-            yield record.path, f"{record.study_uid}/{record.sop_uid}", None, None, None
+    try:
+        for record in source.search_instances(config.input, config.since, config.until, config.modalities):
+            if record.path not in seen:
+                seen.add(record.path)
+                yield record.path, f"{record.study_uid}/{record.sop_uid}", None, None, None
+    except source.PacsError as exc:
+        if not seen:
+            raise
+        raise RuntimeError(f"the PACS listing failed after {len(seen)} instances: {exc}; the same command resumes the run") from exc
 
 
 def as_written(listing: pa.Table, pseudonymizer: Pseudonymizer | None) -> pa.Table:
