@@ -564,6 +564,39 @@ def test_dimse_connections_the_archive_drops_are_tried_again(orthanc: OrthancSer
         dimse.retrieve_instance_bytes(record.path.replace(f":{orthanc.dicom_port}/", f":{port}/"), calling_aet=orthanc.calling_aet, timeouts=patient)
 
 
+def test_a_busy_archive_is_tried_again_and_an_unknown_caller_is_not() -> None:
+    """An archive whose association pool is full rejects for now (A-ASSOCIATE-RJ, result 2):
+    tried again, as the pool frees; one that does not know the caller rejects for good
+    (result 1): refused at once with what to check. pynetdicom's own SCP is the archive."""
+    from pynetdicom import AE, evt as events
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+    def no_matches(event: events.Event) -> Iterator[tuple[int, None]]:
+        yield from ()
+
+    port = free_port()
+    archive = AE(ae_title="ARCHIVE")
+    archive.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    archive.add_supported_context(Verification)
+    archive.maximum_associations = 1
+    server = archive.start_server(("127.0.0.1", port), block=False, evt_handlers=[(events.EVT_C_FIND, no_matches)])
+    try:
+        other = AE(ae_title="OTHER")
+        other.add_requested_context(Verification)
+        held = other.associate("127.0.0.1", port, ae_title="ARCHIVE")  # the pool's one association
+        assert held.is_established
+        threading.Timer(0.3, held.release).start()
+        patient = dimse.Timeouts(association_s=2, retries=2, backoff_s=0.5)
+        assert list(dimse.search_instances(f"dimse://ARCHIVE@127.0.0.1:{port}", calling_aet="LUNGRAY", timeouts=patient)) == []
+        archive.maximum_associations, archive.require_calling_aet = 10, ["SOMEONE"]
+        start = time.monotonic()
+        with pytest.raises(dimse.DimseError, match="rejected .* calling AE title 'LUNGRAY'"):
+            list(dimse.search_instances(f"dimse://ARCHIVE@127.0.0.1:{port}", calling_aet="LUNGRAY", timeouts=patient))
+        assert time.monotonic() - start < 0.5  # not retried
+    finally:
+        server.shutdown()
+
+
 def test_a_capped_c_find_says_what_stopped_it(tmp_path) -> None:
     """An archive at its C-FIND result limit ends the search with 0xFE00 (Orthanc with
     LimitFindResults=2, three studies): the run stops, saying why and what to do, rather than

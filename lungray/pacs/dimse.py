@@ -82,6 +82,7 @@ ACCEPTED_TRANSFER_SYNTAXES = (
 _ARCHIVE = re.compile(r"^dimse://(?P<aet>[^@/]{1,16})@(?P<host>[^:/]+):(?P<port>\d+)(?P<rest>/.*)?$")
 _INSTANCE_PATH = re.compile(r"^/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
 _SUCCESS, _PENDING = 0x0000, (0xFF00, 0xFF01)
+_ACCEPTED, _REJECTED_TRANSIENT = 0x00, 0x02  # A-ASSOCIATE results (PS3.8 9.3.4)
 _MATCHING_TERMINATED = 0xFE00  # "matching terminated due to Cancel": what archives answer at their result limit
 
 
@@ -148,19 +149,33 @@ def _application(archive: Archive, timeouts: Timeouts) -> AE:
 
 
 def _associate(ae: AE, archive: Archive, timeouts: Timeouts, handlers: list | None = None, roles: list | None = None):
-    """An established association, tried again with backoff while the archive refuses or aborts
-    it (a restart, a full association pool); a rejection is the archive's configuration, not retried."""
+    """An established association, tried again with backoff while the archive refuses, drops or
+    transiently rejects it (a restart, a full association pool). A permanent rejection (an
+    unknown AE title) and an association that accepts none of the proposed contexts are the
+    archive's configuration: not retried."""
     for attempt in range(timeouts.retries + 1):
         if attempt:
             time.sleep(timeouts.backoff_s * 2 ** (attempt - 1))
-        assoc = ae.associate(archive.host, archive.port, ae_title=archive.called_aet, ext_neg=roles, evt_handlers=handlers)
+        answers: list[int] = []  # the A-ASSOCIATE result: 0 accepted, 1 rejected for good, 2 rejected for now
+
+        def on_answer(event: evt.Event) -> None:
+            result = getattr(event.primitive, "result", None)
+            if isinstance(result, int):
+                answers.append(result)
+
+        assoc = ae.associate(
+            archive.host, archive.port, ae_title=archive.called_aet, ext_neg=roles,
+            evt_handlers=[*(handlers or []), (evt.EVT_ACSE_RECV, on_answer)],
+        )
         if assoc.is_established:
             return assoc
-        if assoc.is_rejected:
+        if assoc.is_rejected and answers[-1:] != [_REJECTED_TRANSIENT]:
             raise DimseError(f"DIMSE association with {archive} rejected (is the calling AE title {archive.calling_aet!r} known to it?)")
+        if answers[-1:] == [_ACCEPTED]:
+            raise DimseError(f"DIMSE archive {archive} accepted none of the proposed presentation contexts (SOP classes and syntaxes)")
     # pynetdicom reports a refused or timed-out connection as an aborted association.
     raise DimseError(
-        f"cannot connect to DIMSE archive {archive} (refused, unreachable, or aborted by it; {timeouts.retries + 1} tries)"
+        f"cannot connect to DIMSE archive {archive} (refused, unreachable, aborted, or busy; {timeouts.retries + 1} tries)"
     )
 
 
