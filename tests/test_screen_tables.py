@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -263,6 +264,26 @@ def test_a_mean_that_moves_keeps_the_overlay_of_the_image_that_still_drives_it(t
     written = sync_studies(output, MODEL, 0.5, "mean", "r1", DATE, lambda studies, images: studies)
     assert written["prob"].to_pylist() == [pytest.approx(0.8)]
     assert written["explain_path"].to_pylist() == [f"n1/{overlay_name(MODEL, {'path': 'a1', 'run_id': 'r0'})}"]
+
+
+def test_an_overlay_named_as_before_is_kept_while_its_study_probability_stands(tmp_path: Path) -> None:
+    """Outputs screened before overlays were named by their image hold names by study: kept
+    by the rule they were made under (the probability stands), not dropped at the next
+    change of the study's counts by a run that cannot draw them again."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a1", "study_id": "a", "prob": 0.9}]), mode="append", partition_by=["scored_date"])
+    old_name = f"explain/scored_date=2026-11-28/{hashlib.sha256(b'a').hexdigest()[:24]}.png"
+
+    def named_as_before(studies: pa.Table, images: pa.Table) -> pa.Table:
+        return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", pa.array([old_name], pa.string()))
+
+    sync_studies(output, MODEL, 0.5, "max", "r1", DATE, named_as_before)
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a2", "study_id": "a", "status": "error"}]), mode="append", partition_by=["scored_date"])
+    written = sync_studies(output, MODEL, 0.5, "max", "r2", DATE)  # a run without --explain: counts change, max stands
+    assert written["n_errors"].to_pylist() == [1] and written["explain_path"].to_pylist() == [old_name]
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a3", "study_id": "a", "prob": 0.95}]), mode="append", partition_by=["scored_date"])
+    assert sync_studies(output, MODEL, 0.5, "max", "r3", DATE)["explain_path"].to_pylist() == [None]  # it no longer shows the top image
 
 
 def test_the_driving_image_and_its_overlay_name_depend_on_nothing_but_the_image_and_the_model() -> None:

@@ -451,7 +451,7 @@ def run_screen(config: ScreenConfig) -> dict[str, Any]:
         score_full_windows(run, pending, counts, progress, final=True)
         log.info("run %s: %d files listed, %d scored in %d chunk(s)", run_id, counts.listed, counts.scored, counts.chunks)
         report_back(run, counts)
-        counts.studies_written, counts.studies_flagged = run_study_counts(config.output, run.model_id, run_id)
+        counts.studies_written, counts.studies_flagged = run_study_counts(config.output, run.model_id, run_id, config.date)
         ledger.record_scope(config.output, run.model_id, config.scope)
         summary = summarize(run, counts, resumes, started)
         write_summary(config.output, summary)

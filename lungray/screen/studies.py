@@ -203,6 +203,11 @@ def overlay_name(model_id: str, image: dict) -> str:
     return hashlib.sha256("\x1f".join((model_id, image["path"], image["run_id"])).encode()).hexdigest()[:24] + ".png"
 
 
+def legacy_overlay_name(study_id: str) -> str:
+    """The name overlays had before `overlay_name` (by study alone), which outputs still hold."""
+    return hashlib.sha256(study_id.encode()).hexdigest()[:24] + ".png"
+
+
 def with_kept_overlays(new: pa.Table, current: pa.Table, images: pa.Table, model_id: str) -> pa.Table:
     """`new` with each flagged study's overlay kept where the table's shows tonight's driving
     image: not made again, and kept where the image cannot be read again (a run whose paths
@@ -210,11 +215,15 @@ def with_kept_overlays(new: pa.Table, current: pa.Table, images: pa.Table, model
     if new.num_rows == 0 or current.num_rows == 0:
         return new
     held = {study: path for study, path in zip(current["study_id"].to_pylist(), current["explain_path"].to_pylist()) if path}
+    held_prob = dict(zip(current["study_id"].to_pylist(), current["prob"].to_pylist()))
     flagged = [study for study in pc.filter(new["study_id"], new["flagged"]).to_pylist() if study in held]
+    prob = dict(zip(new["study_id"].to_pylist(), new["prob"].to_pylist()))
     kept = {
         study: held[study]
         for study, image in driving_images(images, flagged).items()
         if held[study].rsplit("/", 1)[-1] == overlay_name(model_id, image)
+        # an overlay named as before this naming (by its study) is kept by the rule it was made under
+        or (held[study].rsplit("/", 1)[-1] == legacy_overlay_name(study) and prob[study] == held_prob[study])
     }
     paths = [kept.get(study, path) for study, path in zip(new["study_id"].to_pylist(), new["explain_path"].to_pylist())]
     return new.set_column(new.schema.get_field_index("explain_path"), "explain_path", pa.array(paths, pa.string()))

@@ -120,24 +120,25 @@ def read_table(output: str, name: str, columns: list[str] | None = None, filter:
 def query(table: DeltaTable, name: str, sql: str) -> pa.Table:
     """The result of `sql` over `table` (registered as `name`), run by delta-rs's DataFusion.
 
-    The tables are read this way rather than through `to_pyarrow_dataset()`: with deltalake
-    1.6.6 a process that scanned a partitioned table's pyarrow dataset aborts at exit about
-    half the time (`terminate called without an active exception`, exit code 134), which
-    would fail a job whose work was done; a DataFusion read leaves no such thread behind.
+    The tables are read this way rather than through `to_pyarrow_dataset().to_table()`: with
+    deltalake 1.6.6 a process that read a partitioned table that way aborts at exit about half
+    the time (`terminate called without an active exception`, exit code 134), which would fail
+    a job whose work was done; a DataFusion read leaves no such thread behind.
     """
     return pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql)).read_all()
 
 
-def run_study_counts(output: str, model_id: str, run_id: str) -> tuple[int, int]:
+def run_study_counts(output: str, model_id: str, run_id: str, date: str) -> tuple[int, int]:
     """(study rows, flagged ones) that run `run_id` wrote and that stand: each study once,
-    however many of the run's chunks changed it, and as its last sync left it."""
+    however many of the run's chunks changed it, and as its last sync left it. Read from the
+    run's `scored_date` partition, which every row it writes is in."""
     studies = open_table(output, "studies")
     if studies is None:
         return 0, 0
     counted = query(
         studies, "studies",
         "SELECT count(*) AS written, sum(CASE WHEN flagged THEN 1 ELSE 0 END) AS flagged FROM studies "
-        f"WHERE model_id = {sql_string(model_id)} AND run_id = {sql_string(run_id)}",
+        f"WHERE scored_date = {sql_string(date)} AND model_id = {sql_string(model_id)} AND run_id = {sql_string(run_id)}",
     )
     return int(counted["written"][0].as_py()), int(counted["flagged"][0].as_py() or 0)
 
