@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow as pa
 from ray.exceptions import RayError
 
 from lungray.ensemble import build_ensemble_dir, summarize
@@ -524,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
-        if isinstance(exc, (RayError, pa.ArrowException)):
+        if isinstance(exc, RayError):
             raise  # a failure inside the run (a Ray task's error takes its cause's class): exit 1, with its traceback
         # Bad arguments or inputs: a message, not a traceback. Anything else fails loudly (exit 1).
         print(f"lungray {args.command}: error: {exc}", file=sys.stderr)
