@@ -408,8 +408,9 @@ def test_verdict_numbers_read_as_they_are() -> None:
     tie = pair_verdict(*verdict_inputs(0.0, (-0.0001, 0.02)))
     assert "AUROC 0.800 vs 0.800: equal (95% CI +0.000 to +0.020" in tie and "higher by" not in tie
     assert fmt_signed(-0.0001) == "+0.000" and fmt_signed(-0.0006) == "-0.001"
-    assert fmt_p(0.04995) == "0.04995" and fmt_p(0.0504) == "0.050" and fmt_p(0.0496) == "0.04960" and fmt_p(0.0005) == "< 0.001"
-    assert fmt_p(0.05) == "0.050"
+    for below in (0.04995, 0.0499999, 0.049996, 0.0496):
+        assert fmt_p(below) == "< 0.05", below
+    assert fmt_p(0.0504) == "0.050" and fmt_p(0.05) == "0.050" and fmt_p(0.0494) == "0.049" and fmt_p(0.0005) == "< 0.001"
 
 
 def test_epochs_are_counted_from_one_as_the_training_log_counts_them() -> None:

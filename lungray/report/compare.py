@@ -21,8 +21,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -534,12 +534,10 @@ def report_folder(output: str) -> Path:
 
 
 def staging_folder(output: Path) -> Path:
-    """An empty folder beside `output`, renamed to it when the report is whole. mkdtemp makes
-    it 0700; it gets a plain mkdir's mode, so the report is as readable as the folders around it."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=_created(output.parent)))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    """An empty folder beside `output`, renamed to it when the report is whole. Made by a plain
+    mkdir, so the report is as readable as the folders around it (mkdtemp's are 0700)."""
+    staging = _created(output.parent) / f".{output.name}-{uuid.uuid4().hex}"
+    staging.mkdir()
     return staging
 
 

@@ -471,14 +471,14 @@ def fmt_signed(value: float | None) -> str:
 
 
 def fmt_p(value: float | None, alpha: float = 0.05) -> str:
-    """Three decimals, or five where three would round the p-value across `alpha` (0.04995 is
-    not "0.050" beside a verdict that the interval excludes 0)."""
+    """Three decimals, or "< 0.05" where three would round a p-value below `alpha` up to it
+    (0.04995 is not "0.050" beside a verdict that the interval excludes 0)."""
     if value is None:
         return "n/a"
     if value < 0.001:
         return "< 0.001"
     text = f"{value:.3f}"
-    return text if (value < alpha) == (float(text) < alpha) else f"{value:.5f}"
+    return f"< {alpha:g}" if value < alpha <= float(text) else text
 
 
 def fmt_estimate(estimate: dict[str, float | None], fmt: Any) -> str:
