@@ -9,6 +9,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray
 import ray.data
 from ray.util.state import list_actors
 
@@ -16,7 +17,10 @@ from lungray.io.parquet import read_parquet
 
 
 def footer_reader_actors() -> int:
-    return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000, raise_on_missing_output=False))
+    """FooterReader actors of the tests' Ray, named by its address: without one, the state API
+    refuses to guess while another Ray runs on the machine (a benchmark, a second suite)."""
+    address = ray.get_runtime_context().gcs_address
+    return len(list_actors(address=address, filters=[("class_name", "=", "FooterReader")], limit=1000, raise_on_missing_output=False))
 
 
 @pytest.mark.timeout(300)
