@@ -2,8 +2,9 @@
 
 Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster, with whatever
 authentication its operators chose; on a laptop it starts a local Ray sized for the
-machine, with Ray's token authentication as Ray sets it (lungray never touches RAY_AUTH_MODE). Small machines get a modest object
-store so that a 2-core, few-GB box is not swamped, and progress bars follow the terminal.
+machine, with Ray's token authentication as Ray sets it (lungray never touches
+RAY_AUTH_MODE). Small machines get a modest object store so that a 2-core, few-GB box is
+not swamped, and progress bars follow the terminal.
 """
 
 from __future__ import annotations
