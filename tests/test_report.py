@@ -47,7 +47,7 @@ from lungray.report.compare import (
     run_compare_across,
     training_sources,
 )
-from lungray.report.render import Paragraph, Table, epoch_note, fmt_p, fmt_signed, pair_verdict, to_markdown, training_time
+from lungray.report.render import Paragraph, Table, epoch_note, fmt_p, fmt_signed, pair_verdict, threshold_note, to_markdown, training_time
 
 SIZE = 64
 N_BOOT = 200
@@ -411,6 +411,18 @@ def test_verdict_numbers_read_as_they_are() -> None:
     for below in (0.04995, 0.0499999, 0.049996, 0.0496):
         assert fmt_p(below) == "< 0.05", below
     assert fmt_p(0.0504) == "0.050" and fmt_p(0.05) == "0.050" and fmt_p(0.0494) == "0.049" and fmt_p(0.0005) == "< 0.001"
+
+
+def test_a_threshold_says_where_it_was_chosen_in_words() -> None:
+    """A site step's threshold read "chosen on the site:B split"."""
+    model = {"name": "CNN + calibrate B", "threshold": 0.31, "threshold_policy": {"min_sensitivity": 0.95}}
+    for where, said in (
+        ("val", "chosen on the val split"),
+        ("site:B", "chosen on site B's sample"),
+        ("site:B (held-out patients)", "chosen on site B's sample (held-out patients)"),
+    ):
+        assert f"{said} (min sensitivity 0.95)." in threshold_note({**model, "threshold_policy": {"chosen_on": where, "min_sensitivity": 0.95}})
+    assert "chosen on an unrecorded split" in threshold_note(model)
 
 
 def test_epochs_are_counted_from_one_as_the_training_log_counts_them() -> None:

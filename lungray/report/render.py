@@ -454,7 +454,18 @@ def threshold_note(model: dict[str, Any]) -> str:
     if not policy:
         return f"Threshold of {model['name']}: {model['threshold']:.4g}; model.json does not record how it was chosen."
     details = "; ".join(f"{key.replace('_', ' ')} {value}" for key, value in policy.items() if key != "chosen_on")
-    return f"Threshold of {model['name']}: {model['threshold']:.4g}, chosen on the {policy.get('chosen_on', 'unrecorded')} split ({details})."
+    return f"Threshold of {model['name']}: {model['threshold']:.4g}, chosen on {chosen_on(policy.get('chosen_on'))} ({details})."
+
+
+def chosen_on(where: str | None) -> str:
+    """"the val split", or "site B's sample (held-out patients)" for a site step's `site:B ...`."""
+    if where is None:
+        return "an unrecorded split"
+    site, sep, rest = where.partition(":")
+    if site != "site" or not sep:
+        return f"the {where} split"
+    name, _, detail = rest.partition(" ")
+    return f"site {name}'s sample" + (f" {detail}" if detail else "")
 
 
 def fmt_rate(value: float | None) -> str:
