@@ -39,7 +39,7 @@ from lungray.screen.keying import check_keying
 from lungray.screen.lease import ConcurrentRunError, Lease
 from lungray.screen.ledger import LedgerRule, plan
 from lungray.screen.pipeline import ScreenConfig, resume_settings, run_screen
-from lungray.screen.studies import driving_images, overlay_name, study_images, sync_studies, watermark, watermark_key
+from lungray.screen.studies import driving_images, legacy_overlay_name, overlay_name, study_images, sync_studies, watermark, watermark_key
 from lungray.screen.tables import IMAGE_SCHEMA, aggregate_studies, ensure_table, merge, open_table, read_table
 
 DATE = "2026-11-29"
@@ -284,6 +284,42 @@ def test_an_overlay_named_as_before_is_kept_while_its_study_probability_stands(t
     assert written["n_errors"].to_pylist() == [1] and written["explain_path"].to_pylist() == [old_name]
     write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a3", "study_id": "a", "prob": 0.95}]), mode="append", partition_by=["scored_date"])
     assert sync_studies(output, MODEL, 0.5, "max", "r3", DATE)["explain_path"].to_pylist() == [None]  # it no longer shows the top image
+
+
+def test_an_overlay_the_table_no_longer_names_is_deleted_after_the_commit(tmp_path: Path) -> None:
+    """An overlay is a derived image of a patient's film: once the study is unflagged, or
+    another image drives it, no row names it, and it was left on disk for good. Files named by
+    study alone (before overlays were named by image) are left: two models' rows can share one."""
+    output = str(tmp_path)
+    ensure_table(output, "images")
+    rows = [{"path": "a1", "study_id": "a", "prob": 0.9}, {"path": "b1", "study_id": "b", "prob": 0.8}, {"path": "c1", "study_id": "c", "prob": 0.7}]
+    write_deltalake(str(tmp_path / "images"), image_rows(rows), mode="append", partition_by=["scored_date"])
+
+    def drawing(studies: pa.Table, images: pa.Table) -> pa.Table:
+        driving = driving_images(images, studies["study_id"].to_pylist())
+        paths = []
+        for study, flagged, held in zip(studies["study_id"].to_pylist(), studies["flagged"].to_pylist(), studies["explain_path"].to_pylist()):
+            if flagged and held is None:
+                name = legacy_overlay_name(study) if study == "c" else overlay_name(MODEL, driving[study])
+                held = str(tmp_path / "explain" / name)
+                Path(held).parent.mkdir(exist_ok=True)
+                Path(held).write_bytes(b"overlay of " + study.encode())
+            paths.append(held)
+        return studies.set_column(studies.schema.get_field_index("explain_path"), "explain_path", pa.array(paths, pa.string()))
+
+    def overlays() -> dict[str, str | None]:
+        return {row["study_id"]: row["explain_path"] for row in read_table(output, "studies").to_pylist()}
+
+    sync_studies(output, MODEL, 0.5, "max", "r1", DATE, drawing)
+    first = overlays()
+    assert all(Path(path).is_file() for path in first.values())
+    write_deltalake(str(tmp_path / "images"), image_rows([{"path": "a2", "study_id": "a", "prob": 0.95}]), mode="append", partition_by=["scored_date"])
+    sync_studies(output, MODEL, 0.5, "max", "r2", DATE, drawing)  # a2 drives study a now
+    second = overlays()
+    assert second["a"] != first["a"] and Path(second["a"]).is_file() and not Path(first["a"]).exists()
+    sync_studies(output, MODEL, 0.99, "max", "r3", DATE, drawing)  # a new threshold unflags all three
+    assert set(overlays().values()) == {None}
+    assert not Path(second["a"]).exists() and not Path(first["b"]).exists() and Path(first["c"]).is_file()
 
 
 def test_the_driving_image_and_its_overlay_name_depend_on_nothing_but_the_image_and_the_model() -> None:

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
-from lungray.io.listing import filesystem_for
+from lungray.io.listing import delete_file, filesystem_for
 from lungray.screen.tables import (
     IMAGE_SCHEMA,
     STUDY_SCHEMA,
@@ -160,7 +160,22 @@ def sync_studies(
             before_commit(new)
         metadata = {watermark_key(model_id): str(version), settings_key(model_id): settings}
         merge(studies, "studies", new, metadata, delete=studies_predicate(model_id, emptied))
+        for overlay in replaced_overlays(current, new):
+            delete_file(overlay)  # after the commit: a run killed before it leaves a file no row names, never a row naming no file
     return new
+
+
+def replaced_overlays(current: pa.Table, new: pa.Table) -> list[str]:
+    """Overlays the table named before `new` was committed and no longer does (the study was
+    unflagged, or another image drives it now): each a derived image of a patient's film,
+    kept nowhere else. Overlays named by study alone (before `overlay_name`) are left: two
+    models' rows can name one such file."""
+    now = dict(zip(new["study_id"].to_pylist(), new["explain_path"].to_pylist()))
+    return [
+        held
+        for study, held in zip(current["study_id"].to_pylist(), current["explain_path"].to_pylist())
+        if held and study in now and now[study] != held and held.rsplit("/", 1)[-1] != legacy_overlay_name(study)
+    ]
 
 
 def current_studies(studies: DeltaTable, model_id: str, study_ids: pa.Array) -> pa.Table:
