@@ -200,13 +200,15 @@ def changed_studies(aggregated: pa.Table, current: pa.Table) -> pa.Table:
 def driving_images(images: pa.Table, flagged_studies: list[str]) -> dict[str, dict]:
     """For each flagged study, its usable image with the highest probability (of equals, the
     smallest path, so that the choice does not depend on the order rows are read in)."""
-    wanted = set(flagged_studies)
     best: dict[str, dict] = {}
-    for row in images.select(["path", "study_id", "status", "prob", "size", "run_id"]).to_pylist():
-        if row["study_id"] in wanted and row["status"] == "ok" and row["prob"] is not None:
-            held = best.get(row["study_id"])
-            if held is None or (row["prob"], held["path"]) > (held["prob"], row["path"]):
-                best[row["study_id"]] = row
+    if not flagged_studies:  # every sync asks (for the overlays it keeps): no Python rows when none can be kept
+        return best
+    usable = pc.and_(pc.is_in(images["study_id"], pa.array(flagged_studies, pa.string())), pc.equal(images["status"], "ok"))
+    candidates = images.filter(pc.and_(usable, pc.is_valid(images["prob"])))
+    for row in candidates.select(["path", "study_id", "status", "prob", "size", "run_id"]).to_pylist():
+        held = best.get(row["study_id"])
+        if held is None or (row["prob"], held["path"]) > (held["prob"], row["path"]):
+            best[row["study_id"]] = row
     return best
 
 

@@ -125,7 +125,12 @@ def query(table: DeltaTable, name: str, sql: str) -> pa.Table:
     the time (`terminate called without an active exception`, exit code 134), which would fail
     a job whose work was done; a DataFusion read leaves no such thread behind.
     """
-    return pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql)).read_all()
+    return scan(table, name, sql).read_all()
+
+
+def scan(table: DeltaTable, name: str, sql: str) -> pa.RecordBatchReader:
+    """The batches of `sql` over `table` (registered as `name`), as DataFusion streams them."""
+    return pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql))
 
 
 def run_study_counts(output: str, model_id: str, run_id: str, date: str) -> tuple[int, int]:
@@ -184,7 +189,7 @@ def model_rows(
     selected = ", ".join(f'"{name}"' for name in columns)
     sql = f"SELECT {selected} FROM {name} WHERE {' AND '.join(where)}"
     schema = pa.schema([SCHEMAS[name].field(column) for column in columns])
-    reader = pa.RecordBatchReader.from_stream(QueryBuilder().register(name, table).execute(sql))
+    reader = scan(table, name, sql)
     gathered: list[pa.RecordBatch] = []
     rows = 0
     for batch in reader:
