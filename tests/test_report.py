@@ -515,3 +515,28 @@ def test_dot_as_output_is_refused_before_scoring_and_dot_as_data_is_its_folder(
 def test_printed_json_is_strict() -> None:
     """`lungray evaluate` on a one-class split has no AUROC: null, which jq reads, not NaN."""
     assert json.loads(strict_json({"auroc": float("nan"), "recall": np.float64("nan"), "n": [1, float("inf")]})) == {"auroc": None, "recall": None, "n": [1, None]}
+
+
+def test_a_report_that_fails_part_way_leaves_nothing_behind(
+    fake_split: tuple[str, Cases], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure in the second data set of `compare --data A --data B` leaves neither the first
+    data set's report nor a staging folder: the whole folder appears at once or not at all."""
+    model, _ = fake_split
+    monkeypatch.chdir(tmp_path)
+    written = []
+
+    def write_report_then_fail(results: dict[str, Any], folder: Path) -> None:
+        written.append(folder)
+        if len(written) == 2:
+            raise OSError("disk full")
+        (folder / "report.md").write_text("whole")
+
+    monkeypatch.setattr(compare, "write_report", write_report_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_compare_across(CompareConfig(model_dirs=(model,), data="d", output="out/across", n_boot=20, gradcam_examples=0), ["a/x", "b/y"])
+    assert len(written) == 2
+    assert list((tmp_path / "out").iterdir()) == []
+    summary = run_compare_across(CompareConfig(model_dirs=(model,), data="d", output="out/across", n_boot=20, gradcam_examples=0), ["a/x"])
+    assert set(summary["data_sets"]) == {"x"} and (tmp_path / "out" / "across" / "x" / "report.md").read_text() == "whole"
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["across"]

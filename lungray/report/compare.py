@@ -23,7 +23,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -136,8 +137,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             "note": "The design reports accuracy only; its split, threshold and other metrics are not known.",
         },
     }
-    staging = staging_folder(output)
-    try:
+    with staged(output) as staging:
         results["figures"] = write_figures(staging, results, cases, probs)
         for model, entry in zip(models, results["models"]):
             entry["gradcam"] = write_gradcam_examples(staging, model, cases, probs[model.model_id], config.gradcam_examples)
@@ -145,12 +145,6 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         results = json_ready(results)
         write_report(results, staging)
         (staging / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-        if output.exists():
-            output.rmdir()  # empty, checked above; rename needs the name free
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return results
 
 
@@ -171,8 +165,7 @@ def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str,
     output = report_folder(config.output)
     names = [data_set_name(data, index) for index, data in enumerate(datas)]
     names = [name if names.count(name) == 1 else f"{index}-{name}" for index, name in enumerate(names)]
-    staging = staging_folder(output)
-    try:
+    with staged(output) as staging:
         reports = {name: run_compare(replace(config, data=data, output=str(staging / name))) for name, data in zip(names, datas)}
         summary = {
             "data_sets": {name: report["data"] for name, report in reports.items()},
@@ -191,12 +184,6 @@ def run_compare_across(config: CompareConfig, datas: Sequence[str]) -> dict[str,
         }
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         (staging / "summary.md").write_text(across_markdown(summary))
-        if output.exists():
-            output.rmdir()
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 
@@ -533,12 +520,21 @@ def report_folder(output: str) -> Path:
     return folder
 
 
-def staging_folder(output: Path) -> Path:
-    """An empty folder beside `output`, renamed to it when the report is whole. Made by a plain
-    mkdir, so the report is as readable as the folders around it (mkdtemp's are 0700)."""
+@contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """An empty folder beside `output` to write the report in, renamed to `output` when the
+    block ends whole and removed when it raises, so a reader never sees half a report. Made by
+    a plain mkdir, so the report is as readable as the folders around it (mkdtemp's are 0700)."""
     staging = _created(output.parent) / f".{output.name}-{uuid.uuid4().hex}"
     staging.mkdir()
-    return staging
+    try:
+        yield staging
+        if output.exists():
+            output.rmdir()  # empty, checked by report_folder; rename needs the name free
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _created(directory: Path) -> Path:
