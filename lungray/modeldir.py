@@ -181,17 +181,23 @@ def save_model_dir(path: str | os.PathLike[str], state_dict: Mapping[str, torch.
 
 
 def model_digest(weights_digest: str, meta: Mapping[str, Any]) -> str:
-    """What the model id names: the weights, and for a site-derived directory also its lineage.
+    """What the model id names: the weights, and where the weights alone do not fix the scores,
+    also what does.
 
     `lungray calibrate` keeps its parent's weights but changes the probabilities
-    (temperature) and the calls (threshold); it must not share the parent's id, since
-    compare refuses one id twice and screening keys its history by model id. A lineage
-    record holds the temperature and threshold it chose, so hashing it separates the two;
-    directories without lineage keep the id they always had.
+    (temperature) and the calls (threshold); two ensembles of the same members differ only in
+    their test-time augmentation and threshold. Neither may share an id with its twin, since
+    compare refuses one id twice and screening keys its history by model id: a site-derived
+    directory also hashes its lineage, temperature and threshold, an ensemble its architecture
+    (members, TTA) and threshold. Trained directories keep the id they always had.
     """
-    if "lineage" not in meta:
+    scoring: dict[str, Any] = {}
+    if "lineage" in meta:
+        scoring |= {"lineage": meta["lineage"], "temperature": meta.get("temperature", 1.0), "threshold": meta["threshold"]}
+    if meta["architecture"]["arch"] == "ensemble":
+        scoring |= {"architecture": meta["architecture"], "threshold": meta["threshold"]}
+    if not scoring:
         return weights_digest
-    scoring = {"lineage": meta["lineage"], "temperature": meta.get("temperature", 1.0), "threshold": meta["threshold"]}
     return hashlib.sha256(f"{weights_digest}\n{json.dumps(scoring, sort_keys=True)}".encode()).hexdigest()
 
 

@@ -157,6 +157,22 @@ def test_ensemble_refuses_a_calibrated_member(tmp_path: Path) -> None:
         build_ensemble_dir([cnn_dir, lstm_dir], str(data), tmp_path / "ensemble")
 
 
+def test_ensembles_that_score_differently_do_not_share_an_id(tmp_path: Path) -> None:
+    """Same members, other TTA or threshold: other scores and calls, so another id (screening
+    keyed by model id scored 0 of 8 files with the second ensemble of one pair)."""
+    network = Ensemble(members(), tta="none")
+    meta = {"preprocess": PreprocessConfig(size=SIZE).to_dict(), "decode": TODAYS_DECODE}
+
+    def ensemble_id(folder: str, tta: str, threshold: float) -> str:
+        architecture = EnsembleConfig(members=(TINY["cnn"].to_dict(), TINY["cnn_lstm"].to_dict()), tta=tta).to_dict()
+        saved = save_model_dir(tmp_path / folder, network.state_dict(), {**meta, "architecture": architecture, "threshold": threshold})
+        return load_model_dir(saved).model_id
+
+    plain = ensemble_id("a", "none", 0.3)
+    assert plain == ensemble_id("again", "none", 0.3)
+    assert len({plain, ensemble_id("tta", "zoom-shift", 0.3), ensemble_id("threshold", "none", 0.4)}) == 3
+
+
 def test_arguments() -> None:
     parser = argparse.ArgumentParser()
     add_ensemble_arguments(parser)
