@@ -113,11 +113,42 @@ def test_a_step_after_one_that_used_the_same_films_says_its_figures_are_in_sampl
         parent = tmp_path / name.removesuffix("-other")
         step = calibrate(CalibrateConfig(model_dir=str(parent), data=str(data_used), output=str(tmp_path / f"{name}-calibrated"), n_boot=20, folds=3))
         warned[name] = [warning for warning in step["warnings"] if "were used" in warning]
-    assert warned["tuned"] == ["80 of these 80 images were used with their labels by the parent's adapt-labelled step (site site): "
+    assert warned["tuned"] == ["80 of these 80 distinct films were used with their labels by the parent's adapt-labelled step (site site): "
                                "the figures measured here are in-sample for what it fitted"]
     (adabn,) = warned["adabn"]
-    assert adabn.startswith("80 of these 80 images were used without labels by the parent's adapt-unlabelled step")
+    assert adabn.startswith("80 of these 80 distinct films were used without labels by the parent's adapt-unlabelled step")
     assert warned["tuned-other"] == []
+
+
+def test_adabn_after_calibrate_says_the_kept_threshold_was_chosen_for_the_parent(tmp_path: Path) -> None:
+    """AdaBN keeps the parent's threshold and temperature. A site-calibrated parent's were chosen
+    for a sensitivity on the parent's probabilities, which AdaBN moves: said in the step's
+    warnings and in the threshold policy. A parent thresholded on val alone gets no warning."""
+    from lungray.report.render import threshold_note
+    from lungray.site.calibrate import CalibrateConfig, calibrate
+
+    data = write_site_sample(tmp_path / "site", n_normal=30, n_abnormal=30)
+    parent_dir = make_model_dir(tmp_path / "parent", size=SIZE)
+    calibrate(CalibrateConfig(model_dir=str(parent_dir), data=str(data), output=str(tmp_path / "calibrated"), n_boot=20, folds=3))
+    calibrated = load_model_dir(tmp_path / "calibrated")
+    step = adapt(AdaptConfig(model_dir=str(tmp_path / "calibrated"), data=str(data), output=str(tmp_path / "adabn"), labelled=False))
+    (warning,) = step["warnings"]
+    assert warning.startswith(f"the threshold {calibrated.threshold:.4g} and temperature {calibrated.temperature:.4g} kept from the parent's calibrate step")
+    adapted = read_meta(tmp_path / "adabn")
+    assert adapted["threshold"] == calibrated.threshold and adapted["temperature"] == calibrated.temperature
+    assert adapted["threshold_policy"] == {**calibrated.meta["threshold_policy"], "weights": f"the parent's ({calibrated.model_id}), before AdaBN"}
+    note = threshold_note({"name": "cnn", "threshold": adapted["threshold"], "threshold_policy": adapted["threshold_policy"]})
+    assert note.endswith(f"weights the parent's ({calibrated.model_id}), before AdaBN).")
+    assert adapt(AdaptConfig(model_dir=str(parent_dir), data=str(data), output=str(tmp_path / "plain-adabn"), labelled=False))["warnings"] == []
+
+
+def test_a_film_stored_twice_is_counted_once_on_both_sides_of_the_warning() -> None:
+    """Site B holds two byte-identical pairs: "239 of these 241 images" when all 239 distinct films were used."""
+    from lungray.site.lineage import earlier_use
+
+    parent = {"lineage": [{"step": "calibrate", "site": "B", "labels_used": True, "film_keys": ["a", "b", "c"]}]}
+    (warning,) = earlier_use(parent, {"n_images": 4, "film_keys": ["a", "b", "c"]})
+    assert warning.startswith("3 of these 3 distinct films were used with their labels")
 
 
 def test_adapt_needs_exactly_one_mode_and_labels_for_fine_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,7 @@ from lungray.metrics import THRESHOLD_RULE, bootstrap_ci
 from lungray.modeldir import ModelDir, load_model_dir, model_input
 from lungray.site.calibrate import calibration_record
 from lungray.site.data import SiteSample, read_site_sample
-from lungray.site.lineage import check_free, earlier_use, save_derived, site_name, written_step
+from lungray.site.lineage import check_free, earlier_use, kept_operating_point, save_derived, site_name, written_step
 from lungray.train.augment import AugmentConfig, augment_batch
 
 
@@ -200,10 +200,12 @@ def adapt_unlabelled(parent: ModelDir, sample: SiteSample, site: str, config: Ad
         **sample.describe(),
         "batchnorm_layers": n_layers,
         "threshold": "the parent's: no labels to re-choose it (run calibrate on a labelled sample)",
+        "warnings": kept_operating_point(parent.meta, "adapt-unlabelled"),
     }
-    return save_derived(
-        config.output, parent, model.state_dict(), step, threshold=parent.threshold, threshold_policy=parent.meta.get("threshold_policy")
-    )
+    policy = parent.meta.get("threshold_policy")
+    if policy:  # chosen for other probabilities than this model's: said wherever the policy is shown
+        policy = {**policy, "weights": f"the parent's ({parent.model_id}), before AdaBN"}
+    return save_derived(config.output, parent, model.state_dict(), step, threshold=parent.threshold, threshold_policy=policy)
 
 
 def adapt_labelled(parent: ModelDir, sample: SiteSample, site: str, config: AdaptConfig) -> Path:

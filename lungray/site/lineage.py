@@ -80,25 +80,40 @@ def earlier_use(parent_meta: Mapping[str, Any], sample_record: Mapping[str, Any]
     step that saw their labels fitted weights or a threshold on them, so the figures measured
     here on those films, cross-validated or not, are in-sample for it."""
     keys = set(sample_record.get("film_keys") or [])
+    n_films = len(keys) if keys else sample_record["n_images"]  # distinct films: byte-identical copies are one
     warnings = []
     for step in parent_meta.get("lineage", []):
         if step.get("film_keys") is not None:
             used = len(keys & set(step["film_keys"]))
         else:
-            used = sample_record["n_images"] if step.get("data_fingerprint") == sample_record.get("data_fingerprint") else 0
+            used = n_films if step.get("data_fingerprint") == sample_record.get("data_fingerprint") else 0
         if not used:
             continue
         if step.get("labels_used"):
             warnings.append(
-                f"{used} of these {sample_record['n_images']} images were used with their labels by the parent's "
+                f"{used} of these {n_films} distinct films were used with their labels by the parent's "
                 f"{step['step']} step (site {step.get('site')}): the figures measured here are in-sample for what it fitted"
             )
         else:
             warnings.append(
-                f"{used} of these {sample_record['n_images']} images were used without labels by the parent's {step['step']} "
+                f"{used} of these {n_films} distinct films were used without labels by the parent's {step['step']} "
                 f"step (site {step.get('site')}): its statistics came from them, so the held-out figures here are not wholly held out"
             )
     return warnings
+
+
+def kept_operating_point(parent_meta: Mapping[str, Any], step_name: str) -> list[str]:
+    """A warning for a step that changes the weights' outputs but keeps the parent's threshold and
+    temperature: where a labelled site step chose them, its sensitivity and specificity were
+    measured on the parent's probabilities and no longer describe the derived model."""
+    chosen_by = [step["step"] for step in parent_meta.get("lineage", []) if step.get("labels_used")]
+    if not chosen_by:
+        return []
+    return [
+        f"the threshold {parent_meta['threshold']:.4g} and temperature {parent_meta.get('temperature', 1.0):.4g} kept from the "
+        f"parent's {chosen_by[-1]} step were chosen on its probabilities, which {step_name} changes: that step's sensitivity "
+        "and specificity do not describe this model; run calibrate on a labelled sample to choose them again"
+    ]
 
 
 def written_step(output: str | os.PathLike[str]) -> dict[str, Any]:
