@@ -17,9 +17,9 @@ import pyarrow.dataset as pads
 import ray.data
 from ray.data.expressions import col
 
-from lungray.ingest import ingest_rows, load_summary
+from lungray.ingest import images_uri, ingest_rows, load_summary
 from lungray.io.base import normalized_record
-from lungray.io.listing import filesystem_for, join_uri
+from lungray.io.listing import filesystem_for
 from lungray.io.parquet import read_parquet
 from lungray.metrics import binary_metrics
 from lungray.modeldir import ModelDir, load_model_dir
@@ -33,7 +33,7 @@ def labelled_split(data: str, split: str, columns: Sequence[str] = ("image", "la
     """`columns` of one split's labelled rows (unlabelled rows cannot be scored)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    filesystem, path = filesystem_for(join_uri(data, "data"))
+    filesystem, path = filesystem_for(images_uri(data))
     return (
         read_parquet(path, filesystem, columns=list(dict.fromkeys([*columns, "label", "split"])))
         .filter(expr=(col("split") == split) & col("label").is_not_null())

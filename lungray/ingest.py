@@ -330,5 +330,15 @@ def load_summary(data_dir: str) -> dict[str, Any]:
 def ingest_rows(data_dir: str, columns: list[str], where: pads.Expression | None = None) -> pa.Table:
     """`columns` of the rows of a finished ingest's data/ that `where` keeps (all: None), read by
     Arrow without Ray, in no particular order."""
-    filesystem, path = filesystem_for(join_uri(data_dir, "data"))
+    filesystem, path = filesystem_for(images_uri(data_dir))
     return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=columns, filter=where)
+
+
+def images_uri(data_dir: str) -> str:
+    """The data/ folder of a finished ingest; one of no usable file has none, and says so here
+    rather than as a reader's bare "not found"."""
+    uri = join_uri(data_dir, "data")
+    if not exists(uri) and exists(join_uri(data_dir, "summary.json")):
+        by_status = load_summary(data_dir).get("by_status", {})
+        raise ValueError(f"{data_dir} holds no usable images (its ingest found {by_status or 'no files'}; see its summary.json)")
+    return uri

@@ -159,3 +159,23 @@ def test_adapt_needs_exactly_one_mode_and_labels_for_fine_tuning(tmp_path: Path,
     parent = make_model_dir(tmp_path / "parent", size=SIZE)
     assert main(["adapt", str(parent), "--data", str(data), "--output", str(tmp_path / "o"), "--labelled"]) == 2
     assert "no labelled images" in capsys.readouterr().err
+
+
+def test_an_ingest_of_no_usable_file_and_bad_settings_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An ingest that found no usable file writes no data/: "error: .../data" was all it said.
+    `--min-sensitivity 1.5` failed only after every epoch of fine-tuning."""
+    import shutil
+
+    data = write_site_sample(tmp_path / "site", n_normal=4, n_abnormal=4)
+    parent = make_model_dir(tmp_path / "parent", size=SIZE)
+    shutil.rmtree(data / "data")
+    for arguments in (
+        ["calibrate", str(parent), "--data", str(data), "--output", str(tmp_path / "calibrated")],
+        ["adapt", str(parent), "--data", str(data), "--output", str(tmp_path / "adapted"), "--unlabelled"],
+        ["evaluate", str(parent), str(data)],
+    ):
+        assert main(arguments) == 2
+        assert f"{data} holds no usable images (its ingest found" in capsys.readouterr().err
+    for setting in ({"min_sensitivity": 1.5}, {"folds": 1}, {"n_boot": 0}):
+        with pytest.raises(ValueError, match=next(iter(setting))):
+            AdaptConfig(model_dir="m", data="d", output="o", labelled=True, **setting)

@@ -35,7 +35,7 @@ from torch import nn
 
 from lungray.metrics import THRESHOLD_RULE, bootstrap_ci
 from lungray.modeldir import ModelDir, load_model_dir, model_input
-from lungray.site.calibrate import calibration_record
+from lungray.site.calibrate import calibration_record, check_calibration_settings
 from lungray.site.data import SiteSample, read_site_sample
 from lungray.site.lineage import check_free, earlier_use, kept_operating_point, save_derived, site_name, written_step
 from lungray.train.augment import AugmentConfig, augment_batch
@@ -70,6 +70,7 @@ class AdaptConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        check_calibration_settings(self.min_sensitivity, self.folds, self.n_boot)  # before minutes of fine-tuning
 
 
 class _Captured(Exception):

@@ -56,12 +56,17 @@ class CalibrateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.min_sensitivity <= 1.0:
-            raise ValueError(f"min_sensitivity must lie in (0, 1], got {self.min_sensitivity}")
-        if self.folds < 2:
-            raise ValueError(f"folds must be at least 2, got {self.folds}")
-        if self.n_boot < 1:
-            raise ValueError(f"n_boot must be at least 1, got {self.n_boot}")
+        check_calibration_settings(self.min_sensitivity, self.folds, self.n_boot)
+
+
+def check_calibration_settings(min_sensitivity: float, folds: int, n_boot: int) -> None:
+    """The settings of choosing a threshold and cross-validating it, checked before any work."""
+    if not 0.0 < min_sensitivity <= 1.0:
+        raise ValueError(f"min_sensitivity must lie in (0, 1], got {min_sensitivity}")
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
 
 
 def abnormal_needed(target: float, confidence: float = CONFIDENCE) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 import ray
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from ray.actor import ActorHandle
@@ -41,7 +41,7 @@ from ray.train.torch import TorchTrainer
 from sklearn.utils.class_weight import compute_class_weight
 
 from lungray.evaluate import labelled_split
-from lungray.ingest import load_summary
+from lungray.ingest import ingest_rows, load_summary
 from lungray.io.listing import exists, filesystem_for, is_s3, join_uri, read_bytes
 from lungray.modeldir import META_FILE
 from lungray.models import ARCHITECTURES, ModelConfig, default_config
@@ -172,9 +172,7 @@ class WholeValidationSplit(DataConfig):
 
 def labels_by_split(data: str) -> dict[str, np.ndarray]:
     """The known labels of each split, read from the two small columns only."""
-    filesystem, path = filesystem_for(join_uri(data, "data"))
-    table = pq.read_table(path, columns=["split", "label"], filesystem=filesystem)
-    table = table.filter(pc.is_valid(table["label"]))
+    table = ingest_rows(data, ["split", "label"], pads.field("label").is_valid())
     return {
         name: table.filter(pc.equal(table["split"], name))["label"].to_numpy().astype(np.int64)
         for name in ("train", "val")
