@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungray.evaluate import score_split  # noqa: E402
+from lungray.evaluate import check_preprocessing, score_split  # noqa: E402
+from lungray.ingest import load_summary  # noqa: E402
 from lungray.metrics import delong_test, paired_bootstrap_auroc, roc_auc_score  # noqa: E402
 from lungray.modeldir import FORMAT_KEYS, ModelDir, load_model_dir, save_model_dir  # noqa: E402
 from lungray.report.compare import read_cases  # noqa: E402
@@ -79,9 +80,11 @@ def main() -> None:
     if args.export and not args.home:
         parser.error("--export needs --home")
     cases = read_cases(args.site, args.split)
+    summary = load_summary(args.site)
     results = []
     for path in args.models:
         exported = load_model_dir(path)
+        check_preprocessing(exported, summary, args.site)
         checkpoint = latest_checkpoint(path)
         progress = read_progress(checkpoint)
         exported_prob = exported.predict_proba(cases.images)

@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lungray.evaluate import check_preprocessing  # noqa: E402
+from lungray.ingest import load_summary  # noqa: E402
 from lungray.metrics import paired_bootstrap_auroc, roc_auc_score  # noqa: E402
 from lungray.modeldir import ModelDir, load_model_dir, model_input  # noqa: E402
 from lungray.site.adapt import AdaptConfig, adapt_batchnorm, batchnorm_layers, fine_tune  # noqa: E402
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args()
     torch.manual_seed(0)
+    summary = load_summary(args.site)
     table = read_ingest_rows(args.site, ["image", "label", "patient_key"], labelled_only=True)
     images = table["image"].combine_chunks().to_numpy()
     labels = table["label"].to_numpy().astype(np.int64)
@@ -98,6 +101,7 @@ def main() -> None:
     results = []
     for path in args.models:
         parent = load_model_dir(path)
+        check_preprocessing(parent, summary, args.site)
         methods: dict[str, Callable[[nn.Module], nn.Module]] = {
             "adabn": lambda m: adabn(m, images),
             "bn_mix": lambda m: bn_mix(m, images),

@@ -45,14 +45,20 @@ def check_preprocessing(model: ModelDir, summary: dict[str, Any], data: str) -> 
     """Refuse data decoded or preprocessed differently from the model's training data: its
     scores would describe inputs the model never saw. Records from before decoder versions
     were kept read as decoder version 1's (`lungray.io.base.normalized_record`)."""
+    check_preprocess(model, summary, data)
+    trained_on, given = normalized_record(model.meta.get("decode")), normalized_record(summary.get("decode"))
+    if trained_on != given:
+        raise ValueError(f"{model.path} was trained on images decoded with {trained_on}, {data} was decoded with {given}")
+
+
+def check_preprocess(model: ModelDir, summary: dict[str, Any], data: str) -> None:
+    """The preprocessing half of `check_preprocessing` (size, intensity, aspect), for a caller
+    that compares models of different decoder versions on one ingest on purpose."""
     if summary["preprocess"] != model.meta["preprocess"]:
         raise ValueError(
             f"{model.path} was trained on images preprocessed with {model.meta['preprocess']}, "
             f"{data} was preprocessed with {summary['preprocess']}"
         )
-    trained_on, given = normalized_record(model.meta.get("decode")), normalized_record(summary.get("decode"))
-    if trained_on != given:
-        raise ValueError(f"{model.path} was trained on images decoded with {trained_on}, {data} was decoded with {given}")
 
 
 def score_split(model: ModelDir, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
