@@ -386,12 +386,15 @@ def test_train_one_epoch_keeps_an_exponential_moving_average_of_the_weights(tmp_
     assert not torch.allclose(average.module.head[-1].weight, model.head[-1].weight)
 
 
-def test_evaluate_epoch_weighted_loss_and_probabilities(tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_evaluate_epoch_weighted_loss_and_probabilities(tmp_path: Path, use_gpu: bool) -> None:
+    """Also as a GPU run validates (on CPU here): in float32, as every scorer scores, though
+    training runs in bfloat16 there; the probabilities choose the exported threshold."""
     data = write_ingested(tmp_path / "data")
     torch.manual_seed(0)
     model = build_model(ModelConfig("cnn_lstm", widths=(4, 8), lstm_hidden=8)).eval()
     weights = torch.tensor([0.5, 2.0])
-    shard = evaluate_epoch(model, toy_batches(data, "val", batch_size=5), weights, False)
+    shard = evaluate_epoch(model, toy_batches(data, "val", batch_size=5), weights, use_gpu)
 
     images, labels = read_split(data, "val")
     with torch.no_grad():
@@ -438,6 +441,43 @@ def test_splits_that_fit_a_quarter_of_the_object_store_are_read_once(ray_session
         rows = cached[split].take_all()
         assert sorted(int(row["label"]) for row in rows) == sorted(labels.tolist())
         assert sorted(row["image"].tobytes() for row in rows) == sorted(image.tobytes() for image in images)
+
+
+def test_an_output_holding_another_kind_of_model_directory_is_refused(tmp_path: Path) -> None:
+    """An ensemble's model.json has no training record (KeyError: 'training'); a calibrated
+    one inherits its parent's, and would have read "already holds this model; nothing to do"."""
+    from test_modeldir import make_model_dir
+
+    from lungray.train.trainer import is_exported
+
+    config = TrainConfig(model="cnn", data="d", output="o")
+    ensemble_like = make_model_dir(tmp_path / "ensemble")
+    derived = make_model_dir(tmp_path / "calibrated")
+    meta = json.loads((derived / "model.json").read_text())
+    (derived / "model.json").write_text(json.dumps({**meta, "training": config.hyperparameters(), "lineage": [{"step": "calibrate"}]}))
+    for output in (ensemble_like, derived):
+        with pytest.raises(FileExistsError, match="not written by `lungray train`; choose another --output"):
+            is_exported(str(output), config, "fingerprint")
+
+
+@pytest.mark.timeout(120)
+def test_each_worker_trains_on_both_classes_when_the_ingest_stored_them_apart(ray_session: None, tmp_path: Path) -> None:
+    """The ingest stores rows by label; Ray Train splits the train split into contiguous
+    shares (streaming_split, equal), so without a shuffle one of two workers saw abnormal
+    films alone, cached or streamed."""
+    data = write_ingested(tmp_path / "data", split_sizes={"train": 200, "val": 10, "test": 4})
+    stored = pq.read_table(data / "data" / "train.parquet")
+    pq.write_table(stored.take(np.argsort(stored["label"].fill_null(-1).to_numpy(), kind="stable")), data / "data" / "train.parquet")
+    needed = splits_bytes(json.loads((data / "summary.json").read_text()), ["train", "val"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    for store in (4 * needed, 4 * needed - 1):
+        datasets = training_datasets(str(data), object_store_bytes=store)
+        shards = WholeValidationSplit().configure(datasets, world_size=2, worker_handles=None, worker_node_ids=None)
+        with ThreadPoolExecutor(2) as pool:
+            labels = list(pool.map(lambda shard: [int(row["label"]) for row in shard["train"].iter_rows()], shards))
+        assert sorted(labels[0] + labels[1]) == [0] * 100 + [1] * 100
+        assert all(0.35 < np.mean(share) < 0.65 for share in labels), [np.mean(share) for share in labels]
 
 
 # --- whole runs on Ray Train -------------------------------------------------------------

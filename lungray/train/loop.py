@@ -59,8 +59,8 @@ AVERAGED_PREFIX = "module."
 # (the moving average at the end, which ranked a new site's films better: docs/results.md).
 SELECTIONS = ("last", "best")
 COSINE_FINAL_LR_FRACTION = 0.01
-# Images held by each worker's shuffle buffer: enough to mix rows from several Parquet
-# shards (an ingest writes them grouped by source and label), 50 MB at 224 px uint8.
+# Images held by each worker's shuffle buffer, which reshuffles each epoch what the one
+# shuffle of the whole split (trainer.training_datasets) gave the worker; 50 MB at 224 px uint8.
 SHUFFLE_BUFFER_IMAGES = 1024
 # What each epoch reports to Ray Train; val_auroc also ranks the checkpoints it keeps.
 REPORTED_METRICS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr")
@@ -287,19 +287,22 @@ def train_one_epoch(
 def evaluate_epoch(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], class_weights: torch.Tensor, use_gpu: bool
 ) -> ValidationShard:
-    """Score this worker's validation shard (pass the unwrapped module: no DDP collectives)."""
+    """Score this worker's validation shard (pass the unwrapped module: no DDP collectives).
+
+    In float32 also on a GPU, where training runs in bfloat16: these probabilities choose the
+    exported threshold and val_metrics, which must describe the model as every scorer runs it
+    (bfloat16 left 4 distinct probabilities of 200 on a weakly trained model)."""
     model.eval()
     probs, labels_seen = [], []
     loss_total, weight_total = 0.0, 0.0
     for batch in batches:
         inputs = model_input(batch["image"], channels_last=use_gpu)
         labels = batch["label"].long()
-        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=use_gpu):
-            logits = model(inputs)
+        logits = model(inputs)
         loss_sum, weight_sum = weighted_loss_sums(logits, labels, class_weights)
         loss_total += loss_sum.item()
         weight_total += weight_sum.item()
-        probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
         labels_seen.append(labels.cpu().numpy())
     return ValidationShard(
         prob=np.concatenate(probs) if probs else np.zeros(0),

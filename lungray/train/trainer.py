@@ -236,6 +236,8 @@ def is_exported(output: str, config: TrainConfig, fingerprint: str) -> bool:
     if not exists(meta_uri):
         return False
     meta = json.loads(read_bytes(meta_uri))
+    if "training" not in meta or "lineage" in meta:  # an ensemble's, or derived for a site: never overwritten
+        raise FileExistsError(f"{output} holds a model directory not written by `lungray train`; choose another --output")
     return with_defaults(meta["training"]) == config.hyperparameters() and meta["data_fingerprint"] == fingerprint
 
 
@@ -288,10 +290,15 @@ def splits_bytes(summary: dict[str, Any], splits: Sequence[str]) -> int:
     return per_image * sum(int(summary["splits"][split]["images"]) for split in splits)
 
 
-def training_datasets(data: str, object_store_bytes: float) -> dict[str, Dataset]:
+def training_datasets(data: str, object_store_bytes: float, seed: int = 0) -> dict[str, Dataset]:
     """The train and val splits, materialized in the object store when they fit in
-    `CACHE_FRACTION_OF_OBJECT_STORE` of it, else streamed from storage each epoch."""
-    datasets = {split: labelled_split(data, split) for split in ("train", "val")}
+    `CACHE_FRACTION_OF_OBJECT_STORE` of it, else streamed from storage each epoch.
+
+    The train rows are shuffled across the whole split first: an ingest stores them by source
+    and label (Kermany: 939 normal, then 2,712 abnormal), Ray Train gives each worker a
+    contiguous share, and a worker's shuffle buffer mixes only nearby rows, so one of two
+    workers trained on abnormal films alone (val AUROC 0.946 against 0.977 after an epoch)."""
+    datasets = {"train": labelled_split(data, "train").random_shuffle(seed=seed), "val": labelled_split(data, "val")}
     needed = splits_bytes(load_summary(data), list(datasets))
     if needed > CACHE_FRACTION_OF_OBJECT_STORE * object_store_bytes:
         log.info("streaming %s each epoch: %d MB does not fit a quarter of the object store", data, needed >> 20)
@@ -329,7 +336,7 @@ def build_trainer(
             ),
             logging_config=LoggingConfig(log_level=loop.console_log_level),
         ),
-        datasets=training_datasets(config.data, store_share * ray.cluster_resources().get("object_store_memory", 0.0)),
+        datasets=training_datasets(config.data, store_share * ray.cluster_resources().get("object_store_memory", 0.0), config.seed),
         # Ray Data's default options, given here: Ray Train's own default copies the deprecated
         # `exclude_resources` into them and so prints a RayDeprecationWarning on every run.
         dataset_config=WholeValidationSplit(execution_options=ExecutionOptions()),
