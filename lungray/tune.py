@@ -29,8 +29,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +42,7 @@ import ray
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
+from pyarrow.fs import FileSystem
 from ray import tune
 from ray.train import Checkpoint
 from ray.tune.experiment import Trial
@@ -64,7 +66,9 @@ from lungray.train.trainer import (
     build_trainer,
     loop_config,
     ray_train_console_level,
+    stored_progress,
 )
+from lungray.train.loop import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ SETTINGS_FILE = "sweep.json"
 SWEEP_NAME = "sweep"
 CONSOLE_LOG = "tune-console.log"  # Tune's own console tables, without --verbose
 TRIALS_DIR = "trials"
+TUNE_SIGINT_SWITCH = "TUNE_DISABLE_SIGINT_HANDLER"  # read by tune.run when it starts
 BEST_DIR = "best"
 # The trial function only waits on its TorchTrainer, whose workers hold the real CPUs.
 TRIAL_CPUS = 0.1
@@ -310,6 +315,10 @@ class SweepConfig:
     def trial_epochs(self) -> int:
         return self.epochs or self.space.epochs
 
+    def trials_planned(self) -> int:
+        """Trials the sweep runs in all: `samples` of each combination of the grid's values."""
+        return self.samples * math.prod(len(param.values) for param in self.space.params if param.dist == "grid")
+
     @property
     def storage_uri(self) -> str:
         return self.storage or join_uri(self.output, RAY_DIR)
@@ -345,7 +354,9 @@ def plan_resources(config: SweepConfig, cluster: Mapping[str, float]) -> TrialRe
 
     Without `cpus_per_worker`, workers get the cluster's share for `max_concurrent` trials
     or, without that either, a whole CPU each (less on a cluster too small for one trial);
-    concurrency is then what fits, capped by `max_concurrent`.
+    concurrency is then what fits, capped by `max_concurrent`. Where not one trial fits and both
+    are given, they are taken as they are: an autoscaling cluster (cluster.yaml) has no worker
+    node before the sweep asks for one.
     """
     budget = cluster.get("CPU", 0.0) - CPUS_FOR_DATA
     cpus_per_worker = config.cpus_per_worker
@@ -360,10 +371,14 @@ def plan_resources(config: SweepConfig, cluster: Mapping[str, float]) -> TrialRe
     fits = math.floor(budget / trial_cpus + 1e-9)
     if config.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / config.workers))
+    if fits < 1 and config.cpus_per_worker is not None and config.max_concurrent is not None:
+        log.warning("the cluster has %s now: the sweep waits for its autoscaler to add nodes", dict(cluster))
+        return TrialResources(cpus_per_worker, config.max_concurrent)
     if fits < 1:
         gpus = f" and {config.workers} GPU(s)" if config.use_gpu else ""
         raise ValueError(
-            f"a trial needs {trial_cpus:g} CPUs{gpus} beside {CPUS_FOR_DATA:g} for data reads; the cluster has {dict(cluster)}"
+            f"a trial needs {trial_cpus:g} CPUs{gpus} beside {CPUS_FOR_DATA:g} for data reads; the cluster has {dict(cluster)} "
+            "(on a cluster that scales up from none, give --cpus-per-worker and --max-concurrent: they are then not checked)"
         )
     return TrialResources(cpus_per_worker, min(fits, config.max_concurrent or fits))
 
@@ -499,8 +514,20 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         console_log_level=ray_train_console_level(),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_CPUS})
-    with console_of(config, output):
-        grid = build_tuner(config, trainable, resources.concurrent).fit()
+    state = join_uri(config.storage_uri, SWEEP_NAME)
+    try:
+        with console_of(config, output), ctrl_c_interrupts():
+            grid = build_tuner(config, trainable, resources.concurrent).fit()
+    except KeyboardInterrupt:
+        raise RuntimeError(f"the sweep was interrupted; rerun the same command to continue it from {state} (no results or best/ written)") from None
+    # Tune returns from a stop it was sent (SIGUSR1) as after the last trial, the trials it
+    # stopped marked finished: only their last result says they were not done.
+    ended = sum(1 for result in grid if result.error or result.metrics.get("done"))
+    if ended < config.trials_planned():
+        raise RuntimeError(
+            f"the sweep returned with {ended} of its {config.trials_planned()} trials done: it was stopped, and Tune keeps "
+            f"the trials it stopped as finished, so rerunning would not continue them; sweep again into a new --output"
+        )
 
     table = results_table(grid, config, plan.base.select)
     table.to_parquet(output / "results.parquet", index=False)
@@ -542,11 +569,10 @@ def results_table(grid: tune.ResultGrid, config: SweepConfig, select: str) -> pd
     status is "completed" (every epoch), "stopped" (by the scheduler) or "error".
     """
     names = [param.name for param in config.space.params]
+    filesystem, _ = filesystem_for(config.storage_uri)
     rows = []
     for result in grid:
-        history = result.metrics_dataframe
-        # A restored trial may report an epoch again; its last report stands.
-        epochs = pd.DataFrame() if history is None else history.drop_duplicates("epoch", keep="last")
+        epochs = trial_epochs(result.metrics_dataframe, result.metrics.get(CHECKPOINT_PATH_KEY), filesystem)
         sampled = result.config or {}  # empty for a trial that failed before its first report
         row: dict[str, Any] = {"trial": PurePosixPath(result.path).name, **{name: sampled.get(name) for name in names}}
         row["epochs"] = len(epochs)
@@ -563,6 +589,32 @@ def results_table(grid: tune.ResultGrid, config: SweepConfig, select: str) -> pd
     table = pd.DataFrame(rows).reindex(columns=columns)
     ascending = METRIC_MODES[config.metric] == "min"
     return table.sort_values(by=config.metric, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C interrupts the sweep as a kill would. Tune's own handler stops the running trials
+    and stores them as finished, so the rerun that README promises would never continue them;
+    without it they stay "running" in the stored state, and a restore resumes them."""
+    before = os.environ.get(TUNE_SIGINT_SWITCH)
+    os.environ[TUNE_SIGINT_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[TUNE_SIGINT_SWITCH]
+        else:
+            os.environ[TUNE_SIGINT_SWITCH] = before
+
+
+def trial_epochs(reported: pd.DataFrame | None, checkpoint: str | None, filesystem: FileSystem) -> pd.DataFrame:
+    """A trial's epochs as its last checkpoint records them (`Progress.history`, what export
+    reads): after an interrupted sweep resumes, Tune's own reports lack the epochs the trial's
+    Train run had checkpointed but not yet reported. Tune's reports (the last of a repeated
+    epoch) for a trial without a checkpoint."""
+    if checkpoint:
+        return pd.DataFrame(stored_progress(filesystem, f"{checkpoint}/{PROGRESS_FILE}").history)
+    return pd.DataFrame() if reported is None else reported.drop_duplicates("epoch", keep="last")
 
 
 def sweep_figure(table: pd.DataFrame, space: SearchSpace) -> Figure:

@@ -26,6 +26,7 @@ from lungray.ingest import IngestConfig, SourceSpec, run_ingest
 from lungray.io.listing import filesystem_for, read_bytes
 from lungray.modeldir import load_model_dir
 from lungray.preprocess import PreprocessConfig
+from lungray.train.loop import PROGRESS_FILE
 from lungray.train.trainer import TrainConfig
 from lungray.cli import add_tune_arguments, main, tune_config_from_args
 from lungray.tune import (
@@ -156,6 +157,12 @@ def test_resources_leave_a_cpu_for_data_and_cap_concurrency(tmp_path: Path) -> N
         plan_resources(sweep(tmp_path, cpus_per_worker=1.0), {"CPU": 2.0})
     with pytest.raises(ValueError, match="GPU"):
         plan_resources(sweep(tmp_path, use_gpu=True), {"CPU": 8.0})
+    # cluster.yaml's head right after `ray up`: no CPU, no GPU; worker nodes come when asked for.
+    cold = {"memory": 8e9, "object_store_memory": 2e9}
+    with pytest.raises(ValueError, match="give --cpus-per-worker and --max-concurrent"):
+        plan_resources(sweep(tmp_path, use_gpu=True, cpus_per_worker=3.0), cold)
+    asked = plan_resources(sweep(tmp_path, use_gpu=True, cpus_per_worker=3.0, max_concurrent=4), cold)
+    assert (asked.cpus_per_worker, asked.concurrent) == (3.0, 4)
 
 
 def test_local_paths_are_made_absolute_for_the_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,20 +270,27 @@ def test_sweep_stops_trailing_trials_and_exports_the_best(ingested: str, tmp_pat
 
 
 @pytest.mark.parametrize("select, winner, auroc", [("last", "B", 0.93), ("best", "A", 0.95)])
-def test_trials_are_ranked_by_the_epoch_whose_weights_are_exported(select: str, winner: str, auroc: float) -> None:
+def test_trials_are_ranked_by_the_epoch_whose_weights_are_exported(tmp_path: Path, select: str, winner: str, auroc: float) -> None:
     """Trial A's best epoch (0.95) outranked B (0.93 at its last), and A's last weights (0.60)
-    were exported. The ranking is now by the metric of the epoch the export takes."""
+    were exported. The ranking is now by the metric of the epoch the export takes, as the
+    trial's checkpoint records its epochs: B's Tune reports lack its first epoch (a resumed
+    trial: checkpointed, not reported, before the interrupt) and it read "stopped" after 2."""
     space = SearchSpace("cnn", 3, (ParamSpec("lr", "loguniform", 1e-4, 1e-2),))
-    config = SweepConfig(space=space, data="unused", output="unused", samples=2, scheduler="fifo")
+    config = SweepConfig(space=space, data="unused", output=str(tmp_path), samples=2, scheduler="fifo")
 
-    def trial(name: str, lr: float, aurocs: list[float]) -> SimpleNamespace:
+    def trial(name: str, lr: float, aurocs: list[float], reported_from: int = 0) -> SimpleNamespace:
         history = pd.DataFrame({"epoch": range(3), "val_auroc": aurocs, "val_loss": [0.5] * 3, "train_loss": [0.5] * 3})
-        return SimpleNamespace(metrics_dataframe=history, config={"lr": lr}, path=f"/sweep/{name}", error=None,
-                               metrics={"time_total_s": 1.0, CHECKPOINT_PATH_KEY: f"/sweep/{name}/checkpoint"})
+        checkpoint = tmp_path / name / "checkpoint"
+        checkpoint.mkdir(parents=True)
+        progress = {"hyperparameters": {}, "data_fingerprint": "f", "architecture": {}, "history": history.to_dict("records")}
+        (checkpoint / PROGRESS_FILE).write_text(json.dumps(progress))
+        return SimpleNamespace(metrics_dataframe=history.iloc[reported_from:], config={"lr": lr}, path=str(tmp_path / name), error=None,
+                               metrics={"time_total_s": 1.0, CHECKPOINT_PATH_KEY: str(checkpoint)})
 
-    table = results_table([trial("A", 1e-2, [0.70, 0.95, 0.60]), trial("B", 1e-3, [0.80, 0.90, 0.93])], config, select)
+    table = results_table([trial("A", 1e-2, [0.70, 0.95, 0.60]), trial("B", 1e-3, [0.80, 0.90, 0.93], reported_from=1)], config, select)
     assert (table.iloc[0]["trial"], table.iloc[0]["val_auroc"]) == (winner, auroc)
     assert table.iloc[0]["selected_epoch"] == (2 if select == "last" else 1)
+    assert (table["epochs"] == 3).all() and (table["status"] == "completed").all()
 
 
 def trial_results(experiment: str) -> dict[str, list[str]]:
@@ -314,7 +328,10 @@ def driver() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_interrupted_sweep_on_s3_resumes(
     ingested: str, tmp_path: Path, s3_bucket: str, driver: list[subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The driver is killed once two trials have finished; the same command then completes the sweep."""
+    """The driver is interrupted (Ctrl-C) once two trials have finished: it fails saying so, with
+    no results or best/, and the same command then completes the sweep. (Tune's own Ctrl-C
+    handler exported the best of two trials, exited 0, and stored the running trials as
+    finished, so the rerun never ran them.)"""
     import ray
 
     space = write_space(tmp_path, LR_GRID_SPACE.format(epochs=EPOCHS))
@@ -333,17 +350,20 @@ def test_interrupted_sweep_on_s3_resumes(
         "run_tune(tune_config_from_args(parser.parse_args(sys.argv[1:])))\n"
     )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver.append(subprocess.Popen([sys.executable, "-c", code, *arguments], cwd=REPO, env=env, start_new_session=True))
+    driver.append(subprocess.Popen([sys.executable, "-c", code, *arguments], cwd=REPO, env=env, start_new_session=True, stderr=(tmp_path / "driver.err").open("wb")))
 
     deadline = time.monotonic() + 600
     while len(finished := terminated_trials(experiment)) < 2:
         assert driver[0].poll() is None, "the sweep ended before it could be interrupted"
         assert time.monotonic() < deadline, "no two trials finished in time"
         time.sleep(2)
-    os.killpg(driver[0].pid, signal.SIGKILL)
-    driver[0].wait(timeout=30)
+    os.kill(driver[0].pid, signal.SIGINT)
+    driver[0].wait(timeout=120)
     before = trial_results(experiment)
-    assert len(finished) < 4, "every trial had finished: nothing was interrupted"
+    assert len(terminated_trials(experiment)) < 4, "every trial had finished: nothing was interrupted"
+    assert driver[0].returncode == 1
+    assert "the sweep was interrupted; rerun the same command to continue it" in (tmp_path / "driver.err").read_text()
+    assert not (output / "best").exists() and not (output / "results.parquet").exists()
 
     capsys.readouterr()
     assert main(["tune", *arguments]) == 0  # the same command, through the CLI: its stdout is the summary's JSON alone
