@@ -6,7 +6,8 @@
    `--full-size`, 2048 px 12-bit films in turn in every storage of tests/film_factory.py:
    uncompressed, RLE, J2K lossless and lossy, JPEG-LS, JPEG baseline DICOM, PNG 16, JPEG) scored by
    `run_screen` (its first run in a fresh Ray, and its second) vs a plain script (torch
-   DataLoader, 2 workers, the same decode, preprocessing and model). lungray scores with
+   DataLoader, 2 workers, the same decode (with `--full-size`, at full resolution where lungray
+   reduces it: that ratio holds the decode's gain too), preprocessing and model). lungray scores with
    BatchNorm folded into the convolutions (`lungray.models.fold`); the plain script runs
    the model as trained on one torch thread (as before 2026-12-02), once more with the
    fold, which separates what the pipeline adds from what the fold adds, and once on
