@@ -31,10 +31,11 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -522,10 +523,10 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
         raise RuntimeError(f"the sweep was interrupted; rerun the same command to continue it from {state} (no results or best/ written)") from None
     # Tune returns from a stop it was sent (SIGUSR1) as after the last trial, the trials it
     # stopped marked finished: only their last result says they were not done.
-    ended = sum(1 for result in grid if result.error or result.metrics.get("done"))
-    if ended < config.trials_planned():
+    ended, planned = sum(1 for result in grid if result.error or result.metrics.get("done")), config.trials_planned()
+    if ended < planned:
         raise RuntimeError(
-            f"the sweep returned with {ended} of its {config.trials_planned()} trials done: it was stopped, and Tune keeps "
+            f"the sweep returned with {ended} of its {planned} trials done: it was stopped, and Tune keeps "
             f"the trials it stopped as finished, so rerunning would not continue them; sweep again into a new --output"
         )
 
@@ -591,20 +592,11 @@ def results_table(grid: tune.ResultGrid, config: SweepConfig, select: str) -> pd
     return table.sort_values(by=config.metric, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
-@contextlib.contextmanager
-def ctrl_c_interrupts() -> Iterator[None]:
+def ctrl_c_interrupts() -> contextlib.AbstractContextManager[Any]:
     """Ctrl-C interrupts the sweep as a kill would. Tune's own handler stops the running trials
     and stores them as finished, so the rerun that README promises would never continue them;
     without it they stay "running" in the stored state, and a restore resumes them."""
-    before = os.environ.get(TUNE_SIGINT_SWITCH)
-    os.environ[TUNE_SIGINT_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[TUNE_SIGINT_SWITCH]
-        else:
-            os.environ[TUNE_SIGINT_SWITCH] = before
+    return mock.patch.dict(os.environ, {TUNE_SIGINT_SWITCH: "1"})
 
 
 def trial_epochs(reported: pd.DataFrame | None, checkpoint: str | None, filesystem: FileSystem) -> pd.DataFrame:
