@@ -316,10 +316,6 @@ class SweepConfig:
     def trial_epochs(self) -> int:
         return self.epochs or self.space.epochs
 
-    def trials_planned(self) -> int:
-        """Trials the sweep runs in all: `samples` of each combination of the grid's values."""
-        return self.samples * math.prod(len(param.values) for param in self.space.params if param.dist == "grid")
-
     @property
     def storage_uri(self) -> str:
         return self.storage or join_uri(self.output, RAY_DIR)
@@ -521,14 +517,6 @@ def run_tune(config: SweepConfig) -> dict[str, Any]:
             grid = build_tuner(config, trainable, resources.concurrent).fit()
     except KeyboardInterrupt:
         raise RuntimeError(f"the sweep was interrupted; rerun the same command to continue it from {state} (no results or best/ written)") from None
-    # Tune returns from a stop it was sent (SIGUSR1) as after the last trial, the trials it
-    # stopped marked finished: only their last result says they were not done.
-    ended, planned = sum(1 for result in grid if result.error or result.metrics.get("done")), config.trials_planned()
-    if ended < planned:
-        raise RuntimeError(
-            f"the sweep returned with {ended} of its {planned} trials done: it was stopped, and Tune keeps "
-            f"the trials it stopped as finished, so rerunning would not continue them; sweep again into a new --output"
-        )
 
     table = results_table(grid, config, plan.base.select)
     table.to_parquet(output / "results.parquet", index=False)
